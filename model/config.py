@@ -1,0 +1,102 @@
+"""Model configuration: one dataclass for every decoder architecture.
+
+Slots (``attention``, ``mlp``, ``linear``) pick the layer implementations from
+registries in :mod:`model.layers`, so a new architecture adds a registry entry
+rather than a copy of the block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pretrain.configlib import ConfigError, bad, doc
+
+
+@dataclass
+class RopeScaling:
+    """Hugging Face style RoPE scaling (Llama 3 / linear). Off when ``type`` is ``none``."""
+    type: Literal["none", "linear", "llama3"] = field(default="none", metadata=doc(
+        "RoPE scaling rule: none, linear (divide positions), llama3 (frequency-band scaling)."))
+    factor: float = field(default=1.0, metadata=doc("Scaling factor (both rules)."))
+    low_freq_factor: float = field(default=1.0, metadata=doc("llama3: low-frequency factor."))
+    high_freq_factor: float = field(default=4.0, metadata=doc("llama3: high-frequency factor."))
+    original_max_position_embeddings: int = field(default=8192, metadata=doc(
+        "llama3: context length the base model was trained with."))
+
+
+@dataclass
+class ModelConfig:
+    """Shape and layer choices of a decoder-only transformer."""
+    arch: Literal["llama"] = field(default="llama", metadata=doc(
+        "Architecture family; later architectures register here."))
+    vocab_size: int = field(default=4096, metadata=doc(
+        "Embedding rows; must be >= the tokenizer's vocabulary."))
+    hidden_size: int = field(default=256, metadata=doc("Model width d."))
+    num_layers: int = field(default=4, metadata=doc("Number of transformer blocks."))
+    num_heads: int = field(default=4, metadata=doc("Query heads per attention layer."))
+    num_kv_heads: int = field(default=0, metadata=doc(
+        "Key/value heads (GQA); 0 means equal to num_heads (MHA)."))
+    head_dim: int = field(default=0, metadata=doc("Per-head width; 0 means hidden_size // num_heads."))
+    ffn_hidden_size: int = field(default=0, metadata=doc(
+        "MLP inner width; 0 means the Llama rule (8/3 d rounded up to a multiple of 64)."))
+    max_seq_len: int = field(default=2048, metadata=doc("Longest sequence the RoPE tables cover."))
+    rope_theta: float = field(default=10000.0, metadata=doc("RoPE base."))
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling, metadata=doc("RoPE scaling."))
+    norm_eps: float = field(default=1e-5, metadata=doc("RMSNorm epsilon."))
+    tie_embeddings: bool = field(default=False, metadata=doc(
+        "Share the input embedding with the output head."))
+    init_std: float = field(default=0.02, metadata=doc(
+        "Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."))
+    attention: Literal["gqa"] = field(default="gqa", metadata=doc("Attention slot."))
+    mlp: Literal["swiglu"] = field(default="swiglu", metadata=doc("MLP slot."))
+    linear: Literal["linear"] = field(default="linear", metadata=doc(
+        "Linear slot used by attention and MLP projections."))
+    attention_bias: bool = field(default=False, metadata=doc("Bias on q/k/v/o projections."))
+    mlp_bias: bool = field(default=False, metadata=doc("Bias on MLP projections."))
+
+    def __post_init__(self):
+        if self.num_kv_heads == 0:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim == 0 and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.ffn_hidden_size == 0:
+            self.ffn_hidden_size = 64 * -(-int(8 * self.hidden_size / 3) // 64)
+
+    def validate(self) -> None:
+        """Reject impossible shapes with a message naming the key."""
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "ffn_hidden_size", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise bad(f"model.{key}", getattr(self, key), "a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise bad("model.num_kv_heads", self.num_kv_heads,
+                      f"a divisor of model.num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise bad("model.head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        if self.rope_theta <= 0:
+            raise bad("model.rope_theta", self.rope_theta, "a positive number")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError("model.norm_eps and model.init_std must be positive")
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count implied by the config."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        mlp = 3 * d * self.ffn_hidden_size
+        per_layer = attn + mlp + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + d + (emb if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), attention included.
+
+        Matmul FLOPs: 6 * (non-embedding matmul params + output head); attention
+        scores and the weighted sum add 12 * L * H * hd * T per token. This is the
+        PaLM appendix-B convention (also torchtitan's): the causal mask's skipped
+        half is not subtracted, so MFU stays comparable across codebases.
+        """
+        d = self.hidden_size
+        dense = self.num_params(include_embedding=False) - (2 * self.num_layers + 1) * d
+        head = self.vocab_size * d
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6.0 * (dense + head) + attn

@@ -1,0 +1,200 @@
+"""The run configuration: every section of a pre-training run, loaded from YAML.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value``
+overrides, builds the typed dataclasses (unknown keys and wrong types rejected)
+and validates values across sections. Errors are :class:`ConfigError` with one
+line naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from parallel.config import ParallelConfig
+from pretrain.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
+                                parse_override, to_dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. Norm weights, biases and other 1-D parameters get no weight decay."""
+    lr: float = field(default=3e-4, metadata=doc("Peak learning rate."))
+    min_lr: float = field(default=3e-5, metadata=doc("Learning rate at the end of decay."))
+    weight_decay: float = field(default=0.1, metadata=doc("Decoupled weight decay on matrices."))
+    beta1: float = field(default=0.9, metadata=doc("Adam beta1."))
+    beta2: float = field(default=0.95, metadata=doc("Adam beta2."))
+    eps: float = field(default=1e-8, metadata=doc("Adam epsilon."))
+    grad_clip: float = field(default=1.0, metadata=doc("Global gradient-norm clip; 0 disables."))
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise bad("optimizer.lr", self.lr, "a positive number")
+        if not 0 <= self.min_lr <= self.lr:
+            raise bad("optimizer.min_lr", self.min_lr, f"a number in [0, optimizer.lr={self.lr}]")
+        if self.weight_decay < 0:
+            raise bad("optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise bad(f"optimizer.{k}", getattr(self, k), "a number in [0, 1)")
+        if self.eps <= 0:
+            raise bad("optimizer.eps", self.eps, "a positive number")
+        if self.grad_clip < 0:
+            raise bad("optimizer.grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over ``training.iterations``."""
+    kind: Literal["cosine", "wsd", "constant"] = field(default="cosine", metadata=doc(
+        "cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant: warmup then flat."))
+    warmup_iters: int = field(default=100, metadata=doc("Linear warmup from 0 to lr."))
+    decay_iters: int = field(default=0, metadata=doc(
+        "cosine: iterations of decay after warmup (0 = until training.iterations); "
+        "wsd: length of the final decay phase (0 = 20% of training.iterations)."))
+    wsd_decay_shape: Literal["linear", "cosine", "sqrt"] = field(default="linear", metadata=doc(
+        "Shape of the WSD decay phase."))
+
+    def validate(self) -> None:
+        if self.warmup_iters < 0:
+            raise bad("schedule.warmup_iters", self.warmup_iters, "an integer >= 0")
+        if self.decay_iters < 0:
+            raise bad("schedule.decay_iters", self.decay_iters, "an integer >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Length, batching, evaluation and outputs of the run."""
+    iterations: int = field(default=1000, metadata=doc("Optimizer steps to train."))
+    micro_batch_size: int = field(default=4, metadata=doc("Samples per forward pass per data-parallel rank."))
+    global_batch_size: int = field(default=0, metadata=doc(
+        "Samples per optimizer step over all ranks; 0 means micro_batch_size x data-parallel size. "
+        "Accumulation steps = global / (micro x dp)."))
+    seed: int = field(default=1234, metadata=doc("Seed for init, data order and dropout."))
+    eval_interval: int = field(default=100, metadata=doc("Evaluate every N iterations (0 disables)."))
+    eval_iters: int = field(default=10, metadata=doc("Validation batches per evaluation."))
+    log_interval: int = field(default=10, metadata=doc("Iterations per metrics line."))
+    output_dir: str = field(default="", metadata=doc(
+        "Run directory for metrics, logs and checkpoints; empty means runs/<config name>."))
+    resume: str = field(default="auto", metadata=doc(
+        "auto: continue from the newest complete checkpoint in the run directory if any; "
+        "none: start fresh; or a checkpoint directory path."))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
+        "auto picks cuda when available."))
+    name: str = field(default="", metadata=doc("Run name (wandb, output dir); empty = config file stem."))
+
+    def validate(self) -> None:
+        for k in ("iterations", "micro_batch_size", "log_interval", "eval_iters"):
+            if getattr(self, k) <= 0:
+                raise bad(f"training.{k}", getattr(self, k), "a positive integer")
+        if self.global_batch_size < 0:
+            raise bad("training.global_batch_size", self.global_batch_size, "0 (auto) or a positive integer")
+        if self.eval_interval < 0:
+            raise bad("training.eval_interval", self.eval_interval, "an integer >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints under ``<output_dir>/checkpoints``."""
+    interval: int = field(default=500, metadata=doc("Save every N iterations (0: only at the end)."))
+    keep_last: int = field(default=3, metadata=doc("Complete checkpoints kept; older ones are deleted."))
+    async_save: bool = field(default=False, metadata=doc("Overlap the write with training."))
+    save_final: bool = field(default=True, metadata=doc("Save after the last iteration."))
+    dir: str = field(default="", metadata=doc("Checkpoint root; empty means <output_dir>/checkpoints."))
+    load: str = field(default="", metadata=doc(
+        "Initialize model weights from this checkpoint (e.g. converted from Hugging Face) when "
+        "not resuming; optimizer and data position start fresh."))
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise bad("checkpoint.interval", self.interval, "an integer >= 0")
+        if self.keep_last < 1:
+            raise bad("checkpoint.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics sinks. The JSONL file and console lines are always written."""
+    wandb: bool = field(default=True, metadata=doc("Log to Weights & Biases."))
+    wandb_project: str = field(default="polytron", metadata=doc("wandb project."))
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = field(default="auto", metadata=doc(
+        "auto: online when WANDB_API_KEY is set, otherwise offline (never prompts)."))
+    tensorboard: bool = field(default=False, metadata=doc("Also write tensorboard event files."))
+    progress_bar: bool = field(default=True, metadata=doc("Progress bar with ETA when stdout is a terminal."))
+    peak_tflops: float = field(default=0.0, metadata=doc(
+        "Per-device peak TFLOP/s for MFU; 0 picks a default by device and dtype "
+        "(H100 bf16 989, CPU fp32 0.3)."))
+
+    def validate(self) -> None:
+        if self.peak_tflops < 0:
+            raise bad("logging.peak_tflops", self.peak_tflops, "a number >= 0")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics of the forward/backward pass. Master weights and optimizer state stay fp32."""
+    dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
+        "Compute dtype via autocast; auto is bf16 on GPU and fp32 on CPU."))
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class RunConfig:
+    """A whole pre-training run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def validate(self) -> None:
+        """Each section's ranges, then rules spanning sections."""
+        for name in ("model", "parallel", "data", "optimizer", "schedule", "training",
+                     "checkpoint", "logging", "precision"):
+            getattr(self, name).validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise bad("data.seq_len", self.data.seq_len,
+                      f"at most model.max_seq_len={self.model.max_seq_len}")
+        if self.schedule.warmup_iters > self.training.iterations:
+            raise bad("schedule.warmup_iters", self.schedule.warmup_iters,
+                      f"at most training.iterations={self.training.iterations}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Typed, validated RunConfig from a plain mapping."""
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validated."""
+    data = load_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    cfg = config_from_dict(data)
+    if not cfg.training.name:
+        cfg.training.name = os.path.splitext(os.path.basename(path))[0] if path else "run"
+    if not cfg.training.output_dir:
+        cfg.training.output_dir = os.path.join("runs", cfg.training.name)
+    return cfg
+
+
+__all__ = ["RunConfig", "ConfigError", "load_config", "config_from_dict"]
