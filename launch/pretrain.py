@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Pre-training entry point.
+
+    torchrun --nproc_per_node=N launch/pretrain.py --config launch/configs/tiny.yaml [section.key=value ...]
+    srun python launch/pretrain.py --config ...          # ranks from SLURM's environment
+    python launch/pretrain.py --config ...               # one process
+
+Exit status: 0 done; 2 bad input (config, layout, data, checkpoint, environment),
+printed as one ``error:`` line; 75 saved after SIGTERM/SIGUSR1, requeue me.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="polytron pre-training",
+                                epilog="Trailing section.key=value arguments override the YAML config.")
+    p.add_argument("--config", help="YAML run config (launch/configs/*.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its documentation")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p.parse_args(argv)
+
+
+def help_config() -> None:
+    from pretrain.config import RunConfig
+    from pretrain.configlib import field_docs
+    for key, text, default in field_docs(RunConfig):
+        print(f"{key} = {default!r}\n    {text}")
+
+
+def run(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from data import DataError
+    from parallel.env import LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env
+    from parallel.mesh import ParallelDims
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import load_config
+    from pretrain.configlib import ConfigError
+
+    args = parse_args(argv)
+    if args.help_config:
+        help_config()
+        return 0
+    try:
+        if not args.config:
+            raise ConfigError("--config is required (for example --config launch/configs/tiny.yaml)")
+        cfg = load_config(args.config, args.overrides)
+        env = detect_launch_env()
+        ParallelDims.resolve(cfg.parallel, cfg.model, env.world_size)   # before any process group
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        backend = choose_backend(cfg.parallel.backend)
+        export_env(env)
+        if env.world_size > 1:
+            check_master_reachable(env)
+        if env.rank == 0:
+            print("resolved config:\n" + cfg.to_yaml(), flush=True)
+        from pretrain.trainer import Trainer
+        trainer = Trainer(cfg, env.rank, env.world_size, env.local_rank, backend)
+        return trainer.run()
+    except (ConfigError, DataError, CheckpointError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

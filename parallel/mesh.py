@@ -1,0 +1,116 @@
+"""One validated description of the parallel layout, and the device mesh built from it.
+
+``ParallelDims.resolve(pcfg, model_cfg, world_size)`` checks every rule *before*
+any process group exists (so an impossible layout fails on every rank at once
+with the same one-line message, and no rank waits for peers). ``build_mesh``
+then creates a :class:`DeviceMesh` with named dimensions
+``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` plus the flattened ``"dp"``
+(replicate x shard) used for loss averaging and data sharding. The mesh is passed
+explicitly to everything that communicates; there are no process-group globals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+from parallel.config import ParallelConfig
+from pretrain.configlib import ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+class LayoutError(ConfigError):
+    """An impossible parallel layout for this model and world size."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees of each kind of parallelism (all >= 1)."""
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    ep: int
+    virtual_stages: int
+    world_size: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: ranks that see different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages in total (virtual stages included)."""
+        return self.pp * self.virtual_stages
+
+    @classmethod
+    def resolve(cls, p: ParallelConfig, model: ModelConfig, world_size: int) -> "ParallelDims":
+        """Fill data_parallel_shard=-1 and validate against the model and world size."""
+        fixed = p.data_parallel_replicate * p.context * p.tensor * p.pipeline
+        shard = p.data_parallel_shard
+        if shard == -1:
+            if world_size % fixed:
+                raise LayoutError(
+                    f"parallel layout: replicate={p.data_parallel_replicate} x context={p.context} x "
+                    f"tensor={p.tensor} x pipeline={p.pipeline} = {fixed} does not divide the world "
+                    f"size {world_size}")
+            shard = world_size // fixed
+        if fixed * shard != world_size:
+            raise LayoutError(
+                f"parallel layout: degrees multiply to {fixed * shard} (replicate="
+                f"{p.data_parallel_replicate} x shard={shard} x context={p.context} x tensor="
+                f"{p.tensor} x pipeline={p.pipeline}) but the world size is {world_size}")
+        dims = cls(pp=p.pipeline, dp_replicate=p.data_parallel_replicate, dp_shard=shard,
+                   cp=p.context, tp=p.tensor, ep=p.expert, virtual_stages=p.virtual_stages,
+                   world_size=world_size)
+        dims._check_model(p, model)
+        return dims
+
+    def _check_model(self, p: ParallelConfig, m: ModelConfig) -> None:
+        tp = self.tp
+        if m.num_heads % tp:
+            raise LayoutError(f"parallel.tensor={tp} must divide model.num_heads={m.num_heads}")
+        if m.num_kv_heads % tp and tp % m.num_kv_heads:
+            raise LayoutError(
+                f"parallel.tensor={tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the "
+                f"other (KV heads are split, or replicated when tensor exceeds their count)")
+        if m.vocab_size % tp:
+            raise LayoutError(f"parallel.tensor={tp} must divide model.vocab_size={m.vocab_size}")
+        if m.ffn_hidden_size % tp:
+            raise LayoutError(f"parallel.tensor={tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+        if self.num_stages > m.num_layers:
+            raise LayoutError(
+                f"parallel.pipeline={self.pp} x parallel.virtual_stages={self.virtual_stages} = "
+                f"{self.num_stages} stages but model.num_layers={m.num_layers}")
+        if p.pipeline_split:
+            if len(p.pipeline_split) != self.num_stages or sum(p.pipeline_split) != m.num_layers \
+                    or min(p.pipeline_split) < 1:
+                raise LayoutError(
+                    f"parallel.pipeline_split={p.pipeline_split}: need {self.num_stages} positive "
+                    f"layer counts summing to model.num_layers={m.num_layers}")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise LayoutError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
+        if self.pp > 1 and m.tie_embeddings:
+            raise LayoutError("model.tie_embeddings=true is not supported with parallel.pipeline > 1 "
+                              "(embedding and head live on different stages)")
+        if self.cp > 1:
+            raise LayoutError("parallel.context > 1 is not available yet (context parallelism "
+                              "arrives with the long-context work)")
+        if self.ep > 1:
+            raise LayoutError("parallel.expert > 1 needs an MoE model (model.mlp=moe), which no "
+                              "architecture provides yet")
+
+    def build_mesh(self, device_type: str):
+        """DeviceMesh over all ranks with named dims and a flattened 'dp' dim."""
+        from torch.distributed.device_mesh import init_device_mesh
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
+
+    def describe(self) -> str:
+        """One line for the run log."""
+        return (f"world={self.world_size} pp={self.pp}(x{self.virtual_stages} virtual) "
+                f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} tp={self.tp}")

@@ -1,0 +1,260 @@
+"""The pre-training loop.
+
+``train(cfg, env)`` runs one job: validate the layout against the world size,
+create the process group and mesh, build data, model engine and optimizer,
+resume if a checkpoint exists, then step until ``training.iterations``, logging,
+evaluating and checkpointing on their intervals. SIGTERM / SIGUSR1 make every
+rank finish its step, save, and return :data:`EXIT_REQUEUE`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import build_data
+from parallel.engine import build_engine
+from parallel.mesh import ParallelDims
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig
+from pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
+from pretrain.optim import build_optimizer, lr_at, set_lr
+
+#: Exit status after a signal-triggered save: "state saved, please requeue" (sysexits EX_TEMPFAIL).
+EXIT_REQUEUE = 75
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class StopSignal:
+    """Records SIGTERM / SIGUSR1; the loop checks it once per step on every rank."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank got a signal (one small all-reduce)."""
+        flag = torch.tensor([1 if self.received else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    if cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def pick_dtype(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    name = cfg.precision.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name], name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This rank's RNG states (python, numpy, torch CPU/CUDA), loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Owns everything one training job needs; ``run()`` returns the exit status."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, local_rank: int, backend: str):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
+        self.device = pick_device(cfg, local_rank)
+        self.dtype, self.dtype_name = pick_dtype(cfg, self.device)
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
+        self.mesh = self.dims.build_mesh(self.device.type) if world_size > 1 else None
+        self.run_dir = cfg.training.output_dir
+        self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.state = TrainState()
+        self.stop = StopSignal()
+        self._setup()
+
+    # ---------------------------------------------------------------- setup
+
+    def _dp_coords(self) -> tuple[int, int]:
+        """(dp rank, dp size) of this rank: which slice of each global batch it reads."""
+        if self.mesh is None:
+            return 0, 1
+        return self.mesh["dp"].get_local_rank(), self.dims.dp
+
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(cfg.to_yaml())
+        seed_everything(t.seed)
+        dp_rank, dp_size = self._dp_coords()
+        mb = t.micro_batch_size
+        self.global_batch = t.global_batch_size or mb * dp_size
+        if self.global_batch % (mb * dp_size):
+            from pretrain.configlib import bad
+            raise bad("training.global_batch_size", self.global_batch,
+                      f"a multiple of micro_batch_size x data-parallel size = {mb * dp_size}")
+        self.accum = self.global_batch // (mb * dp_size)
+        self.data = build_data(cfg.data, model_vocab_size=cfg.model.vocab_size, seed=t.seed,
+                               global_batch_size=self.global_batch, micro_batch_size=mb,
+                               dp_rank=dp_rank, dp_size=dp_size, train_iterations=t.iterations,
+                               eval_iterations=t.eval_iters, eval_interval=t.eval_interval)
+        self.engine = build_engine(cfg.model, cfg.parallel, self.dims, self.mesh, self.device,
+                                   self.dtype, t.seed)
+        self.optimizer = build_optimizer(self.engine.model_parts, cfg.optimizer)
+        self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+        self.peak = peak_flops(cfg.logging, self.device, self.dtype_name)
+        self._maybe_resume()
+        self.log = MetricsLogger(cfg, self.run_dir, self.rank == 0, t.iterations, self.state.iteration)
+        n_params = cfg.model.num_params()
+        self.log.print(f"polytron | {self.dims.describe()} | device {self.device} {self.dtype_name} | "
+                       f"params {n_params / 1e6:.1f}M | global batch {self.global_batch} "
+                       f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
+
+    def _maybe_resume(self) -> None:
+        cfg = self.cfg
+        resume = cfg.training.resume
+        path = None
+        if resume == "auto":
+            path = ckpt.latest_checkpoint(self.ckpt_root)
+        elif resume != "none":
+            path = resume
+            if not ckpt.is_complete(path):
+                raise ckpt.CheckpointError(f"training.resume={path}: not a complete checkpoint directory")
+        if path is not None:
+            st = ckpt.load(path, self.engine.model_parts, self.optimizer)
+            self.state = TrainState(st["iteration"], st["consumed_samples"], st["consumed_tokens"],
+                                    st.get("extra", {}))
+            self.data.train.load_state_dict(st["data"])
+            self._restore_rng(path)
+            if self.rank == 0:
+                print(f"resumed from checkpoint {path} at iteration {self.state.iteration}", flush=True)
+        elif cfg.checkpoint.load:
+            ckpt.load(cfg.checkpoint.load, self.engine.model_parts, optimizer=None)
+            if self.rank == 0:
+                print(f"initialized model weights from {cfg.checkpoint.load}", flush=True)
+
+    def _restore_rng(self, path: str) -> None:
+        file = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(file):
+            set_rng_state(torch.load(file, weights_only=True))
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        t = self.cfg.training
+        interval_start, interval_tokens = time.perf_counter(), 0
+        step_times: list[float] = []
+        try:
+            while self.state.iteration < t.iterations:
+                step_start = time.perf_counter()
+                loss, grad_norm, lr = self._train_step()
+                step_times.append(time.perf_counter() - step_start)
+                interval_tokens += self.global_batch * self.cfg.data.seq_len
+                self.log.step()
+                it = self.state.iteration
+                if it % t.log_interval == 0 or it == t.iterations:
+                    elapsed = time.perf_counter() - interval_start
+                    self._log_interval(loss, grad_norm, lr, interval_tokens / elapsed, step_times)
+                    interval_start, interval_tokens, step_times = time.perf_counter(), 0, []
+                if t.eval_interval and (it % t.eval_interval == 0 or it == t.iterations):
+                    self._evaluate()
+                if self.stop.agreed(self.device):
+                    self._save()
+                    self.log.print(f"signal {self.stop.received or 'on another rank'}: saved at iteration "
+                                   f"{it}, exiting with status {EXIT_REQUEUE} for requeue")
+                    return EXIT_REQUEUE
+                if self.cfg.checkpoint.interval and it % self.cfg.checkpoint.interval == 0 \
+                        and it < t.iterations:
+                    self._save()
+            if self.cfg.checkpoint.save_final:
+                self._save()
+            return 0
+        finally:
+            self.log.close()
+
+    def _train_step(self) -> tuple[torch.Tensor, float, float]:
+        lr = lr_at(self.state.iteration, self.cfg.training.iterations, self.cfg.optimizer, self.cfg.schedule)
+        set_lr(self.optimizer, lr)
+        microbatches = self.data.train.next_step()
+        loss = self.engine.forward_backward(microbatches)
+        grad_norm = self.engine.clip_grad_norm_(self.cfg.optimizer.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.global_batch
+        self.state.consumed_tokens += self.global_batch * self.cfg.data.seq_len
+        return loss, grad_norm, lr
+
+    def _log_interval(self, loss: torch.Tensor, grad_norm: float, lr: float, tok_s: float,
+                      step_times: list[float]) -> None:
+        rec = {"iteration": self.state.iteration, "total_iterations": self.cfg.training.iterations,
+               "consumed_tokens": self.state.consumed_tokens, "loss": float(loss), "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": tok_s,
+               "mfu": tok_s * self.flops_per_token / (self.peak * self.world_size),
+               "step_time_s": sum(step_times) / len(step_times),
+               "peak_memory_bytes": peak_memory_bytes(self.device)}
+        self.log.log(rec, format_line(rec))
+
+    def _evaluate(self) -> None:
+        batches = list(self.data.valid_batches(self.cfg.training.eval_iters))
+        if not batches:
+            return
+        loss = self.engine.eval_loss(batches)
+        rec = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": perplexity(loss)}
+        self.log.log(rec, f"eval at iter {self.state.iteration} | loss {loss:.4f} | ppl {perplexity(loss):.2f}")
+
+    def _save(self) -> None:
+        st = self.state
+        trainer_state = {"iteration": st.iteration, "consumed_samples": st.consumed_samples,
+                         "consumed_tokens": st.consumed_tokens, "extra": st.extra,
+                         "data": self.data.train.state_dict(), "world_size": self.world_size,
+                         "config": self.cfg.to_dict()}
+        path = ckpt.save(self.ckpt_root, st.iteration, self.engine.model_parts, self.optimizer,
+                         trainer_state, self.cfg.checkpoint.keep_last,
+                         rank_files={f"rng_rank{self.rank}.pt": rng_state()})
+        self.log.print(f"saved checkpoint {path}")
