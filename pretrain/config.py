@@ -165,9 +165,6 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise bad("data.seq_len", self.data.seq_len,
                       f"at most model.max_seq_len={self.model.max_seq_len}")
-        if self.schedule.warmup_iters > self.training.iterations:
-            raise bad("schedule.warmup_iters", self.schedule.warmup_iters,
-                      f"at most training.iterations={self.training.iterations}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
