@@ -1,0 +1,1 @@
+"""End-to-end tests: real launchers, real SLURM daemons, real training runs."""
