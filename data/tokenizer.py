@@ -1,0 +1,172 @@
+"""Tokenizers: SentencePiece models and Hugging Face tokenizer directories.
+
+Both are wrapped behind one small interface (``vocab_size``, ``eod_id``, ``encode``,
+``decode``, ``path``) that also satisfies what megatron-core's ``GPTDataset`` reads from
+its tokenizer (``vocab_size``, ``eod``, ``unique_identifiers``). The end-of-document
+token is the tokenizer's end-of-sequence token.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Sequence
+
+from data.errors import DataError
+
+#: Markers used to format instruction-augmented documents (Instruction Pre-Training).
+#: ``tools/train_tokenizer.py --instruction-markers`` adds them as user-defined symbols
+#: so each marker is exactly one token.
+INSTRUCTION_MARKERS: tuple[str, ...] = ("<INST>", "</INST>", "<RESP>", "</RESP>")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file; end-of-document is its ``</s>`` (eos) piece."""
+
+    def __init__(self, path: str) -> None:
+        import sentencepiece as spm
+
+        self.path = os.path.abspath(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"tokenizer {self.path}: not a readable SentencePiece model ({e})") from None
+        self.vocab_size: int = int(self._sp.get_piece_size())
+        self.eod_id: int = int(self._sp.eos_id())
+        if self.eod_id < 0:
+            raise DataError(f"tokenizer {self.path}: has no end-of-sequence piece to mark document ends")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of several texts, encoded on the calling thread only."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token id sequence."""
+        return self._sp.decode([int(i) for i in ids])
+
+    # --- attributes read by megatron-core's GPTDataset -------------------------------
+    @property
+    def eod(self) -> int:
+        return self.eod_id
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (``tokenizer.json`` etc.), loaded offline."""
+
+    def __init__(self, path: str) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        self.path = os.path.abspath(path)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as e:  # transformers raises many types for unreadable dirs
+            raise DataError(f"tokenizer {self.path}: not a loadable Hugging Face tokenizer "
+                            f"directory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        self.vocab_size: int = int(len(self._tok))
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise DataError(f"tokenizer {self.path}: defines no eos_token to mark document ends")
+        self.eod_id: int = int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of several texts."""
+        if not texts:
+            return []
+        return [list(x) for x in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token id sequence."""
+        return self._tok.decode([int(i) for i in ids])
+
+    @property
+    def eod(self) -> int:
+        return self.eod_id
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
+
+
+Tokenizer = SentencePieceTokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load a SentencePiece ``.model`` file or a Hugging Face tokenizer directory."""
+    if not path:
+        raise DataError("no tokenizer given: set data.tokenizer (a SentencePiece .model file or a "
+                        "Hugging Face tokenizer directory) or data.builtin_corpus=true")
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    if os.path.isfile(path):
+        return SentencePieceTokenizer(path)
+    raise DataError(f"tokenizer {os.path.abspath(path)}: no such file or directory")
+
+
+def _lines_of(docs: Iterable[str], progress: "object | None") -> Iterator[str]:
+    """Feed SentencePiece one non-empty line at a time (it trains on sentences)."""
+    for doc in docs:
+        if progress is not None:
+            progress.update(len(doc.encode("utf-8", "replace")))
+        for line in doc.split("\n"):
+            line = line.rstrip("\r")
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(docs: Iterable[str], output_prefix: str, vocab_size: int, *,
+                        model_type: str = "bpe", special_tokens: Sequence[str] = (),
+                        total_bytes: int | None = None, show_progress: bool = False,
+                        max_sentences: int = 4_000_000, threads: int | None = None) -> str:
+    """Train a byte-fallback SentencePiece model on ``docs``; return the ``.model`` path.
+
+    Text is kept verbatim (identity normalization, whitespace preserved); characters the
+    vocabulary lacks fall back to byte pieces, so any UTF-8 text round-trips. Ids:
+    ``<unk>``=0, ``<s>``=1, ``</s>``=2 (the end-of-document token), then
+    ``special_tokens`` as user-defined symbols (each always one token).
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"model type {model_type!r}: allowed: bpe, unigram")
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading text",
+                        file=sys.stderr, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines_of(docs, progress), model_prefix=output_prefix,
+            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+            character_coverage=0.9995, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+            user_defined_symbols=list(special_tokens), unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            max_sentence_length=1 << 14, input_sentence_size=max_sentences,
+            shuffle_input_sentence=True, num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece training for {output_prefix}.model failed: "
+                        f"{str(e).strip().splitlines()[-1]}") from None
+    finally:
+        if progress is not None:
+            progress.close()
+    if show_progress:
+        print(f"trained {model_type} tokenizer, vocab {vocab_size}, in {time.time() - t0:.1f} s: "
+              f"{output_prefix}.model", file=sys.stderr)
+    return output_prefix + ".model"
