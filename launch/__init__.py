@@ -1,0 +1,2 @@
+"""Entry points: ``launch/pretrain.py`` (training under torchrun, srun or alone) and
+``launch/submit.py`` (SLURM batch jobs, ``python -m launch.submit``)."""
