@@ -70,15 +70,14 @@ def check_dataset(prefix: str, tokenizer_vocab: int, model_vocab: int) -> IndexI
     if not os.path.isfile(bin_):
         raise DataError(f"dataset data {bin_}: file is missing (its index {idx} exists)")
     have, want = os.path.getsize(bin_), info.tokens * info.dtype.itemsize
-    if have < want:
-        raise DataError(f"dataset data {bin_}: truncated: {have} bytes, its index says {want} "
+    if have != want:
+        bits = 8 * info.dtype.itemsize * have / want if want else 0
+        if bits in (8, 16, 32, 64):
+            raise DataError(f"dataset data {bin_}: {have} bytes fit {int(bits)}-bit tokens but its index "
+                            f"{idx} says {info.dtype} ({want} bytes): index from another dtype")
+        what = "truncated" if have < want else "longer than its index says"
+        raise DataError(f"dataset data {bin_}: {what}: {have} bytes, its index {idx} says {want} "
                         f"({info.tokens} tokens of {info.dtype})")
-    if have > want:
-        hint = ""
-        if want and have % want == 0:
-            hint = f"; the data looks like {8 * info.dtype.itemsize * have // want}-bit tokens"
-        raise DataError(f"dataset data {bin_}: {have} bytes but its index {idx} says {want} "
-                        f"({info.tokens} tokens of {info.dtype}): index from another dtype or dataset{hint}")
     if info.sequences == 0 or info.tokens == 0:
         raise DataError(f"dataset {prefix}: contains no documents")
     _check_token_range(prefix, info, model_vocab)
