@@ -37,6 +37,9 @@ def help_config() -> None:
 
 
 def run(argv: list[str]) -> int:
+    import warnings
+    # megatron-core's package import warns about optional GPU kernels we never use.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch.distributed as dist
 
     from data import DataError

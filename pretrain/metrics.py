@@ -98,7 +98,7 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()
 
 
 def _start_wandb(cfg: RunConfig, run_dir: str):
