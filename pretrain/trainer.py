@@ -98,6 +98,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def derived_seed(seed: int, iteration: int, rank: int) -> int:
+    """Seed for a rank that resumes without its own saved RNG state (world size changed)."""
+    return (seed * 1_000_003 + iteration * 7919 + rank) % 2**63
+
+
 class Trainer:
     """Owns everything one training job needs; ``run()`` returns the exit status."""
 
@@ -114,6 +119,7 @@ class Trainer:
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.state = TrainState()
         self.stop = StopSignal()
+        self._pending_save: Optional[ckpt.PendingSave] = None
         self._setup()
 
     # ---------------------------------------------------------------- setup
@@ -156,32 +162,51 @@ class Trainer:
                        f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
 
     def _maybe_resume(self) -> None:
+        """training.resume (auto: newest complete checkpoint), else checkpoint.load (weights only).
+
+        Any layout loads any checkpoint: DCP reshards by parameter name. The model's full
+        tensor names and shapes are checked first; the first mismatch is named.
+        """
         cfg = self.cfg
         resume = cfg.training.resume
         path = None
         if resume == "auto":
             path = ckpt.latest_checkpoint(self.ckpt_root)
         elif resume != "none":
-            path = resume
-            if not ckpt.is_complete(path):
-                raise ckpt.CheckpointError(f"training.resume={path}: not a complete checkpoint directory")
+            path = ckpt.resolve_checkpoint(resume)
+        shapes = ckpt.model_shapes(cfg.model)
         if path is not None:
-            st = ckpt.load(path, self.engine.model_parts, self.optimizer)
-            self.state = TrainState(st["iteration"], st["consumed_samples"], st["consumed_tokens"],
-                                    st.get("extra", {}))
-            self.data.train.load_state_dict(st["data"])
-            self._restore_rng(path)
+            st = ckpt.load(path, self.engine.model_parts, self.optimizer, expected_shapes=shapes)
+            try:
+                self.state = TrainState(st["iteration"], st["consumed_samples"], st["consumed_tokens"],
+                                        st.get("extra", {}))
+                self.data.train.load_state_dict(st["data"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ckpt.CheckpointError(f"checkpoint file {os.path.join(path, ckpt.STATE_FILE)}: "
+                                           f"bad trainer state ({type(e).__name__}: {e})") from None
+            self._restore_rng(path, st.get("world_size", 0))
             if self.rank == 0:
-                print(f"resumed from checkpoint {path} at iteration {self.state.iteration}", flush=True)
+                print(f"resumed from checkpoint {path} at iteration {self.state.iteration}"
+                      f" (saved with {st.get('layout', '?')})", flush=True)
         elif cfg.checkpoint.load:
-            ckpt.load(cfg.checkpoint.load, self.engine.model_parts, optimizer=None)
+            load = ckpt.resolve_checkpoint(cfg.checkpoint.load)
+            ckpt.load(load, self.engine.model_parts, optimizer=None, expected_shapes=shapes)
             if self.rank == 0:
-                print(f"initialized model weights from {cfg.checkpoint.load}", flush=True)
+                print(f"initialized model weights from {load}", flush=True)
 
-    def _restore_rng(self, path: str) -> None:
-        file = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if os.path.isfile(file):
-            set_rng_state(torch.load(file, weights_only=True))
+    def _restore_rng(self, path: str, saved_world_size: int) -> None:
+        """Same world size: each rank restores its own RNG file. Otherwise every rank
+        reseeds with :func:`derived_seed` (seed, iteration, rank) — deterministic, documented."""
+        name = f"rng_rank{self.rank}.pt"
+        state = ckpt.load_rank_file(path, name) if saved_world_size == self.world_size else None
+        if state is None:
+            seed_everything(derived_seed(self.cfg.training.seed, self.state.iteration, self.rank))
+            return
+        try:
+            set_rng_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint file {os.path.join(path, name)}: bad RNG state "
+                                       f"({type(e).__name__})") from None
 
     # ---------------------------------------------------------------- loop
 
@@ -203,6 +228,7 @@ class Trainer:
                     interval_start, interval_tokens, step_times = time.perf_counter(), 0, []
                 if t.eval_interval and (it % t.eval_interval == 0 or it == t.iterations):
                     self._evaluate()
+                self._poll_pending_save()
                 if self.stop.agreed(self.device):
                     self._save()
                     self.log.print(f"signal {self.stop.received or 'on another rank'}: saved at iteration "
@@ -210,9 +236,10 @@ class Trainer:
                     return EXIT_REQUEUE
                 if self.cfg.checkpoint.interval and it % self.cfg.checkpoint.interval == 0 \
                         and it < t.iterations:
-                    self._save()
+                    self._save(background=True)
             if self.cfg.checkpoint.save_final:
                 self._save()
+            self._finish_pending_save()
             return 0
         finally:
             self.log.close()
@@ -248,13 +275,46 @@ class Trainer:
         rec = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": perplexity(loss)}
         self.log.log(rec, f"eval at iter {self.state.iteration} | loss {loss:.4f} | ppl {perplexity(loss):.2f}")
 
-    def _save(self) -> None:
-        st = self.state
-        trainer_state = {"iteration": st.iteration, "consumed_samples": st.consumed_samples,
-                         "consumed_tokens": st.consumed_tokens, "extra": st.extra,
+    def _save(self, background: bool = False) -> None:
+        """Checkpoint the state after ``self.state.iteration`` steps (collective).
+
+        ``background`` with ``checkpoint.async_save`` lets the write overlap training;
+        otherwise it is finished (verified, renamed, ``latest`` moved) before returning.
+        At most one save is in flight. The LR is a pure function of the iteration; it is
+        stored with the schedule for inspection. There is no gradient scaler (bf16/fp32).
+        """
+        self._finish_pending_save()
+        st, cfg = self.state, self.cfg
+        trainer_state = {"format_version": ckpt.FORMAT_VERSION, "iteration": st.iteration,
+                         "consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens,
+                         "lr": lr_at(st.iteration, cfg.training.iterations, cfg.optimizer, cfg.schedule),
+                         "schedule": cfg.to_dict()["schedule"], "extra": st.extra,
                          "data": self.data.train.state_dict(), "world_size": self.world_size,
-                         "config": self.cfg.to_dict()}
-        path = ckpt.save(self.ckpt_root, st.iteration, self.engine.model_parts, self.optimizer,
-                         trainer_state, self.cfg.checkpoint.keep_last,
-                         rank_files={f"rng_rank{self.rank}.pt": rng_state()})
-        self.log.print(f"saved checkpoint {path}")
+                         "layout": self.dims.describe(), "config": cfg.to_dict()}
+        use_async = background and cfg.checkpoint.async_save
+        start = time.perf_counter()
+        pending = ckpt.save(self.ckpt_root, st.iteration, self.engine.model_parts, self.optimizer,
+                            trainer_state, cfg.checkpoint.keep_last,
+                            rank_files={f"rng_rank{self.rank}.pt": rng_state()}, async_save=use_async)
+        if use_async:
+            self._pending_save = pending
+            self.log.print(f"checkpoint at iteration {st.iteration}: writing in the background "
+                           f"(training stalled {time.perf_counter() - start:.2f} s)")
+        else:
+            path = pending.finalize()
+            self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f} s")
+
+    def _poll_pending_save(self) -> None:
+        """Finalize a background save once every rank's write is done (one all-reduce/step)."""
+        if self._pending_save is not None and self._pending_save.ready(self.device):
+            self._finish_pending_save()
+
+    def _finish_pending_save(self) -> None:
+        """Wait for the background save (if any), then verify, rename and move ``latest``."""
+        if self._pending_save is None:
+            return
+        pending, self._pending_save = self._pending_save, None
+        start = time.perf_counter()
+        path = pending.finalize()
+        self.log.print(f"saved checkpoint {path} (background; finalize waited "
+                       f"{time.perf_counter() - start:.2f} s)")

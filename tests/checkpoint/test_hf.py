@@ -1,0 +1,134 @@
+"""Hugging Face conversion: logits equivalence both ways, exact round trip, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from tests.checkpoint.helpers import (assert_close, build_model, hf_llama, hf_logits, our_logits,
+                                      tiny_model_config, train_spm)
+from tools.convert_checkpoint import from_hf, hf_config_to_model, to_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> str:
+    return train_spm(str(tmp_path_factory.mktemp("spm")))
+
+
+def _load_ours(path: str):
+    state = ckpt.read_trainer_state(path)
+    from pretrain.configlib import from_dict
+    from model.config import ModelConfig
+    mcfg = from_dict(ModelConfig, state["config"]["model"])
+    model = build_model(mcfg)
+    ckpt.load(path, [model], expected_shapes=ckpt.model_shapes(mcfg))
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(tied=False, kv_heads=2),
+    dict(tied=True, kv_heads=1, rope=LLAMA3),
+    dict(tied=False, kv_heads=4, rope={"rope_type": "linear", "factor": 2.0}, bias=True),
+], ids=["gqa-untied", "mqa-tied-llama3", "mha-linear-bias"])
+def test_from_hf_logits_match(tmp_path, variant):
+    hf = hf_llama(str(tmp_path / "hf"), **variant)
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    ours = _load_ours(str(tmp_path / "ours" / "checkpoint"))
+    tokens = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert_close(our_logits(ours, tokens), hf_logits(hf, tokens))
+
+
+def _trained_checkpoint(tmp, spm_model: str, tied: bool) -> tuple[str, torch.nn.Module]:
+    """A tiny model trained a few AdamW steps, saved as a complete checkpoint."""
+    from pretrain.config import RunConfig
+    mcfg = tiny_model_config(tie_embeddings=tied,
+                             rope_scaling=__import__("model.config").config.RopeScaling(
+                                 type="llama3", factor=4.0, original_max_position_embeddings=32))
+    model = build_model(mcfg, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 384, (2, 33), generator=gen)
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    run = RunConfig(model=mcfg)
+    run.data.tokenizer = spm_model
+    state = {"iteration": 3, "consumed_samples": 6, "consumed_tokens": 192, "config": run.to_dict()}
+    ckpt.save(str(tmp / "run" / "checkpoints"), 3, [model], opt, state, keep_last=2).finalize()
+    return str(tmp / "run"), model.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_to_hf_round_trip(tmp_path, spm_model, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run_dir, model = _trained_checkpoint(tmp_path, spm_model, tied)
+    to_hf(run_dir, str(tmp_path / "hf"), max_shard_size="60KB")      # run dir -> newest checkpoint
+    files = os.listdir(tmp_path / "hf")
+    assert "model.safetensors.index.json" in files and "generation_config.json" in files
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).float().eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(5))
+    assert_close(our_logits(model, tokens), hf_logits(hf, tokens))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    text = " Leading space, two  spaces, digits 2024 and ünïcode.\nNext line."
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert json.load(open(tmp_path / "hf" / "generation_config.json"))["eos_token_id"] == sp.eos_id()
+    # and back: identical tensors
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    back = ckpt.load_tensors(str(tmp_path / "back" / "checkpoint"))
+    orig = ckpt.load_tensors(ckpt.resolve_checkpoint(run_dir))
+    assert back.keys() == orig.keys()
+    for k in orig:
+        assert torch.equal(back[k], orig[k]), k
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_unsupported_field_named(tmp_path):
+    hf_llama(str(tmp_path / "hf"), rope={"rope_type": "yarn", "factor": 4.0,
+                                          "original_max_position_embeddings": 32})
+    r = _cli("from-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and "rope_type" in r.stderr and "yarn" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_config_checks_name_field():
+    with pytest.raises(ValueError, match="sliding_window"):
+        hf_config_to_model({"model_type": "mistral", "sliding_window": 4096, "vocab_size": 8,
+                            "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                            "num_attention_heads": 2}, "config.json")
+    with pytest.raises(ValueError, match="model_type"):
+        hf_config_to_model({"model_type": "gpt2"}, "config.json")
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    hf_llama(str(tmp_path / "hf"))
+    cfg_file = tmp_path / "hf" / "config.json"
+    cfg = json.load(open(cfg_file))
+    cfg["intermediate_size"] = 128
+    json.dump(cfg, open(cfg_file, "w"))
+    r = _cli("from-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "model.layers.0.mlp.gate_proj.weight" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_to_hf_of_incomplete_checkpoint_refused(tmp_path):
+    r = _cli("to-hf", str(tmp_path), str(tmp_path / "hf"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ")

@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Convert checkpoints between polytron (DCP) and Hugging Face ``LlamaForCausalLM``.
+
+    python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
+    python tools/convert_checkpoint.py from-hf SRC DST
+
+``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
+run's output directory (its newest complete checkpoint). DST becomes a Hugging Face
+model directory: safetensors (sharded with ``model.safetensors.index.json`` above
+``--max-shard-size``), ``config.json``, ``generation_config.json`` and the tokenizer
+(a SentencePiece model is converted to ``tokenizer.json`` and checked to encode like
+SentencePiece; a Hugging Face tokenizer directory is copied).
+
+``from-hf``: SRC is a local Llama-family Hugging Face directory (``config.json`` +
+safetensors). DST receives ``checkpoint/`` (a weights-only polytron checkpoint) and
+``config.yaml``, a run config that continues pre-training from it with the model's own
+tokenizer once ``data.paths`` is set::
+
+    python launch/pretrain.py --config DST/config.yaml data.paths=[PREFIX]
+
+Exit status 0, or 2 with one ``error:`` line naming the file, field or tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                      "chat_template.jinja", "chat_template.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: Sample text the converted tokenizer must encode exactly like SentencePiece.
+TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs.\n\n  Indented line\twith tab; "
+                   "trailing spaces   \nünïcödé, 中文, emoji 🎉, symbols <>&{}[]#@~")
+
+
+class ConvertError(ValueError):
+    """Unconvertible input; the message names the file, field or tensor."""
+
+
+# ====================================================================== names
+
+_LAYER_MAP = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+_OURS_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def to_hf_name(name: str) -> str:
+    """Our parameter name -> the ``LlamaForCausalLM`` one (q/k need no permutation: both
+    sides use the rotate-half RoPE layout)."""
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = _OURS_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    raise ConvertError(f"tensor '{name}' has no Hugging Face Llama equivalent")
+
+
+def from_hf_name(name: str) -> str:
+    """A ``LlamaForCausalLM`` parameter name -> ours."""
+    for ours, hf in _TOP_MAP.items():
+        if name == hf:
+            return ours
+    m = _HF_RE.match(name)
+    if m:
+        for ours, hf in _LAYER_MAP.items():
+            if m.group(2) == hf:
+                return f"layers.{m.group(1)}.{ours}.{m.group(3)}"
+    raise ConvertError(f"tensor '{name}' is not part of a Llama model this converter supports")
+
+
+# ====================================================================== configs
+
+def model_to_hf_config(m, bos_id: Optional[int], eos_id: Optional[int], dtype: torch.dtype) -> dict:
+    """``config.json`` of ``LlamaForCausalLM`` for our ModelConfig ``m``.
+
+    RoPE is written both the transformers 5 way (``rope_parameters``) and the 4.x way
+    (``rope_theta`` + ``rope_scaling``)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    sc = m.rope_scaling
+    if sc.type == "linear":
+        rope.update(rope_type="linear", factor=sc.factor)
+    elif sc.type == "llama3":
+        rope.update(rope_type="llama3", factor=sc.factor, low_freq_factor=sc.low_freq_factor,
+                    high_freq_factor=sc.high_freq_factor,
+                    original_max_position_embeddings=sc.original_max_position_embeddings)
+    legacy = None if sc.type == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim, "max_position_embeddings": m.max_seq_len,
+        "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "initializer_range": m.init_std,
+        "rope_theta": m.rope_theta, "rope_scaling": legacy, "rope_parameters": rope,
+        "attention_bias": m.attention_bias, "mlp_bias": m.mlp_bias, "attention_dropout": 0.0,
+        "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "pretraining_tp": 1, "use_cache": True,
+        "torch_dtype": HF_DTYPE_NAMES[dtype], "dtype": HF_DTYPE_NAMES[dtype],
+    }
+
+
+#: Fields that change the function of a Llama model and that our model cannot express,
+#: with the value it must have (None: the field must be absent or null).
+_MUST_BE = {"hidden_act": "silu", "sliding_window": None, "use_sliding_window": False,
+            "quantization_config": None, "layer_types": None, "no_rope_layers": None,
+            "attn_logit_softcapping": None, "final_logit_softcapping": None}
+_SUPPORTED_TYPES = ("llama", "mistral")
+
+
+def _rope_from_hf(hf: dict, file: str):
+    """(rope_theta, RopeScaling) from either the 5.x or the 4.x RoPE fields."""
+    from model.config import RopeScaling
+    params = hf.get("rope_parameters") or {}
+    legacy = hf.get("rope_scaling") or {}
+    field_name = "rope_parameters" if params else "rope_scaling"
+    spec = {**legacy, **params}
+    theta = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = spec.get("rope_type", spec.get("type", "default")) or "default"
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling(type="linear", factor=float(spec["factor"]))
+    if kind == "llama3":
+        try:
+            return theta, RopeScaling(
+                type="llama3", factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
+                high_freq_factor=float(spec["high_freq_factor"]),
+                original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise ConvertError(f"{file}: field '{field_name}' (llama3) lacks {e.args[0]!r}") from None
+    raise ConvertError(f"{file}: field '{field_name}.rope_type'={kind!r} is not supported "
+                       "(supported: default, linear, llama3)")
+
+
+def hf_config_to_model(hf: dict, file: str):
+    """Our ModelConfig for a Llama-family ``config.json``; unsupported fields are named."""
+    from model.config import ModelConfig
+    mtype = hf.get("model_type")
+    if mtype not in _SUPPORTED_TYPES:
+        raise ConvertError(f"{file}: field 'model_type'={mtype!r} is not supported "
+                           f"(supported: {', '.join(_SUPPORTED_TYPES)})")
+    for key, want in _MUST_BE.items():
+        if hf.get(key) not in (want, None):
+            raise ConvertError(f"{file}: field '{key}'={hf[key]!r} is not supported "
+                               f"(must be {want!r}{' or absent' if want is None else ''})")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+        if not isinstance(hf.get(key), int):
+            raise ConvertError(f"{file}: field '{key}' is missing or not an integer")
+    theta, scaling = _rope_from_hf(hf, file)
+    heads = hf["num_attention_heads"]
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_hidden_size=hf["intermediate_size"], max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)))
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConvertError(f"{file}: {e}") from None
+    return cfg
+
+
+# ====================================================================== safetensors
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1024' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*", text, re.I)
+    if not m:
+        raise ConvertError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit])
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], dst: str, max_shard_bytes: int) -> list[str]:
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(dst, "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, os.path.join(dst, fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def read_safetensors(src: str) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory (single file or sharded with an index)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = os.path.join(src, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+    elif os.path.isfile(os.path.join(src, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        bins = [n for n in os.listdir(src) if n.endswith(".bin")]
+        hint = " (pickled .bin weights are not read: convert them to safetensors)" if bins else ""
+        raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json{hint}")
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = os.path.join(src, name)
+        try:
+            out.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConvertError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return out
+
+
+# ====================================================================== tokenizer
+
+def resolve_tokenizer(run_cfg: dict, override: Optional[str]) -> Optional[str]:
+    """The tokenizer a run trained with: --tokenizer, data.tokenizer, or the built-in corpus's."""
+    if override:
+        return override
+    data = run_cfg.get("data", {})
+    if data.get("tokenizer"):
+        return os.path.expanduser(data["tokenizer"])
+    if data.get("builtin_corpus"):
+        from data.builtin import ensure_builtin_corpus
+        return ensure_builtin_corpus(data.get("cache_dir", "~/.cache/polytron"),
+                                     int(data.get("tokenizer_vocab_size", 4096))).tokenizer
+    return None
+
+
+def write_tokenizer(tok_path: str, dst: str) -> tuple[Optional[int], Optional[int]]:
+    """Write tokenizer files into ``dst``; returns (bos_id, eos_id)."""
+    if os.path.isdir(tok_path):
+        copied = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(tok_path, n))]
+        if not copied:
+            raise ConvertError(f"tokenizer directory {tok_path} holds no Hugging Face tokenizer files")
+        for n in copied:
+            shutil.copy2(os.path.join(tok_path, n), os.path.join(dst, n))
+    elif os.path.isfile(tok_path):
+        _sentencepiece_to_hf(tok_path, dst)
+    else:
+        raise ConvertError(f"tokenizer {tok_path}: no such file or directory (pass --tokenizer PATH)")
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(dst, local_files_only=True)
+    except Exception as e:
+        raise ConvertError(f"tokenizer written to {dst} does not load: {str(e).splitlines()[0]}") from None
+    if os.path.isfile(tok_path):
+        _check_same_encoding(tok_path, tok)
+    return tok.bos_token_id, tok.eos_token_id
+
+
+def _sentencepiece_to_hf(model_file: str, dst: str) -> None:
+    """``tokenizer.model`` plus a fast ``tokenizer.json`` that segments like SentencePiece."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import normalizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    proto = pb.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    tmp = os.path.join(dst, ".spm_convert")
+    os.makedirs(tmp, exist_ok=True)
+    shutil.copy2(model_file, os.path.join(tmp, "tokenizer.model"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
+    backend = LlamaTokenizer.from_pretrained(tmp, local_files_only=True).backend_tokenizer
+    shutil.rmtree(tmp)
+    # spm's own rules: dummy prefix "▁" (if set), spaces -> "▁", no pre-splitting
+    seq = [normalizers.Replace(" ", "▁")]
+    if proto.normalizer_spec.add_dummy_prefix:
+        seq.insert(0, normalizers.Prepend("▁"))
+    backend.normalizer = normalizers.Sequence(seq)
+    backend.pre_tokenizer = None
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=piece(sp.bos_id()),
+                                   eos_token=piece(sp.eos_id()), unk_token=piece(sp.unk_id()),
+                                   pad_token=piece(sp.pad_id()))
+    fast.save_pretrained(dst)
+    shutil.copy2(model_file, os.path.join(dst, "tokenizer.model"))
+
+
+def _check_same_encoding(model_file: str, tok) -> None:
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    want, got = sp.encode(TOKENIZER_PROBE), tok.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    if want != got:
+        print(f"warning: the converted tokenizer encodes differently from {model_file} "
+              f"(its normalizer has no exact fast equivalent); tokenizer.model is included",
+              file=sys.stderr)
+
+
+# ====================================================================== to-hf
+
+def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
+          max_shard_size: str = "5GB") -> str:
+    """Our checkpoint (or run directory) -> Hugging Face directory; returns the checkpoint used."""
+    from model.config import ModelConfig
+    from pretrain import checkpoint as ckpt
+    from pretrain.configlib import ConfigError, from_dict
+    path = ckpt.resolve_checkpoint(src)
+    state = ckpt.read_trainer_state(path)
+    try:
+        mcfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
+        mcfg.validate()
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
+    if mcfg.arch != "llama" or mcfg.attention != "gqa" or mcfg.mlp != "swiglu" or mcfg.linear != "linear":
+        raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch} (attention={mcfg.attention}, "
+                           f"mlp={mcfg.mlp}, linear={mcfg.linear}) has no LlamaForCausalLM export")
+    tensors = ckpt.load_tensors(path)
+    out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
+    hf = {to_hf_name(k): v.to(out_dtype) for k, v in tensors.items()
+          if not (mcfg.tie_embeddings and k == "output.weight")}
+    tok_path = resolve_tokenizer(state["config"], tokenizer)
+    os.makedirs(dst, exist_ok=True)
+    bos, eos = write_tokenizer(tok_path, dst) if tok_path else (None, None)
+    if not tok_path:
+        print("warning: the run names no tokenizer; pass --tokenizer PATH to include one", file=sys.stderr)
+    write_safetensors(hf, dst, parse_size(max_shard_size))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(model_to_hf_config(mcfg, bos, eos, out_dtype), f, indent=2)
+    with open(os.path.join(dst, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
+    return path
+
+
+# ====================================================================== from-hf
+
+def from_hf(src: str, dst: str, seq_len: int = 0) -> str:
+    """Hugging Face Llama directory -> DST/checkpoint + DST/config.yaml; returns the config path."""
+    import yaml
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import RunConfig
+    from pretrain.configlib import to_dict
+    cfg_file = os.path.join(src, "config.json")
+    try:
+        with open(cfg_file) as f:
+            hf_cfg = json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)") from None
+    except ValueError as e:
+        raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from None
+    mcfg = hf_config_to_model(hf_cfg, cfg_file)
+    tensors = _map_from_hf(read_safetensors(src), mcfg, src)
+    run = RunConfig(model=mcfg)
+    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    run.data.tokenizer = src_abs
+    run.data.seq_len = seq_len or min(2048, mcfg.max_seq_len)
+    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
+    run.training.name = os.path.basename(src_abs.rstrip("/")) + "-continued"
+    run.training.output_dir = os.path.join(dst_abs, "run")
+    os.makedirs(dst, exist_ok=True)
+    cfg_dict = to_dict(run)
+    ckpt.save_tensors(run.checkpoint.load, tensors, {
+        "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+        "format_version": ckpt.FORMAT_VERSION, "converted_from": src_abs, "config": cfg_dict})
+    out = os.path.join(dst, "config.yaml")
+    with open(out, "w") as f:
+        f.write(f"# Continued pre-training of {src_abs} (tools/convert_checkpoint.py from-hf).\n"
+                "# Set data.paths (Megatron prefixes tokenized with data.tokenizer), then:\n"
+                f"#   python launch/pretrain.py --config {out} data.paths=[PREFIX]\n")
+        yaml.safe_dump(cfg_dict, f, sort_keys=False)
+    return out
+
+
+def _map_from_hf(hf: dict[str, torch.Tensor], mcfg, src: str) -> dict[str, torch.Tensor]:
+    """Rename to our names and check against the model's expected shapes, first mismatch named."""
+    from pretrain.checkpoint import model_shapes
+    expected = model_shapes(mcfg)
+    ours: dict[str, torch.Tensor] = {}
+    for name, t in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        ours[from_hf_name(name)] = t
+    if mcfg.tie_embeddings and "tok_embeddings.weight" in ours:
+        ours["output.weight"] = ours["tok_embeddings.weight"]
+    for name, shape in expected.items():
+        if name not in ours:
+            raise ConvertError(f"{src}: tensor '{to_hf_name(name)}' is missing")
+        if tuple(ours[name].shape) != tuple(shape):
+            raise ConvertError(f"{src}: tensor '{to_hf_name(name)}' has shape {tuple(ours[name].shape)}, "
+                               f"config.json implies {tuple(shape)}")
+    extra = [n for n in ours if n not in expected]
+    if extra:
+        raise ConvertError(f"{src}: tensor '{to_hf_name(extra[0])}' does not fit the config "
+                           f"(e.g. a bias with attention_bias=false)")
+    return {k: ours[k].float().contiguous() for k in expected}
+
+
+# ====================================================================== CLI
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Convert polytron checkpoints to and from Hugging Face.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-hf", help="polytron checkpoint or run directory -> Hugging Face directory")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--tokenizer", help="tokenizer to include (default: the run's data.tokenizer or "
+                                       "built-in corpus tokenizer)")
+    a.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: as saved)")
+    a.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> polytron checkpoint + config.yaml")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--seq-len", type=int, default=0, help="data.seq_len of the written config "
+                                                            "(default min(2048, max_position_embeddings))")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        if args.cmd == "to-hf":
+            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size)
+            print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
+        else:
+            out = from_hf(args.src, args.dst, args.seq_len)
+            print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
+        return 0
+    except (ConvertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:  # DataError (tokenizer, built-in corpus) without importing data eagerly
+        data_errors = sys.modules.get("data.errors")
+        if data_errors is None or not isinstance(e, data_errors.DataError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
