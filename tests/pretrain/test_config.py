@@ -97,7 +97,13 @@ def test_launcher_yaml_syntax_error(tmp_path):
 
 
 def test_launcher_missing_data_path(tmp_path):
+    import sentencepiece as spm
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"line {i} of some english text about trains and tokens" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=64,
+                                   model_type="bpe", minloglevel=2)
     res = run_launcher("--config", "launch/configs/tiny.yaml", "data.builtin_corpus=false",
+                       f"data.tokenizer={tmp_path}/sp.model",
                        f"data.paths=[{tmp_path}/missing_prefix]", f"training.output_dir={tmp_path}/run")
     assert res.returncode == 2, res.stderr
     assert "missing_prefix" in res.stderr and "Traceback" not in res.stderr
