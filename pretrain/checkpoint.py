@@ -9,7 +9,7 @@ Layout under the checkpoint root (``<output_dir>/checkpoints``)::
         rng_rank<R>.pt           RNG states of rank R (tensors and plain values only)
         trainer_state.json       iteration, consumed samples/tokens, LR and schedule,
                                  data-loader position, run config, layout
-        manifest.json            every file above with its size (+ CRC32 of the small files)
+        manifest.json            every file above with its size and CRC32
     latest                     text file: name of the newest complete checkpoint
 
 Saving (all ranks): write everything into ``iter_XXXXXXX.tmp``; rank 0 then verifies
@@ -55,8 +55,6 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 POINTER = "latest"
 FORMAT_VERSION = 1
-#: Files at most this large get a CRC32 in the manifest (JSON state, RNG files).
-SMALL_FILE_BYTES = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -201,16 +199,31 @@ def _check_extents(path: str, md: Metadata, exact: bool) -> dict[str, int]:
     return need
 
 
-def build_manifest(path: str) -> dict:
-    """Size of every file in ``path`` and CRC32 of the small ones."""
-    files = {}
+def own_files(path: str, rank: int) -> list[str]:
+    """Files of ``path`` this rank wrote (rank 0 also owns the shared ones)."""
+    mine = []
     for name in sorted(os.listdir(path)):
-        file = os.path.join(path, name)
-        if name == MANIFEST or not os.path.isfile(file):
+        if name == MANIFEST or not os.path.isfile(os.path.join(path, name)):
             continue
-        size = os.path.getsize(file)
-        files[name] = {"size": size, **({"crc32": _crc32(file)} if size <= SMALL_FILE_BYTES else {})}
-    return {"format_version": FORMAT_VERSION, "files": files}
+        m = re.match(r"^(?:__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt)$", name)
+        owner = int(m.group(1) or m.group(2)) if m else 0
+        if owner == rank:
+            mine.append(name)
+    return mine
+
+
+def checksum_files(path: str, names: Iterable[str]) -> dict[str, dict]:
+    """Size and CRC32 of each named file."""
+    return {n: {"size": os.path.getsize(os.path.join(path, n)), "crc32": _crc32(os.path.join(path, n))}
+            for n in names}
+
+
+def build_manifest(path: str, files: Optional[dict[str, dict]] = None) -> dict:
+    """Size and CRC32 of every file in ``path`` (computed here unless given)."""
+    if files is None:
+        files = checksum_files(path, [n for n in sorted(os.listdir(path))
+                                      if n != MANIFEST and os.path.isfile(os.path.join(path, n))])
+    return {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items()))}
 
 
 def read_manifest(path: str) -> dict:
@@ -227,20 +240,47 @@ def read_manifest(path: str) -> dict:
         raise CheckpointError(f"checkpoint file {file} is corrupted: {_first_line(e)}") from None
 
 
-def verify_files(path: str, md: Optional[Metadata] = None) -> Metadata:
-    """Check every file against the manifest and DCP's index; returns the metadata."""
-    man = read_manifest(path)
-    for name, info in man["files"].items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"checkpoint file {file} is missing")
-        if os.path.getsize(file) != info["size"]:
-            raise CheckpointError(f"checkpoint file {file} is truncated or corrupted: "
-                                  f"{os.path.getsize(file)} bytes, manifest says {info['size']}")
-        if "crc32" in info and _crc32(file) != info["crc32"]:
-            raise CheckpointError(f"checkpoint file {file} is corrupted: CRC32 differs from the manifest")
-    md = md or read_metadata(path)
-    _check_extents(path, md, exact=True)
+def _check_file(path: str, name: str, info: dict, crc: bool) -> Optional[str]:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return f"checkpoint file {file} is missing"
+    if os.path.getsize(file) != info.get("size"):
+        return (f"checkpoint file {file} is truncated or corrupted: {os.path.getsize(file)} bytes, "
+                f"manifest says {info.get('size')}")
+    if crc and "crc32" in info and _crc32(file) != info["crc32"]:
+        return f"checkpoint file {file} is corrupted: its CRC32 differs from the manifest"
+    return None
+
+
+def _agree(error: Optional[str], collective: bool) -> None:
+    """Raise the first rank's error on every rank (so no rank enters DCP's collectives alone)."""
+    errors = [error]
+    if collective and _dist():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
+
+
+def verify_files(path: str, collective: bool = True) -> Metadata:
+    """Check sizes of all files, CRC32s (each rank a share), and DCP's index; all ranks agree.
+
+    Call on every rank when ``collective`` (the default) and a process group exists.
+    """
+    error = None
+    try:
+        man = read_manifest(path)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if collective and _dist() else (0, 1)
+        for i, (name, info) in enumerate(man["files"].items()):
+            error = error or _check_file(path, name, info, crc=i % world == rank)
+        md = read_metadata(path) if error is None else None
+        if md is not None:
+            _check_extents(path, md, exact=True)
+    except CheckpointError as e:
+        error, md = str(e), None
+    _agree(error, collective)
+    assert md is not None
     return md
 
 
@@ -347,10 +387,28 @@ class PendingSave:
     keep_last: int
     keys: list[str]
     future: Optional[Future] = None
+    checksums: Optional[Future] = None
+
+    def start_checksums(self) -> None:
+        """After this rank's write: CRC32 of its own files (in a thread when writing async)."""
+        rank = dist.get_rank() if _dist() else 0
+
+        def job() -> dict[str, dict]:
+            if self.future is not None:
+                self.future.result()
+            return checksum_files(self.tmp, own_files(self.tmp, rank))
+        if self.future is None:
+            self.checksums = Future()
+            self.checksums.set_result(job())
+        else:
+            import concurrent.futures
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-crc")
+            self.checksums = pool.submit(job)
+            pool.shutdown(wait=False)
 
     def ready(self, device: torch.device = torch.device("cpu")) -> bool:
         """True on every rank once every rank's background write has finished (collective)."""
-        local = self.future is None or self.future.done()
+        local = self.checksums is None or self.checksums.done()
         if not _dist():
             return local
         flag = torch.tensor([1 if local else 0], device=device)   # default group: the writer thread owns the other
@@ -359,12 +417,17 @@ class PendingSave:
 
     def finalize(self) -> str:
         """Wait for the write, verify on rank 0, rename, move ``latest``, apply retention."""
-        if self.future is not None:
-            self.future.result()
-        _barrier()
+        if self.checksums is None:
+            self.start_checksums()
+        sums = self.checksums.result()          # raises the write's error, if any
+        if _dist():
+            gathered: list[Optional[dict]] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sums)
+            sums = {k: v for g in gathered for k, v in (g or {}).items()}
         if _is_rank0():
             _verify_tmp(self.tmp, self.keys)
-            _write_json(os.path.join(self.tmp, MANIFEST), build_manifest(self.tmp))
+            sums.update(checksum_files(self.tmp, [n for n in own_files(self.tmp, 0) if n not in sums]))
+            _write_json(os.path.join(self.tmp, MANIFEST), build_manifest(self.tmp, sums))
             _fsync_dir(self.tmp)
             _remove(self.final)
             os.replace(self.tmp, self.final)
@@ -446,6 +509,7 @@ def save(root: str, iteration: int, model_parts, optimizer, trainer_state: dict,
                                         no_dist=not _dist())
     else:
         dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
+    pending.start_checksums()
     return pending
 
 
@@ -533,11 +597,14 @@ def load(path: str, model_parts, optimizer=None, expected_shapes: Optional[dict]
          extras: Optional[dict[str, Any]] = None) -> dict:
     """Load model (and optimizer, extras) into the current layout; returns the trainer state.
 
-    ``expected_shapes`` (full-model name -> shape) makes every rank compare the whole
-    model, not only the parts it owns, before any tensor is read.
+    ``expected_shapes`` (full-model name -> shape; default: built from the parts'
+    ``cfg``) makes every rank compare the whole model, not only the parts it owns,
+    before any tensor is read: missing, unexpected and mis-shaped tensors are named.
     """
     trainer_state = read_trainer_state(path)
     md = verify_files(path)
+    if expected_shapes is None and hasattr(model_parts[0], "cfg"):
+        expected_shapes = model_shapes(model_parts[0].cfg)
     if expected_shapes is not None:
         check_model_shapes(path, md, expected_shapes)
     model_sd = _model_state(model_parts)
@@ -579,7 +646,7 @@ def _apply(model_parts, optimizer, model_sd, optim_sd, state) -> None:
 
 def load_tensors(path: str, prefix: str = "model") -> dict[str, torch.Tensor]:
     """All ``prefix.*`` tensors of a checkpoint as full plain CPU tensors (one process)."""
-    md = verify_files(path)
+    md = verify_files(path, collective=False)
     shapes = tensor_shapes(md, prefix)
     if not shapes:
         raise CheckpointError(f"checkpoint {path} holds no '{prefix}' tensors")
