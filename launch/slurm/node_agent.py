@@ -14,7 +14,7 @@ What it adds to plain ``python -m torch.distributed.run``:
   without telling the workers, and answers SIGTERM by terminating the workers
   itself after a 30 s grace.) The workers save a checkpoint and exit with
   :data:`EXIT_REQUEUE`.
-* When every failed worker exited with 75 the agent exits 75 too (torchrun alone
+* When workers exited with 75 (the others at most killed during teardown) the agent exits 75 too (torchrun alone
   turns any worker failure into status 1), so the batch script knows to requeue.
 """
 from __future__ import annotations
@@ -64,9 +64,15 @@ def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
 
 
 def requeue_requested(err: BaseException) -> bool:
-    """True when torchrun failed only because workers exited with EXIT_REQUEUE."""
-    failures = getattr(err, "failures", None) or {}
-    return bool(failures) and all(f.exitcode == EXIT_REQUEUE for f in failures.values())
+    """True when torchrun stopped because workers saved and exited with EXIT_REQUEUE.
+
+    The save is collective, so one worker exiting 75 means every rank saved. torchrun
+    then sends SIGTERM to the workers still tearing down; those show up as killed by
+    a signal (negative exit codes), which does not undo the save. Any other positive
+    exit code is a real failure.
+    """
+    codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
+    return EXIT_REQUEUE in codes and all(c == EXIT_REQUEUE or c < 0 for c in codes)
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,8 @@ directories under ``workdir``), starts a private ``munged`` (its own socket and
 key copy, run as user ``munge``), then ``slurmctld`` and ``slurmd`` in the
 foreground as child processes, and waits until the node is idle. ``stop()``
 always runs ``scontrol shutdown`` and then kills whatever is still alive, so a
-failed test leaves no daemons behind. Client commands find the cluster through
+failed test leaves no daemons behind. ``cred_expire=10`` shortens the wait before a
+requeued job may start again (SLURM's default is 120 s). Client commands find the cluster through
 ``cluster.env`` (``SLURM_CONF`` points at the generated file).
 
 Needs root and the Debian packages ``slurm-wlm`` and ``munge``;
@@ -71,7 +72,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={state}
