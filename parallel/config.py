@@ -28,6 +28,11 @@ class ParallelConfig:
     context: int = field(default=1, metadata=doc("Context-parallel degree."))
     activation_checkpoint: Literal["none", "selective", "full"] = field(default="none", metadata=doc(
         "Recompute activations in backward: none, selective (every other block), or full (all blocks)."))
+    fsdp_reduce_dtype: Literal["fp32", "compute"] = field(default="fp32", metadata=doc(
+        "Dtype FSDP reduces gradients in: fp32 (default, also under bf16 training) or the compute dtype."))
+    fsdp_reshard_after_forward: Literal["auto", "always", "never"] = field(default="auto", metadata=doc(
+        "Free gathered FSDP parameters after forward: auto = yes without pipelining, no with it "
+        "(each stage runs several micro-batch forwards before their backwards)."))
     compile: bool = field(default=False, metadata=doc("torch.compile each block (no gain on CPU)."))
     backend: Literal["auto", "gloo", "nccl"] = field(default="auto", metadata=doc(
         "Process-group backend; auto picks nccl with GPUs and gloo without."))

@@ -92,6 +92,10 @@ class ParallelDims:
                     f"layer counts summing to model.num_layers={m.num_layers}")
         if self.virtual_stages > 1 and self.pp == 1:
             raise LayoutError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
+        if self.virtual_stages > 1 and p.pipeline_schedule == "gpipe":
+            raise LayoutError("parallel.pipeline_schedule=gpipe runs one stage per rank; "
+                              "parallel.virtual_stages > 1 needs interleaved_1f1b (or 1f1b, which "
+                              "then means interleaved)")
         if self.pp > 1 and m.tie_embeddings:
             raise LayoutError("model.tie_embeddings=true is not supported with parallel.pipeline > 1 "
                               "(embedding and head live on different stages)")

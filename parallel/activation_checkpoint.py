@@ -1,0 +1,53 @@
+"""Activation checkpointing and per-block ``torch.compile``.
+
+Both act on each block's ``forward`` in place (no wrapper modules), so parameter
+FQNs stay ``layers.<i>.…`` in every layout and checkpoints load across them.
+
+Policies (``parallel.activation_checkpoint``):
+
+* ``none``: keep all activations.
+* ``full``: every block saves only its input; the block is recomputed in backward.
+* ``selective``: every other block (global index 0, 2, 4, ...) is recomputed, the
+  rest keep their activations: about half the activation memory of ``none`` for
+  about half the recompute of ``full``. The choice is by *global* layer index, so a
+  pipeline stage checkpoints the same blocks it would in the unsplit model.
+
+Recompute uses non-reentrant ``torch.utils.checkpoint``; it reproduces the forward
+exactly (no dropout in these models), so losses and gradients are bit-identical to
+the run without checkpointing.
+"""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Make ``block`` recompute its forward during backward."""
+    block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: str) -> int:
+    """Apply ``policy`` to the blocks of ``model``; returns how many blocks recompute."""
+    if policy == "none":
+        return 0
+    if policy not in ("full", "selective"):
+        raise ValueError(f"unknown activation_checkpoint policy {policy!r}")
+    count = 0
+    for key, block in model.layers.items():
+        if policy == "full" or int(key) % 2 == 0:
+            checkpoint_block(block)
+            count += 1
+    return count
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` each block separately (same graph for every block, compiled once)."""
+    for block in model.layers.values():
+        block.compile()

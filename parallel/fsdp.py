@@ -1,0 +1,49 @@
+"""Data parallelism with FSDP2 (``fully_shard``): FSDP over ``dp_shard``, HSDP over
+``dp_replicate x dp_shard``.
+
+Each transformer block is its own FSDP unit (one all-gather / reduce-scatter per
+block), then the root module (embedding, final norm, head) is one more unit.
+Gradients are averaged over the data-parallel ranks (FSDP2's default), so the
+per-rank loss convention (mean over the rank's tokens) gives the global mean.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.mesh import ParallelDims
+
+
+def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP shards over: 1-D ``dp_shard``, or 2-D ``(dp_replicate, dp_shard)`` (HSDP)."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def mixed_precision(param_dtype: torch.dtype, reduce_dtype: torch.dtype):
+    """FSDP2 policy: parameters cast to ``param_dtype`` for compute, gradients reduced in
+    ``reduce_dtype`` (fp32 by default, so bf16 training still averages in full precision)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
+               reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
+    """Wrap each block of ``model`` (a Transformer or a pipeline stage), then the root.
+
+    ``reshard_after_forward=False`` keeps the blocks' gathered parameters between
+    forward and backward: with pipelining each stage runs several micro-batches'
+    forwards before their backwards, and re-gathering every time would multiply
+    all-gathers by the micro-batch count.
+    """
+    from torch.distributed.fsdp import fully_shard
+    fmesh = dp_mesh(mesh, dims)
+    mp = mixed_precision(param_dtype, reduce_dtype)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again at once by backward: keep them
+        keep = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=fmesh, mp_policy=mp, reshard_after_forward=keep)
+    fully_shard(model, mesh=fmesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
