@@ -343,12 +343,15 @@ def _write_result(res: ChunkResult, builder, summ: Summary, inputs: list[str], s
         raise DataError(f"{path}:{line}: {reason} (--strict stops at the first malformed document)")
     for line, reason in res.skips:
         summ.record_skip(path, line, reason)
-    start = 0
-    for n in res.lengths:
-        builder.add_document(res.tokens[start:start + n], [n])
-        start += n
+    if res.lengths:
+        # One write per chunk: the builder records one sequence per document; then mark each
+        # sequence as its own document (the same index as one add_document call per document).
+        n0 = len(builder.sequence_lengths)
+        builder.add_document(res.tokens, res.lengths)
+        del builder.document_indices[-1]
+        builder.document_indices.extend(range(n0 + 1, n0 + len(res.lengths) + 1))
     summ.documents += len(res.lengths)
-    summ.tokens += start
+    summ.tokens += int(res.tokens.size)
     summ.input_bytes += res.text_bytes
 
 

@@ -84,6 +84,10 @@ def test_workers_give_identical_output_and_gzip_text_paragraphs(tmp_path, corpus
     n_par = sum(1 for p in text.split("\n\n") if p.strip())
     assert s1.documents == s2.documents == 2 * n_par + 40 and s1.skipped == 0
     docs = _docs(str(tmp_path / "w1"))
+    ds = IndexedDataset(str(tmp_path / "w1"))
+    assert len(ds.document_indices) == s1.documents + 1 and len(ds) == s1.documents
+    assert ds.document_indices.tolist() == list(range(s1.documents + 1))
+    del ds
     assert [d.tolist() for d in docs[:n_par]] == [d.tolist() for d in docs[n_par:2 * n_par]]
 
 
