@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +111,9 @@ class SlurmCluster:
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip() \
             or socket.gethostname().split(".")[0]
         self.conf = self.root / "etc" / "slurm.conf"
-        self.munge_dir = self.root / "munge"
+        # munged runs as user munge and must reach its socket directory, so that lives in its
+        # own world-searchable temporary directory (pytest's tmp_path parents are mode 0700).
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="polytron-munge-"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.munged_pid: int | None = None
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -168,9 +171,7 @@ class SlurmCluster:
     def _start_munged(self) -> None:
         """A private munged (own socket, pid and key copy) running as user munge."""
         munge = pwd.getpwnam("munge")
-        self.munge_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.munge_dir, 0o755)  # munged: the socket directory must be searchable by all
-        os.chmod(self.root, 0o755)
         key = self.munge_dir / "munge.key"
         if Path("/etc/munge/munge.key").is_file():
             shutil.copyfile("/etc/munge/munge.key", key)
@@ -183,13 +184,16 @@ class SlurmCluster:
         cmd = [_which("munged"), f"--socket={m / 'munge.socket'}", f"--key-file={key}",
                f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
                f"--seed-file={m / 'munged.seed'}"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30,
-                       user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                           user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
+        if r.returncode != 0:
+            raise RuntimeError(f"munged failed ({r.returncode}): {r.stderr.strip()}\n{self.logs()}")
         self.munged_pid = int((m / "munged.pid").read_text().split()[0])
 
     def _stop_munged(self) -> None:
-        """End the munged this cluster started, by its pid."""
+        """End the munged this cluster started, by its pid, and remove its directory."""
         if self.munged_pid is None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
             return
         try:
             os.kill(self.munged_pid, signal.SIGTERM)
@@ -200,6 +204,7 @@ class SlurmCluster:
         except ProcessLookupError:
             pass
         self.munged_pid = None
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         """Start a SLURM daemon in the foreground as our child; its output goes to run/<name>.out."""
@@ -239,7 +244,8 @@ class SlurmCluster:
     def logs(self, tail: int = 30) -> str:
         """The last lines of every daemon log, for failure messages."""
         parts = []
-        for f in sorted((self.root / "run").glob("*.log")) + sorted(self.munge_dir.glob("*.log")):
+        for f in sorted((self.root / "run").glob("*.log")) + sorted(self.munge_dir.glob("*.log")) \
+                + sorted((self.root / "run").glob("*.out")):
             lines = f.read_text(errors="replace").splitlines()[-tail:]
             parts.append(f"--- {f.name}\n" + "\n".join(lines))
         return "\n".join(parts)
