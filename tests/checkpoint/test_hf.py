@@ -132,3 +132,34 @@ def test_shape_mismatch_names_tensor(tmp_path):
 def test_to_hf_of_incomplete_checkpoint_refused(tmp_path):
     r = _cli("to-hf", str(tmp_path), str(tmp_path / "hf"))
     assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+def test_hf_model_continues_pretraining_and_exports(tmp_path, spm_model):
+    """HF dir -> from-hf -> 5 steps of our trainer on data tokenized by its tokenizer -> to-hf."""
+    import pydoc_data.topics as topics
+    from transformers import AutoModelForCausalLM
+    from tests.checkpoint import runs
+    hf_dir, conv, out = str(tmp_path / "hf"), str(tmp_path / "conv"), str(tmp_path / "out")
+    orig = hf_llama(hf_dir, tied=True, tokenizer=spm_model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(list(topics.topics.values())[:150]))
+    prefix = str(tmp_path / "data" / "corpus")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
+                        str(corpus), "--output-prefix", prefix, "--tokenizer", hf_dir, "--workers", "1",
+                        "--no-progress"], capture_output=True, text=True, timeout=300, env=runs.env())
+    assert r.returncode == 0, r.stderr
+    config = from_hf(hf_dir, conv, seq_len=64)
+    cmd = [sys.executable, runs.LAUNCH, "--config", config, f"data.paths=[{prefix}]",
+           "training.iterations=5", "training.micro_batch_size=2", "training.global_batch_size=2",
+           "training.eval_interval=0", "training.log_interval=1", "logging.wandb=false",
+           "logging.progress_bar=false", "training.device=cpu", "precision.dtype=fp32",
+           "checkpoint.interval=0", "data.split=98,2,0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=runs.env(), cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "initialized model weights from" in r.stdout
+    to_hf(os.path.join(conv, "run"), out)
+    trained = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).float().eval()
+    tokens = torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(2))
+    ours = _load_ours(ckpt.resolve_checkpoint(os.path.join(conv, "run")))
+    assert_close(our_logits(ours, tokens), hf_logits(trained, tokens))
+    assert not torch.allclose(hf_logits(trained, tokens), hf_logits(orig, tokens)), "no training happened"
