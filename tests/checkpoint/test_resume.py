@@ -31,13 +31,15 @@ def _assert_same(out: str, reference: dict[int, float]) -> None:
             assert v == reference[it], f"iteration {it}: {v!r} != {reference[it]!r}"
 
 
-def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path, reference):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path, reference, mode):
     out = str(tmp_path)
-    p = runs.start(out, ITERS, "checkpoint.interval=2")
+    opts = ("checkpoint.interval=2", f"checkpoint.async_save={str(mode == 'async').lower()}")
+    p = runs.start(out, ITERS, *opts)
     assert runs.wait_until(p, lambda: len(runs.losses(out)) >= 5, timeout=180), runs.output(out)
     runs.kill_group(p)
     assert max(runs.losses(out)) < ITERS, "the run finished before it was killed"
-    assert runs.run(out, ITERS, "checkpoint.interval=2", "training.resume=auto") == 0, runs.output(out)
+    assert runs.run(out, ITERS, *opts, "training.resume=auto") == 0, runs.output(out)
     assert "resumed from checkpoint" in runs.output(out)
     _assert_same(out, reference)
 
