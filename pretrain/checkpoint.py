@@ -632,14 +632,22 @@ def load(path: str, model_parts, optimizer=None, expected_shapes: Optional[dict]
 
 
 def _apply(model_parts, optimizer, model_sd, optim_sd, state) -> None:
-    """Copy loaded values into each part strictly (every key, nothing extra)."""
+    """Copy loaded values into each part strictly (every key, nothing extra).
+
+    Optimizer moments and steps come from the checkpoint; hyper-parameters (lr, betas,
+    weight decay, eps) stay those of the current run config.
+    """
     merged_opt = state.get("optimizer")
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] \
+        if optimizer is not None else []
     for i, part in enumerate(model_parts):
         sd = {k: state["model"][k] for k in model_sd[i]}
         set_model_state_dict(part, sd, options=StateDictOptions(strict=True))
         if optim_sd is not None:
             osd = {k: merged_opt[k] for k in optim_sd[i]}
             set_optimizer_state_dict(part, optimizer, osd, options=_OPT_OPTS)
+    for group, saved in zip(optimizer.param_groups if optimizer is not None else [], hyper):
+        group.update(saved)
 
 
 # ====================================================================== single process

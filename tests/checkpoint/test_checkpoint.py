@@ -178,3 +178,12 @@ def test_launcher_reports_truncated_checkpoint(tmp_path):
     text = runs.output(out)
     assert rc == 2, text
     assert f"error: checkpoint file {shard} is truncated" in text and "Traceback" not in text
+
+
+def test_run_config_hyperparameters_win_over_checkpoint(saved):
+    path, _, _ = saved
+    model, opt = _model_and_opt(seed=2)
+    for g in opt.param_groups:
+        g["weight_decay"] = 0.5
+    ckpt.load(path, [model], opt)
+    assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
