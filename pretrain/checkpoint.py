@@ -424,17 +424,27 @@ class PendingSave:
             gathered: list[Optional[dict]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, sums)
             sums = {k: v for g in gathered for k, v in (g or {}).items()}
+        error = None
         if _is_rank0():
-            _verify_tmp(self.tmp, self.keys)
-            sums.update(checksum_files(self.tmp, [n for n in own_files(self.tmp, 0) if n not in sums]))
-            _write_json(os.path.join(self.tmp, MANIFEST), build_manifest(self.tmp, sums))
-            _fsync_dir(self.tmp)
-            _remove(self.final)
-            os.replace(self.tmp, self.final)
-            _write_pointer(self.root, os.path.basename(self.final))
-            _retain(self.root, self.keep_last)
-        _barrier()
+            try:
+                self._commit(sums)
+            except CheckpointError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"checkpoint {self.tmp}: cannot finish the save ({e})"
+        _agree(error, collective=True)      # every rank raises rank 0's error, none hangs
         return self.final
+
+    def _commit(self, sums: dict[str, dict]) -> None:
+        """Rank 0: verify, manifest, rename, pointer, retention."""
+        _verify_tmp(self.tmp, self.keys)
+        sums.update(checksum_files(self.tmp, [n for n in own_files(self.tmp, 0) if n not in sums]))
+        _write_json(os.path.join(self.tmp, MANIFEST), build_manifest(self.tmp, sums))
+        _fsync_dir(self.tmp)
+        _remove(self.final)
+        os.replace(self.tmp, self.final)
+        _write_pointer(self.root, os.path.basename(self.final))
+        _retain(self.root, self.keep_last)
 
 
 def _verify_tmp(tmp: str, keys: list[str]) -> None:
