@@ -42,9 +42,12 @@ LAYOUTS: dict[str, tuple[int, dict, dict, str]] = {
     "pp2_interleaved": (2, {"pipeline": 2, "virtual_stages": 2}, {}, "plain"),
     "fsdp2": (2, {}, {}, "plain"),
     "fsdp2_full_ac": (2, {"activation_checkpoint": "full"}, {}, "plain"),
+    "fsdp2_tied": (2, {}, {"tie_embeddings": True}, "plain"),
+    "tp2_tied": (2, {"tensor": 2}, {"tie_embeddings": True}, "plain"),
     "tp2_pp2": (4, {"tensor": 2, "pipeline": 2}, {}, "plain"),
     "hsdp_2x2": (4, {"data_parallel_replicate": 2, "data_parallel_shard": 2}, {}, "plain"),
-    "fsdp2_tp2_selective_ac": (4, {"tensor": 2, "activation_checkpoint": "selective"}, {}, "docs"),
+    "fsdp2_tp2_selective_ac_kv1": (4, {"tensor": 2, "activation_checkpoint": "selective"},
+                                   {"num_kv_heads": 1}, "docs"),
     "pp2_fsdp2": (4, {"pipeline": 2, "virtual_stages": 2}, {}, "plain"),
 }
 
@@ -97,7 +100,9 @@ def train(pcfg: ParallelConfig, mcfg: ModelConfig, variant: str, world_size: int
         norms.append(engine.clip_grad_norm_(GRAD_CLIP))
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "grad_norms": norms, "params": engine.full_parameters()}
+    eval_mbs = microbatches(global_batch(STEPS, variant, mcfg.vocab_size), dp_rank, dims.dp)
+    return {"losses": losses, "grad_norms": norms, "eval_loss": engine.eval_loss(eval_mbs),
+            "params": engine.full_parameters()}
 
 
 def reference(model_overrides: dict, variant: str) -> dict:

@@ -2,7 +2,7 @@
 
 For each layout in :data:`equivalence.LAYOUTS`: three optimizer steps (AdamW with the
 project's defaults, gradient clipping active) must give per-step losses and gradient
-norms within 1e-5 relative of the single-process run, and final parameters within
+norms (and a final eval loss) within 1e-5 relative of the single-process run, and final parameters within
 1e-5 relative (over the whole parameter vector; each tensor within 1e-4: AdamW turns
 reduction-order noise at near-zero gradient elements into update differences of up to
 a few 1e-6, which for the smallest tensors is ~1e-5 of their norm).
@@ -61,6 +61,7 @@ def test_layout_matches_single_process(name: str, backend: str) -> None:
             assert _rel(got, want) <= REL, f"rank {r} step {step}: loss {got} vs {want}"
         for step, (got, want) in enumerate(zip(res["grad_norms"], ref["grad_norms"])):
             assert _rel(got, want) <= REL, f"rank {r} step {step}: grad norm {got} vs {want}"
+        assert _rel(res["eval_loss"], ref["eval_loss"]) <= REL, f"rank {r}: eval loss"
 
     params: dict[str, torch.Tensor] = {}
     for res in ranks:                 # pipeline ranks each hold their stages' parameters
