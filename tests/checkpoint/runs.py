@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain.py")
@@ -114,4 +114,4 @@ def complete(out: str) -> list[str]:
 
 
 __all__ = ["run", "start", "kill_group", "losses", "records", "output", "wait_until", "tmp_dirs",
-           "complete", "ROOT", "Optional"]
+           "complete", "ROOT"]
