@@ -14,7 +14,9 @@ empty documents) is skipped and recorded with file, line and reason -- or, with
 from __future__ import annotations
 
 import collections
+import gc
 import gzip
+import io
 import json
 import multiprocessing as mp
 import os
@@ -34,12 +36,17 @@ MAX_LISTED_SKIPS = 10_000
 
 @dataclass
 class Chunk:
-    """Whole documents of one input file, as raw lines (bytes, newline kept)."""
+    """Whole documents of one input file as one raw byte block (cut at a line end)."""
     file_idx: int
     fmt: str                 # "jsonl" or "text"
-    first_line: int          # 1-based line number of lines[0]
-    lines: list[bytes]
+    first_line: int          # 1-based line number of the block's first line
+    data: bytes
     disk_bytes: int          # on-disk (possibly compressed) bytes this chunk advanced
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The block's lines, newline kept (split on b"\\n" only)."""
+        return io.BytesIO(self.data).readlines()
 
 
 @dataclass
@@ -117,34 +124,49 @@ class _CountingReader:
         self.raw.close()
 
 
+def _cut(buf: bytes, fmt: str, text_unit: str) -> int:
+    """Length of the longest prefix of ``buf`` made of whole documents (0: none yet)."""
+    if fmt == "text" and text_unit == "file":
+        return 0
+    if fmt == "text" and text_unit == "paragraph":  # after a blank line
+        a, b = buf.rfind(b"\n\n"), buf.rfind(b"\n\r\n")
+        return max(a + 2 if a >= 0 else 0, b + 3 if b >= 0 else 0)
+    return buf.rfind(b"\n") + 1
+
+
 def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str,
                 chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
-    """Cut one input file into chunks of whole documents (lines kept as raw bytes)."""
+    """Cut one input file into byte blocks of whole documents, about ``chunk_bytes`` each.
+
+    The main process only moves bytes (no per-line Python objects); parsing happens in
+    the workers.
+    """
     reader = _CountingReader(path)
     try:
         line_no, last_pos = 1, 0
-        buf: list[bytes] = []
-        size = 0
-        first = 1
-        try:
-            for line in reader.stream:
-                if not buf:
-                    first = line_no
-                buf.append(line)
-                size += len(line)
-                line_no += 1
-                if text_unit == "file" and fmt == "text":
+        parts: list[bytes] = []  # bytes read but not yet handed out (no boundary in them)
+        while True:
+            try:
+                data = reader.stream.read(chunk_bytes)
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise DataError(f"{path}: cannot read (corrupt or truncated compressed file?): {e}") from None
+            if data:
+                tail = parts[-1][-2:] if parts else b""  # a boundary may straddle two reads
+                cut = _cut(tail + data, fmt, text_unit) - len(tail)
+                parts.append(data)
+                if cut <= 0:
                     continue
-                # paragraphs may not straddle chunks: only cut after a blank line
-                if size >= chunk_bytes and (fmt == "jsonl" or text_unit == "line" or not line.strip()):
-                    pos = reader.disk_pos()
-                    yield Chunk(file_idx, fmt, first, buf, pos - last_pos)
-                    buf, size, last_pos = [], 0, pos
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: cannot read (corrupt or truncated compressed file?): {e}") from None
-        pos = reader.disk_pos()
-        if buf or pos > last_pos:
-            yield Chunk(file_idx, fmt, first, buf, pos - last_pos)
+                block = b"".join(parts[:-1]) + data[:cut]
+                parts = [data[cut:]] if cut < len(data) else []
+            else:
+                block, parts = b"".join(parts), []
+            pos = reader.disk_pos()
+            if block or pos > last_pos:
+                yield Chunk(file_idx, fmt, line_no, block, pos - last_pos)
+            line_no += block.count(b"\n")
+            last_pos = pos
+            if not data:
+                return
     finally:
         reader.close()
 
@@ -180,7 +202,7 @@ def _jsonl_docs(chunk: Chunk, json_key: str, skips: list) -> tuple[list[str], in
             skips.append((line, "empty document"))
             continue
         texts.append(text)
-    return texts, sum(len(r) for r in chunk.lines)
+    return texts, len(chunk.data)
 
 
 def _text_units(chunk: Chunk, unit: str) -> Iterator[tuple[int, list[bytes]]]:
@@ -221,7 +243,7 @@ def _text_docs(chunk: Chunk, unit: str, skips: list) -> tuple[list[str], int]:
             skips.append((line, "empty document"))
             continue
         texts.append(text)
-    return texts, sum(len(r) for r in chunk.lines)
+    return texts, len(chunk.data)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -278,7 +300,9 @@ def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterato
             yield encode_chunk(c)
         return
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    gc.freeze()  # keep the parent's objects out of the children's copy-on-write traffic
     with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        gc.unfreeze()
         pending: collections.deque = collections.deque()
         for c in chunks:
             pending.append(pool.apply_async(encode_chunk, (c,)))

@@ -114,3 +114,21 @@ def test_strict_error_type(tmp_path, corpus):
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
         preprocess([str(src)], str(tmp_path / "o"), corpus.tokenizer, strict=True)
     assert not os.path.exists(tmp_path / "o.bin")
+
+
+@pytest.mark.parametrize("unit", ["paragraph", "line", "file"])
+def test_chunks_cut_only_at_document_boundaries(tmp_path, corpus, unit):
+    from data.preprocess import iter_chunks
+
+    raw = "\n\n".join(corpus.docs[:10]).replace("\n\n\n", "\n\r\n\n").encode()
+    (tmp_path / "t.txt").write_bytes(raw)
+    for size in (5, 300, 1 << 20):
+        chunks = list(iter_chunks(str(tmp_path / "t.txt"), 0, "text", unit, size))
+        assert b"".join(c.data for c in chunks) == raw
+        line = 1
+        for c in chunks:
+            assert c.first_line == line
+            line += c.data.count(b"\n")
+        for c in chunks[:-1]:
+            assert c.data.endswith(b"\n\n" if unit == "paragraph" else b"\n") or c.data.endswith(b"\n\r\n")
+        assert unit != "file" or len(chunks) == 1
