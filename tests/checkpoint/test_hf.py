@@ -12,7 +12,7 @@ import torch
 from pretrain import checkpoint as ckpt
 from tests.checkpoint.helpers import (assert_close, build_model, hf_llama, hf_logits, our_logits,
                                       tiny_model_config, train_spm)
-from tools.convert_checkpoint import from_hf, hf_config_to_model, to_hf
+from tools.convert_checkpoint import from_hf, hf_config_to_model, main, to_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -118,20 +118,22 @@ def test_config_checks_name_field():
         hf_config_to_model({"model_type": "gpt2"}, "config.json")
 
 
-def test_shape_mismatch_names_tensor(tmp_path):
+def test_shape_mismatch_names_tensor(tmp_path, capsys):
     hf_llama(str(tmp_path / "hf"))
+    capsys.readouterr()                      # drop save_pretrained's progress bar
     cfg_file = tmp_path / "hf" / "config.json"
     cfg = json.load(open(cfg_file))
     cfg["intermediate_size"] = 128
     json.dump(cfg, open(cfg_file, "w"))
-    r = _cli("from-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
-    assert r.returncode == 2
-    assert "model.layers.0.mlp.gate_proj.weight" in r.stderr and "Traceback" not in r.stderr
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.layers.0.mlp.gate_proj.weight" in err
 
 
-def test_to_hf_of_incomplete_checkpoint_refused(tmp_path):
-    r = _cli("to-hf", str(tmp_path), str(tmp_path / "hf"))
-    assert r.returncode == 2 and r.stderr.startswith("error: ")
+def test_to_hf_of_incomplete_checkpoint_refused(tmp_path, capsys):
+    os.makedirs(tmp_path / "checkpoints" / "iter_0000004.tmp")
+    assert main(["to-hf", str(tmp_path), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_hf_model_continues_pretraining_and_exports(tmp_path, spm_model):
