@@ -292,7 +292,27 @@ def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int
         raise DataError("json key must not be empty")
 
 
-def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterator[ChunkResult]:
+def encode_chunks(chunks: list[Chunk]) -> list[ChunkResult]:
+    """Encode several (small) chunks in one task."""
+    return [encode_chunk(c) for c in chunks]
+
+
+def _batched(chunks: Iterator[Chunk], nbytes: int) -> Iterator[list[Chunk]]:
+    """Group consecutive chunks (e.g. many small files) into tasks of about ``nbytes``."""
+    group: list[Chunk] = []
+    size = 0
+    for c in chunks:
+        group.append(c)
+        size += len(c.data)
+        if size >= nbytes:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple,
+             task_bytes: int) -> Iterator[ChunkResult]:
     """Encode chunks in order: in-process for 1 worker, else a bounded process pool."""
     if workers == 1:
         _init_worker(*init_args)
@@ -304,12 +324,12 @@ def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterato
     with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         gc.unfreeze()
         pending: collections.deque = collections.deque()
-        for c in chunks:
-            pending.append(pool.apply_async(encode_chunk, (c,)))
+        for group in _batched(chunks, task_bytes):
+            pending.append(pool.apply_async(encode_chunks, (group,)))
             if len(pending) >= 2 * workers + 2:  # bounded: never read far ahead of the writer
-                yield pending.popleft().get()
+                yield from pending.popleft().get()
         while pending:
-            yield pending.popleft().get()
+            yield from pending.popleft().get()
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, workers: int = 1,
@@ -337,7 +357,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
     try:
         chunks = (c for i, p in enumerate(inputs)
                   for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes))
-        for res in _results(chunks, workers, (tok.path, json_key, text_unit, np.dtype(dtype).name)):
+        init = (tok.path, json_key, text_unit, np.dtype(dtype).name)
+        for res in _results(chunks, workers, init, chunk_bytes):
             _write_result(res, builder, summ, inputs, strict)
             if bar is not None:
                 bar.update(res.disk_bytes)
