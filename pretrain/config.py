@@ -82,7 +82,8 @@ class TrainingConfig:
         "Run directory for metrics, logs and checkpoints; empty means runs/<config name>."))
     resume: str = field(default="auto", metadata=doc(
         "auto: continue from the newest complete checkpoint in the run directory if any; "
-        "none: start fresh; or a checkpoint directory path."))
+        "none: start fresh; or a path: a checkpoint directory, a checkpoint root, or a run "
+        "directory (its newest complete checkpoint)."))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
         "auto picks cuda when available."))
     name: str = field(default="", metadata=doc("Run name (wandb, output dir); empty = config file stem."))
