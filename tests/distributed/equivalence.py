@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
@@ -21,6 +22,7 @@ from parallel.engine import build_engine
 from parallel.mesh import ParallelDims
 from pretrain.config import OptimizerConfig
 from pretrain.optim import build_optimizer
+from tests.distributed.harness import device_for
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -88,8 +90,8 @@ def train(pcfg: ParallelConfig, mcfg: ModelConfig, variant: str, world_size: int
     """Run STEPS optimizer steps; returns per-step losses and grad norms and this rank's
     final parameters (unsharded, by global name)."""
     dims = ParallelDims.resolve(pcfg, mcfg, world_size)
-    mesh = dims.build_mesh("cpu") if world_size > 1 else None
-    device = torch.device("cpu")
+    device = device_for(dist.get_backend()) if world_size > 1 else torch.device("cpu")
+    mesh = dims.build_mesh(device.type) if world_size > 1 else None
     engine = build_engine(mcfg, pcfg, dims, mesh, device, torch.float32, SEED)
     opt = build_optimizer(engine.model_parts, OptimizerConfig())
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
