@@ -124,6 +124,53 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def measure_layouts(config: str, layouts: list[str], steps: int = 5, warmup: int = 2,
+                    overrides: list[str] | None = None, timeout_s: float = 900.0) -> list[dict]:
+    """Run each layout as its own ``torchrun`` job; returns rank 0's measurement per layout.
+
+    A layout that fails (bad shape for this model, a crash) gives ``{"layout", "error"}``
+    instead of a measurement, so the other layouts still report.
+    """
+    import subprocess
+    script = os.path.abspath(__file__)
+    out = []
+    for layout in layouts:
+        try:
+            _, world = layout_overrides(layout)
+        except ValueError as e:
+            out.append({"layout": layout, "error": str(e)})
+            continue
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               script, "--config", config, "--layout", layout, "--steps", str(steps),
+               "--warmup", str(warmup), *(overrides or [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "PYTHONPATH": ROOT})
+        except subprocess.TimeoutExpired:
+            out.append({"layout": layout, "error": f"timed out after {timeout_s:.0f}s"})
+            continue
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            out.append(json.loads(lines[-1][len("RESULT "):]))
+        else:
+            errs = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+            tail = errs[-1] if errs else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            out.append({"layout": layout, "error": f"exit {proc.returncode}: {tail}"})
+    return out
+
+
+def format_layouts(results: list[dict]) -> str:
+    """A plain-text table: layout, ranks, tokens/s, tokens/s per rank, step time."""
+    rows = [f"{'layout':<12} {'ranks':>5} {'tokens/s':>10} {'tok/s/rank':>10} {'step s':>8}"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"{r['layout']:<12} error: {r['error']}")
+        else:
+            rows.append(f"{r['layout']:<12} {r['world_size']:>5} {r['tokens_per_s']:>10.0f} "
+                        f"{r['tokens_per_s'] / r['world_size']:>10.0f} {r['step_s']:>8.2f}")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Throughput of one parallel layout (run under torchrun).")
     p.add_argument("--config", required=True, help="Run config YAML.")
