@@ -334,7 +334,7 @@ def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple,
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, workers: int = 1,
                json_key: str = "text", text_unit: str = "paragraph", strict: bool = False,
-               show_progress: bool = False, chunk_bytes: int = 1 << 20) -> Summary:
+               show_progress: bool = False, chunk_bytes: int = 1 << 18) -> Summary:
     """Tokenize ``inputs`` into ``output_prefix.{bin,idx,summary.json}``; return the summary.
 
     Outputs are written to temporary names and renamed at the end, so a failed run

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one document of a plain-text file: a blank-line separated paragraph, a line, "
                         "or the whole file")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed document")
-    p.add_argument("--chunk-mb", type=float, default=1.0, help="input MB handed to a worker at once")
+    p.add_argument("--chunk-mb", type=float, default=0.25, help="input MB handed to a worker at once")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
