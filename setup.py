@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56"],
+        # Hugging Face tokenizer directories and checkpoint conversion
+        "hf": ["transformers>=4.56"],
         "te": ["transformer-engine[pytorch]>=2.0"],
     },
 )

@@ -33,7 +33,8 @@ class DataConfig:
     reset_attention_mask: bool = field(default=False, metadata=doc(
         "Document-level attention masking: tokens attend only within their document."))
     eod_mask_loss: bool = field(default=False, metadata=doc(
-        "Exclude the loss on end-of-document targets."))
+        "Exclude the loss where the input token is end-of-document (the prediction across a "
+        "document boundary), as Megatron does; predicting the end token itself is still trained."))
     prefetch: int = field(default=2, metadata=doc(
         "Global steps of batches prepared ahead by a background thread (0 disables)."))
 
