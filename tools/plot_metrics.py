@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Plot a run's training curves: loss (and eval loss), learning rate, throughput.
+
+Reads the metrics JSONL a run writes (one JSON object per line with
+``iteration``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ...;
+evaluation lines may carry ``eval_loss``) and renders a PNG with matplotlib's
+Agg backend (no display needed).
+
+Usage::
+
+    python tools/plot_metrics.py runs/my-run                # -> runs/my-run/metrics.png
+    python tools/plot_metrics.py runs/my-run/metrics.jsonl --output curves.png
+
+A missing file, an empty file or a malformed line prints ``error: ...`` naming the
+file (and line) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+#: (metric key, panel title, y-axis label) for each panel after the loss panel.
+PANELS = [("lr", "Learning rate", "lr"),
+          ("tokens_per_s", "Throughput", "tokens/s"),
+          ("grad_norm", "Gradient norm", "grad norm")]
+
+
+class MetricsError(ValueError):
+    """A metrics file that cannot be plotted; the message names the file and line."""
+
+
+def resolve_paths(source: str, output: Optional[str]) -> tuple[str, str]:
+    """(jsonl path, png path) for a run directory or a JSONL file."""
+    if os.path.isdir(source):
+        jsonl = os.path.join(source, METRICS_FILE)
+        png = output or os.path.join(source, "metrics.png")
+    else:
+        jsonl = source
+        png = output or os.path.join(os.path.dirname(source) or ".", "metrics.png")
+    if not os.path.isfile(jsonl):
+        raise MetricsError(f"metrics file not found: {jsonl}")
+    return jsonl, png
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Parse every non-blank line of ``path`` into a dict with a numeric ``iteration``."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetricsError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise MetricsError(f"{path}, line {lineno}: expected a JSON object, "
+                                   f"got {type(rec).__name__}")
+            if not _is_number(rec.get("iteration")):
+                raise MetricsError(f"{path}, line {lineno}: missing numeric 'iteration'")
+            records.append(rec)
+    if not records:
+        raise MetricsError(f"{path}: no metrics lines (empty file)")
+    return records
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(iterations, values) of the records that carry a finite number under ``key``."""
+    pts = [(r["iteration"], r[key]) for r in records if _is_number(r.get(key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot(records: list[dict], png: str, title: str = "") -> list[str]:
+    """Render the panels present in ``records`` to ``png``; returns the keys plotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "Loss", "loss")] + [p for p in PANELS if series(records, p[0])[0]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True,
+                             squeeze=False)
+    plotted = []
+    for ax, (key, name, ylabel) in zip(axes[:, 0], panels):
+        x, y = series(records, key)
+        if x:
+            ax.plot(x, y, lw=1.2, label="train" if key == "loss" else None)
+            plotted.append(key)
+        if key == "loss":
+            ex, ey = series(records, "eval_loss")
+            if ex:
+                ax.plot(ex, ey, "o-", ms=4, lw=1.2, label="eval")
+                plotted.append("eval_loss")
+            if plotted:
+                ax.legend(loc="upper right")
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("iteration")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return plotted
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Plot loss / lr / throughput curves of a run.")
+    p.add_argument("source", help="Run directory (holding metrics.jsonl) or a metrics JSONL file.")
+    p.add_argument("--output", help="PNG path (default: <run_dir>/metrics.png).")
+    args = p.parse_args(argv)
+    try:
+        jsonl, png = resolve_paths(args.source, args.output)
+        records = read_metrics(jsonl)
+    except (MetricsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(jsonl)))
+    plotted = plot(records, png, title=run_name)
+    print(f"wrote {png} ({len(records)} lines; {', '.join(plotted) or 'no curves'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
