@@ -25,6 +25,10 @@ Usage::
     python tools/benchmark.py --config launch/configs/bench-cpu.yaml --compare-hf \
         --json bench.json [--steps 5] [--warmup 1] [--repeats 3] [section.key=value ...]
 
+With ``--layouts tp2,pp2,pp2-vs2,fsdp2,tp2-pp2,hsdp2x2`` each parallel layout runs as
+its own ``torchrun`` job of ``parallel/bench_layout.py`` on the same config and global
+batch, and tokens/s per layout are reported (see docs/parallelism.md for the names).
+
 Bad config paths or keys print ``error: ...`` and exit with status 2.
 """
 from __future__ import annotations
@@ -294,6 +298,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per repeat.")
     p.add_argument("--warmup", type=int, default=1, help="Untimed steps before each repeat.")
     p.add_argument("--repeats", type=int, default=3, help="Repeats per side; medians are reported.")
+    p.add_argument("--layouts", help="Comma-separated parallel layouts (e.g. tp2,pp2,fsdp2,tp2-pp2): "
+                   "run each under torchrun and report tokens/s per layout.")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides.")
     args = p.parse_args(argv)
     for k in ("steps", "repeats"):
@@ -325,6 +331,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.layouts:
+        from parallel.bench_layout import format_layouts, measure_layouts
+        rows = measure_layouts(args.config, args.layouts.split(","), args.steps, args.warmup, args.overrides)
+        print(format_layouts(rows))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"config": os.path.abspath(args.config), "layouts": rows}, f, indent=2)
+        return 0 if all("error" not in r for r in rows) else 1
     if args.compare_hf:
         res = compare_hf(cfg, args.steps, args.warmup, args.repeats)
     else:
