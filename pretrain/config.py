@@ -127,8 +127,8 @@ class LoggingConfig:
     tensorboard: bool = field(default=False, metadata=doc("Also write tensorboard event files."))
     progress_bar: bool = field(default=True, metadata=doc("Progress bar with ETA when stdout is a terminal."))
     peak_tflops: float = field(default=0.0, metadata=doc(
-        "Per-device peak TFLOP/s for MFU; 0 picks a default by device and dtype "
-        "(H100 bf16 989, CPU fp32 0.3)."))
+        "Per-process peak TFLOP/s for MFU; 0 picks a default: H100 bf16 989 / fp32 67 on GPU, "
+        "0.15 per thread on CPU (the CI machine's measured fp32 matmul peak)."))
 
     def validate(self) -> None:
         if self.peak_tflops < 0:

@@ -16,15 +16,21 @@ import torch
 
 from pretrain.config import LoggingConfig, RunConfig
 
-#: Default per-device peak TFLOP/s for MFU when logging.peak_tflops is 0.
-DEFAULT_PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0,
-                       ("cpu", "bf16"): 0.3, ("cpu", "fp32"): 0.3}
+#: Default per-device peak TFLOP/s for MFU when logging.peak_tflops is 0: H100 SXM
+#: dense bf16 / fp32 (non-tensor-core) figures.
+DEFAULT_PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}
+#: CPU fp32 matmul peak per thread, measured on the 2-core CI machine (about 0.3
+#: TFLOP/s on 2 threads, shared/DESIGN.md); a process's peak scales with its threads.
+CPU_PEAK_TFLOPS_PER_THREAD = 0.15
 
 
 def peak_flops(cfg: LoggingConfig, device: torch.device, dtype_name: str) -> float:
-    """Per-device peak FLOP/s used as the MFU denominator."""
-    tflops = cfg.peak_tflops or DEFAULT_PEAK_TFLOPS.get((device.type, dtype_name), 1.0)
-    return tflops * 1e12
+    """Per-process peak FLOP/s used as the MFU denominator (``logging.peak_tflops`` wins)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cpu":
+        return CPU_PEAK_TFLOPS_PER_THREAD * torch.get_num_threads() * 1e12
+    return DEFAULT_PEAK_TFLOPS.get((device.type, dtype_name), 989.0) * 1e12
 
 
 def peak_memory_bytes(device: torch.device) -> int:
