@@ -20,7 +20,22 @@ from data.errors import DataError
 INSTRUCTION_MARKERS: tuple[str, ...] = ("<INST>", "</INST>", "<RESP>", "</RESP>")
 
 
-class SentencePieceTokenizer:
+class _MegatronAttrs:
+    """Attributes megatron-core's GPTDataset reads from a tokenizer."""
+    path: str
+    vocab_size: int
+    eod_id: int
+
+    @property
+    def eod(self) -> int:
+        return self.eod_id
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
+
+
+class SentencePieceTokenizer(_MegatronAttrs):
     """A SentencePiece ``.model`` file; end-of-document is its ``</s>`` (eos) piece."""
 
     def __init__(self, path: str) -> None:
@@ -48,17 +63,8 @@ class SentencePieceTokenizer:
         """Text of a token id sequence."""
         return self._sp.decode([int(i) for i in ids])
 
-    # --- attributes read by megatron-core's GPTDataset -------------------------------
-    @property
-    def eod(self) -> int:
-        return self.eod_id
 
-    @property
-    def unique_identifiers(self) -> dict:
-        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
-
-
-class HFTokenizer:
+class HFTokenizer(_MegatronAttrs):
     """A Hugging Face tokenizer directory (``tokenizer.json`` etc.), loaded offline."""
 
     def __init__(self, path: str) -> None:
@@ -90,14 +96,6 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a token id sequence."""
         return self._tok.decode([int(i) for i in ids])
-
-    @property
-    def eod(self) -> int:
-        return self.eod_id
-
-    @property
-    def unique_identifiers(self) -> dict:
-        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
 
 
 Tokenizer = SentencePieceTokenizer | HFTokenizer
