@@ -1,9 +1,10 @@
 """The pre-training loop.
 
-``Trainer(cfg, rank, world_size, local_rank, backend).run()`` runs one job: validate the layout against the world size,
-create the process group and mesh, build data, model engine and optimizer,
-resume if a checkpoint exists, then step until ``training.iterations``, logging,
-evaluating and checkpointing on their intervals. SIGTERM / SIGUSR1 make every
+``Trainer(cfg, rank, world_size, local_rank, backend).run()`` runs one job:
+validate the layout against the world size, create the process group and mesh,
+build data, model engine and optimizer, resume if a checkpoint exists, then step
+until ``training.iterations``, logging, evaluating and checkpointing on their
+intervals. SIGTERM / SIGUSR1 make every
 rank finish its step, save, and return :data:`EXIT_REQUEUE`.
 """
 from __future__ import annotations
