@@ -60,7 +60,10 @@ def test_hostlists_and_tasks_per_node():
 
 def test_export_env_round_trips(monkeypatch):
     for k in TORCHRUN:
-        monkeypatch.delenv(k, raising=False)
+        # setenv first so monkeypatch restores the variable's absence afterwards;
+        # export_env writes os.environ directly and must not leak into later tests.
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     e = LaunchEnv(1, 0, 2, 1, "10.0.0.1", 23456, "srun")
     export_env(e)
     assert {k: os.environ[k] for k in TORCHRUN} == {

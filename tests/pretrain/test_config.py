@@ -69,8 +69,13 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(write(tmp_path, "- 1\n- 2\n"), [])
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_launcher(*args, timeout=120):
-    env = dict(os.environ, WANDB_MODE="disabled")
+    """launch/pretrain.py as a single process, whatever launch variables this shell has."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env["WANDB_MODE"] = "disabled"
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
