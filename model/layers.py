@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention_kernels import causal_attention
 from model.config import ModelConfig
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
@@ -138,7 +139,7 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
         n_rep = q.shape[1] // k.shape[1]
         if inp.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+            y = causal_attention(q, k, v)                    # (B, Hq, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=inp.mask, enable_gqa=n_rep > 1)
         y = y.transpose(1, 2).reshape(B, T, -1)              # (B, T, Hq*hd)

@@ -1,4 +1,4 @@
-"""Activation checkpointing and per-block ``torch.compile``.
+"""Activation checkpointing, per-block ``torch.compile`` and the compiled loss.
 
 Both act on each block's ``forward`` in place (no wrapper modules), so parameter
 FQNs stay ``layers.<i>.…`` in every layout and checkpoints load across them.
@@ -19,7 +19,9 @@ the run without checkpointing.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -48,6 +50,16 @@ def apply_activation_checkpointing(model: nn.Module, policy: str) -> int:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block separately (same graph for every block, compiled once)."""
+    """``torch.compile`` each block separately (same graph for every block, compiled once),
+    and the final norm when this part has it."""
     for block in model.layers.values():
         block.compile()
+    if getattr(model, "norm", None) is not None:
+        model.norm.compile()
+
+
+def compiled_loss(loss_fn: Callable) -> Callable:
+    """``loss_fn`` compiled as one graph, so log-softmax, the label gather and their backward
+    fuse (eager writes a full (B*T, V) log-prob tensor and zero-fills a full-size gradient).
+    For plain tensors only: vocab-sharded DTensor logits (``loss_parallel``) stay eager."""
+    return torch.compile(loss_fn)

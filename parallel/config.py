@@ -33,7 +33,9 @@ class ParallelConfig:
     fsdp_reshard_after_forward: Literal["auto", "always", "never"] = field(default="auto", metadata=doc(
         "Free gathered FSDP parameters after forward: auto = yes without pipelining, no with it "
         "(each stage runs several micro-batch forwards before their backwards)."))
-    compile: bool = field(default=False, metadata=doc("torch.compile each block (no gain on CPU)."))
+    compile: bool = field(default=False, metadata=doc(
+        "torch.compile each block and the loss (fuses norms, RoPE, SwiGLU and softmax passes; "
+        "costs 20-40 s of compilation at start on 2 CPU cores; see docs/benchmarks.md)."))
     backend: Literal["auto", "gloo", "nccl"] = field(default="auto", metadata=doc(
         "Process-group backend; auto picks nccl with GPUs and gloo without."))
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.transformer import Transformer, cross_entropy
-from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile
+from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
 from parallel.config import ParallelConfig
 from parallel.mesh import LayoutError, ParallelDims
 
@@ -82,7 +82,8 @@ class TrainEngine:
     """Non-pipelined engine: one model part, micro-batches run one after another."""
 
     def __init__(self, model_parts: list[nn.Module], dims: ParallelDims, mesh, device: torch.device,
-                 dtype: torch.dtype, sequence_parallel: bool = False, fsdp: bool = False):
+                 dtype: torch.dtype, sequence_parallel: bool = False, fsdp: bool = False,
+                 compile_loss: bool = False):
         self.model_parts = model_parts
         self.model = model_parts[0]
         self.dims = dims
@@ -92,6 +93,8 @@ class TrainEngine:
         self.sequence_parallel = sequence_parallel and dims.tp > 1
         self.fsdp = fsdp
         self.is_last_stage = True
+        # logits are plain tensors unless tp shards the vocabulary (then loss_parallel, eager)
+        self.loss_fn = compiled_loss(cross_entropy) if compile_loss and dims.tp == 1 else cross_entropy
 
     # ------------------------------------------------------------ helpers
 
@@ -123,7 +126,7 @@ class TrainEngine:
         tokens, kwargs, labels = self._inputs(mb)
         with self._amp():
             logits = self.model(tokens, **kwargs)                      # (B, T, V), maybe vocab-sharded
-        return cross_entropy(logits, labels)
+        return self.loss_fn(logits, labels)
 
     def _set_grad_sync(self, enabled: bool) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):
@@ -197,8 +200,8 @@ class PipelineEngine(TrainEngine):
 
     def __init__(self, model_parts: list[nn.Module], stage_indices: list[int], dims: ParallelDims,
                  mesh, device: torch.device, dtype: torch.dtype, schedule: str,
-                 sequence_parallel: bool = False, fsdp: bool = False):
-        super().__init__(model_parts, dims, mesh, device, dtype, sequence_parallel, fsdp)
+                 sequence_parallel: bool = False, fsdp: bool = False, compile_loss: bool = False):
+        super().__init__(model_parts, dims, mesh, device, dtype, sequence_parallel, fsdp, compile_loss)
         self.stage_indices = stage_indices
         self.schedule_name = schedule
         self.pp_group = mesh["pp"].get_group()
@@ -223,7 +226,7 @@ class PipelineEngine(TrainEngine):
 
             def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                 # the schedule sums micro-batch losses: divide so the sum is their mean
-                return cross_entropy(logits, labels) / n
+                return self.loss_fn(logits, labels) / n
 
             cls = schedule_class(self.schedule_name, self.dims.virtual_stages)
             single = self.dims.virtual_stages == 1 and cls.__name__ != "ScheduleInterleaved1F1B"
@@ -332,5 +335,6 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
         materialize(part, device, seed)
     sp = pcfg.sequence_parallel
     if dims.pp > 1:
-        return PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp)
-    return TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp)
+        return PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp,
+                              pcfg.compile)
+    return TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile)

@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Training-throughput benchmark: tokens/s, MFU and peak memory of a run config.
 
-Runs the project's real training step (``build_model`` + ``build_optimizer``,
-forward, ``cross_entropy``, backward, ``clip_grad_norm_``, ``optimizer.step``,
-``zero_grad(set_to_none=True)``) on random token batches of the config's
-``data.seq_len`` x ``training.micro_batch_size``; no data files are read.
+Runs the trainer's own step in one process (``build_engine`` + ``build_optimizer``,
+so ``parallel.compile`` and ``parallel.activation_checkpoint`` apply; forward,
+loss, backward, gradient clipping, AdamW, ``zero_grad(set_to_none=True)``) on
+random token batches of the config's ``data.seq_len`` x
+``training.micro_batch_size``; no data files are read.
 
 With ``--compare-hf`` the same shape is trained with Hugging Face
 ``LlamaForCausalLM`` (built offline from a ``LlamaConfig``, sdpa attention, no
 dropout, the same AdamW groups and fused/foreach choice) in the same process.
 Runs alternate (ours, HF, ours, HF, ...) ``--repeats`` times so that drift of the
 machine (thermal, other load) hits both sides alike; each side reports its median.
+``--hf-compile`` wraps the Hugging Face model (loss included) in ``torch.compile``.
 
 MFU = tokens/s * ``cfg.model.flops_per_token(seq_len)`` / peak FLOP/s. The peak
 is ``logging.peak_tflops`` when set, otherwise measured here: the best of several
@@ -23,7 +25,8 @@ gradients, optimizer state, activations and allocator slack, as the OS sees it.
 Usage::
 
     python tools/benchmark.py --config launch/configs/bench-cpu.yaml --compare-hf \
-        --json bench.json [--steps 5] [--warmup 1] [--repeats 3] [section.key=value ...]
+        --json bench.json [--hf-compile] [--steps 5] [--warmup 1] [--repeats 3] \
+        [section.key=value ...]
 
 With ``--layouts tp2,pp2,pp2-vs2,fsdp2,tp2-pp2,hsdp2x2`` each parallel layout runs as
 its own ``torchrun`` job of ``parallel/bench_layout.py`` on the same config and global
@@ -50,7 +53,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from model.transformer import build_model, cross_entropy  # noqa: E402
+from parallel.engine import build_engine  # noqa: E402
+from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.configlib import ConfigError  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
@@ -142,11 +146,23 @@ def make_step(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], 
 
 
 def polytron_step(cfg: RunConfig, device: torch.device) -> Step:
-    """The project's own training step on ``build_model(cfg.model)``."""
-    model = build_model(cfg.model, device=device, seed=cfg.training.seed)
-    model.train()
-    return make_step(model, lambda tokens, labels: cross_entropy(model(tokens), labels),
-                     cfg, device)
+    """The trainer's own step, single process: ``build_engine`` (so ``parallel.compile`` and
+    ``parallel.activation_checkpoint`` apply), ``forward_backward``, ``clip_grad_norm_``,
+    AdamW ``step``, ``zero_grad(set_to_none=True)``."""
+    dims = ParallelDims.resolve(cfg.parallel, cfg.model, 1)
+    engine = build_engine(cfg.model, cfg.parallel, dims, None, device, compute_dtype(cfg, device),
+                          cfg.training.seed)
+    optimizer = build_optimizer(engine.model_parts, cfg.optimizer)
+    tokens, labels = random_batch(cfg, device, cfg.training.seed)
+    batch = [{"tokens": tokens, "labels": labels}]
+
+    def step() -> None:
+        engine.forward_backward(batch)
+        engine.clip_grad_norm_(cfg.optimizer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def hf_llama(cfg: RunConfig, device: torch.device) -> nn.Module:
@@ -166,16 +182,18 @@ def hf_llama(cfg: RunConfig, device: torch.device) -> nn.Module:
     return LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
 
 
-def hf_step(cfg: RunConfig, device: torch.device) -> Step:
+def hf_step(cfg: RunConfig, device: torch.device, compile_model: bool = False) -> Step:
     """The same training step on Hugging Face ``LlamaForCausalLM`` with its own loss.
 
     ``shift_labels`` hands HF our already-shifted labels, so both sides predict the
-    same B x T targets through HF's standard ``ForCausalLMLoss``.
+    same B x T targets through HF's standard ``ForCausalLMLoss``. ``compile_model``
+    wraps the whole model, loss included, in ``torch.compile`` (``--hf-compile``).
     """
     model = hf_llama(cfg, device)
+    forward = torch.compile(model) if compile_model else model
 
     def loss_of(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=tokens, labels=labels, shift_labels=labels, use_cache=False).loss
+        return forward(input_ids=tokens, labels=labels, shift_labels=labels, use_cache=False).loss
 
     return make_step(model, loss_of, cfg, device)
 
@@ -254,13 +272,14 @@ def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int = 1,
     return {**summarize(ours, cfg, peak_flops), **environment(cfg, device, peak_flops, source)}
 
 
-def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int) -> dict:
+def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int,
+               hf_compile: bool = False) -> dict:
     """Ours and Hugging Face alternating ``repeats`` times; medians and their ratio."""
     device = pick_device(cfg)
     peak_flops, source = resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
     ours.run(steps, warmup)              # ours' peak memory is recorded before HF exists
-    hf = Runner("hf", hf_step, cfg, device)
+    hf = Runner("hf", lambda c, d: hf_step(c, d, hf_compile), cfg, device)
     hf.run(steps, warmup)
     for _ in range(repeats - 1):
         ours.run(steps, warmup)
@@ -270,6 +289,7 @@ def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int) -> dict:
     result.update({"hf_tokens_per_s": hf_sum["tokens_per_s"], "hf_mfu": hf_sum["mfu"],
                    "hf_runs_tokens_per_s": hf_sum["runs_tokens_per_s"],
                    "hf_peak_memory_bytes": hf_sum["peak_memory_bytes"] if device.type == "cuda" else None,
+                   "hf_compiled": hf_compile,
                    "ratio": result["tokens_per_s"] / hf_sum["tokens_per_s"]})
     result.update(environment(cfg, device, peak_flops, source))
     return result
@@ -282,6 +302,7 @@ def environment(cfg: RunConfig, device: torch.device, peak_flops: float, source:
             "device": device.type, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "dtype": str(compute_dtype(cfg, device)).replace("torch.", ""),
             "seq_len": cfg.data.seq_len, "micro_batch_size": cfg.training.micro_batch_size,
+            "compiled": cfg.parallel.compile,
             "loadavg_1m": os.getloadavg()[0],   # > 0.5 or so on 2 cores: other work competed
             "memory_measure": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                else "ru_maxrss growth (KiB * 1024) over the model's first run")}
@@ -294,6 +315,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="Run config YAML.")
     p.add_argument("--compare-hf", action="store_true",
                    help="Also train Hugging Face LlamaForCausalLM of the same shape, alternating.")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="With --compare-hf: torch.compile the Hugging Face model (loss included).")
     p.add_argument("--json", help="Write the results to this JSON file.")
     p.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per repeat.")
     p.add_argument("--warmup", type=int, default=1, help="Untimed steps before each repeat.")
@@ -316,10 +339,13 @@ def report(res: dict) -> str:
              f"{res['dtype']}, batch {res['micro_batch_size']} x seq {res['seq_len']}, "
              f"load average {res['loadavg_1m']:.2f}",
              f"peak {res['peak_tflops'] * 1e3:.1f} GFLOP/s ({res['peak_source']})",
-             f"polytron: {res['tokens_per_s']:.1f} tokens/s, MFU {100 * res['mfu']:.1f}%, "
+             f"polytron ({'compiled' if res['compiled'] else 'eager'}): "
+             f"{res['tokens_per_s']:.1f} tokens/s, MFU {100 * res['mfu']:.1f}%, "
              f"peak memory {res['peak_memory_bytes'] / 2**20:.0f} MiB"]
     if "ratio" in res:
-        lines.append(f"hf llama: {res['hf_tokens_per_s']:.1f} tokens/s, MFU {100 * res['hf_mfu']:.1f}%")
+        kind = "compiled" if res["hf_compiled"] else "eager"
+        lines.append(f"hf llama ({kind}): {res['hf_tokens_per_s']:.1f} tokens/s, "
+                     f"MFU {100 * res['hf_mfu']:.1f}%")
         lines.append(f"ratio polytron / hf: {res['ratio']:.3f}")
     return "\n".join(lines)
 
@@ -340,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 json.dump({"config": os.path.abspath(args.config), "layouts": rows}, f, indent=2)
         return 0 if all("error" not in r for r in rows) else 1
     if args.compare_hf:
-        res = compare_hf(cfg, args.steps, args.warmup, args.repeats)
+        res = compare_hf(cfg, args.steps, args.warmup, args.repeats, args.hf_compile)
     else:
         res = measure(cfg, args.steps, args.warmup, args.repeats)
     res["config"] = os.path.abspath(args.config)
