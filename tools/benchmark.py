@@ -57,6 +57,7 @@ from parallel.engine import build_engine  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.configlib import ConfigError  # noqa: E402
+from pretrain.host import keep_freed_memory  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 
 Step = Callable[[], None]
@@ -212,6 +213,14 @@ def time_steps(step: Step, steps: int, warmup: int, device: torch.device) -> flo
 
 # ---------------------------------------------------------------- measurements
 
+def host_setup(cfg: RunConfig, device: torch.device) -> bool:
+    """The trainer's process setup: on CPU, ``keep_freed_memory`` (``training.keep_freed_memory``).
+
+    Process-wide, so with ``--compare-hf`` the Hugging Face side runs under it too.
+    """
+    return device.type == "cpu" and cfg.training.keep_freed_memory and keep_freed_memory()
+
+
 def resolve_peak(cfg: RunConfig, device: torch.device) -> tuple[float, str]:
     """Peak FLOP/s for MFU and where it came from (config or measured)."""
     if cfg.logging.peak_tflops > 0:
@@ -265,6 +274,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int = 1,
     This is the unit a per-layout benchmark calls once per parallel layout.
     """
     device = pick_device(cfg)
+    host_setup(cfg, device)
     peak_flops, source = peak or resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
     for _ in range(repeats):
@@ -276,6 +286,7 @@ def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int,
                hf_compile: bool = False) -> dict:
     """Ours and Hugging Face alternating ``repeats`` times; medians and their ratio."""
     device = pick_device(cfg)
+    host_setup(cfg, device)
     peak_flops, source = resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
     ours.run(steps, warmup)              # ours' peak memory is recorded before HF exists
@@ -303,6 +314,7 @@ def environment(cfg: RunConfig, device: torch.device, peak_flops: float, source:
             "torch": torch.__version__, "dtype": str(compute_dtype(cfg, device)).replace("torch.", ""),
             "seq_len": cfg.data.seq_len, "micro_batch_size": cfg.training.micro_batch_size,
             "compiled": cfg.parallel.compile,
+            "keep_freed_memory": device.type == "cpu" and cfg.training.keep_freed_memory,
             "loadavg_1m": os.getloadavg()[0],   # > 0.5 or so on 2 cores: other work competed
             "memory_measure": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                else "ru_maxrss growth (KiB * 1024) over the model's first run")}
