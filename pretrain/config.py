@@ -89,7 +89,8 @@ class TrainingConfig:
     keep_freed_memory: bool = field(default=True, metadata=doc(
         "On CPU, have glibc malloc keep freed memory for reuse instead of returning it to "
         "the kernel, so each step does not page-fault its activations in again "
-        "(pretrain/host.py; ~4-10% faster on bench-cpu)."))
+        "(pretrain/host.py; 4-8% faster on bench-cpu, at the cost of a resident set that "
+        "does not shrink and may grow by heap fragmentation: off where host memory is tight)."))
     name: str = field(default="", metadata=doc("Run name (wandb, output dir); empty = config file stem."))
 
     def validate(self) -> None:

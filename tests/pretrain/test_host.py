@@ -10,7 +10,7 @@ from pretrain.host import keep_freed_memory
 # A training-like loop whose activations and gradients are 64 MiB each: count the minor
 # page faults of its steady-state steps. By default glibc maps those blocks afresh every
 # step (about 130k faults of 4 KiB pages per step here); with the setting the freed
-# blocks are reused and no page is faulted in again.
+# blocks are reused and most steps fault no page in.
 PROBE = textwrap.dedent("""
     import resource, sys, torch
     from pretrain.host import keep_freed_memory
@@ -23,25 +23,31 @@ PROBE = textwrap.dedent("""
         lin(x).relu().square().mean().backward()
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step(); step()
-    before = faults()
-    for _ in range(3):
+    for _ in range(10):
         step()
-    print((faults() - before) // 3)
+    per_step = []
+    for _ in range(20):
+        before = faults()
+        step()
+        per_step.append(faults() - before)
+    print(*per_step)
 """)
 
 
-def faults(mode: str) -> int:
+def step_faults(mode: str) -> list[int]:
+    """Minor page faults of each of 20 steps after 10 warm-up steps."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                          timeout=120, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return [int(n) for n in out.stdout.strip().splitlines()[-1].split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    default, kept = faults("default"), faults("keep")
-    assert default > 16384, default         # at least one fresh 64 MiB block per step
-    assert kept < 1000, kept
+    default, kept = step_faults("default"), step_faults("keep")
+    assert min(default) > 16384, default    # every step maps at least one fresh 64 MiB block
+    # With the setting the heap still grows now and then (a 64 MiB block that does not fit
+    # the free space left: 16384 faults; fragmentation), but no longer every step.
+    assert sum(kept) < sum(default) / 10, (kept, default)
 
 
 def test_keep_freed_memory_is_idempotent():
