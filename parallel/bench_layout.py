@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     from parallel.engine import build_engine
     from parallel.mesh import ParallelDims
     from pretrain.config import load_config
-    from pretrain.host import keep_freed_memory
+    from pretrain.host import setup_host
     from pretrain.optim import build_optimizer
 
     over, _ = layout_overrides(args.layout)
@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        if cfg.training.keep_freed_memory:
-            keep_freed_memory()                # as the trainer does on CPU
+    setup_host(device, cfg.training)           # as the trainer does
     if world > 1:
         if cuda:
             torch.cuda.set_device(device)

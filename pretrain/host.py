@@ -17,6 +17,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import torch
+
+from pretrain.config import TrainingConfig
+
 #: glibc ``mallopt`` parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -52,3 +56,12 @@ def keep_freed_memory() -> bool:
     ok_mmap = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     ok_trim = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return ok_mmap and ok_trim
+
+
+def setup_host(device: torch.device, training: TrainingConfig) -> bool:
+    """The process settings of a training process on ``device``; whether any took effect.
+
+    On CPU with ``training.keep_freed_memory``: :func:`keep_freed_memory`. The trainer and
+    both benchmarks call this, so they measure the process the trainer runs in.
+    """
+    return device.type == "cpu" and training.keep_freed_memory and keep_freed_memory()

@@ -25,7 +25,7 @@ from parallel.engine import build_engine
 from parallel.mesh import ParallelDims
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig
-from pretrain.host import keep_freed_memory
+from pretrain.host import setup_host
 from pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
 from pretrain.optim import build_optimizer, lr_at, set_lr
 
@@ -114,8 +114,7 @@ class Trainer:
         self.dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
         self.device = pick_device(cfg, local_rank)
         self.dtype, self.dtype_name = pick_dtype(cfg, self.device)
-        if self.device.type == "cpu" and cfg.training.keep_freed_memory:
-            keep_freed_memory()
+        setup_host(self.device, cfg.training)
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
         self.mesh = self.dims.build_mesh(self.device.type) if world_size > 1 else None

@@ -57,7 +57,7 @@ from parallel.engine import build_engine  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.configlib import ConfigError  # noqa: E402
-from pretrain.host import keep_freed_memory  # noqa: E402
+from pretrain.host import setup_host  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 
 Step = Callable[[], None]
@@ -213,14 +213,6 @@ def time_steps(step: Step, steps: int, warmup: int, device: torch.device) -> flo
 
 # ---------------------------------------------------------------- measurements
 
-def host_setup(cfg: RunConfig, device: torch.device) -> bool:
-    """The trainer's process setup: on CPU, ``keep_freed_memory`` (``training.keep_freed_memory``).
-
-    Process-wide, so with ``--compare-hf`` the Hugging Face side runs under it too.
-    """
-    return device.type == "cpu" and cfg.training.keep_freed_memory and keep_freed_memory()
-
-
 #: ``peak_source`` of a peak measured in the run (re-measured between repeats, best kept).
 MEASURED = "measured torch.mm 2048^3, best over the run"
 
@@ -289,21 +281,21 @@ def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int = 1,
     This is the unit a per-layout benchmark calls once per parallel layout.
     """
     device = pick_device(cfg)
-    host_setup(cfg, device)
+    kept = setup_host(device, cfg.training)
     peak_flops, source = peak or resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
     for _ in range(repeats):
         ours.run(steps, warmup)
         if peak is None:
             peak_flops = best_peak(cfg, device, peak_flops, source)
-    return {**summarize(ours, cfg, peak_flops), **environment(cfg, device, peak_flops, source)}
+    return {**summarize(ours, cfg, peak_flops), **environment(cfg, device, peak_flops, source, kept)}
 
 
 def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int,
                hf_compile: bool = False) -> dict:
     """Ours and Hugging Face alternating ``repeats`` times; medians and their ratio."""
     device = pick_device(cfg)
-    host_setup(cfg, device)
+    kept = setup_host(device, cfg.training)  # process-wide: the HF side runs under it too
     peak_flops, source = resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
     ours.run(steps, warmup)              # ours' peak memory is recorded before HF exists
@@ -321,11 +313,12 @@ def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int,
                    "hf_peak_memory_bytes": hf_sum["peak_memory_bytes"] if device.type == "cuda" else None,
                    "hf_compiled": hf_compile,
                    "ratio": result["tokens_per_s"] / hf_sum["tokens_per_s"]})
-    result.update(environment(cfg, device, peak_flops, source))
+    result.update(environment(cfg, device, peak_flops, source, kept))
     return result
 
 
-def environment(cfg: RunConfig, device: torch.device, peak_flops: float, source: str) -> dict:
+def environment(cfg: RunConfig, device: torch.device, peak_flops: float, source: str,
+                keep_freed_memory: bool) -> dict:
     """What the numbers were measured on."""
     return {"peak_tflops": peak_flops / 1e12, "peak_source": source,
             "flops_per_token": cfg.model.flops_per_token(cfg.data.seq_len),
@@ -333,7 +326,7 @@ def environment(cfg: RunConfig, device: torch.device, peak_flops: float, source:
             "torch": torch.__version__, "dtype": str(compute_dtype(cfg, device)).replace("torch.", ""),
             "seq_len": cfg.data.seq_len, "micro_batch_size": cfg.training.micro_batch_size,
             "compiled": cfg.parallel.compile,
-            "keep_freed_memory": device.type == "cpu" and cfg.training.keep_freed_memory,
+            "keep_freed_memory": keep_freed_memory,   # whether the malloc setting took effect
             "loadavg_1m": os.getloadavg()[0],   # > 0.5 or so on 2 cores: other work competed
             "memory_measure": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                else "ru_maxrss growth (KiB * 1024) over the model's first run")}
