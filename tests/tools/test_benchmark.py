@@ -65,3 +65,15 @@ def test_bad_config_exits_2(tiny_config, capsys, args, needle):
     assert bench.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err
+
+
+def test_layouts_each_run_under_torchrun(tiny_config):
+    """--layouts: each layout is its own torchrun job (free port via --standalone, timeout);
+    an unknown layout reports an error row instead of stopping the others."""
+    from parallel.bench_layout import measure_layouts
+    res = measure_layouts(tiny_config, ["single", "fsdp2", "nosuch3"], steps=1, warmup=0,
+                          timeout_s=300)
+    by = {r["layout"]: r for r in res}
+    assert by["single"]["world_size"] == 1 and by["single"]["tokens_per_s"] > 0
+    assert by["fsdp2"]["world_size"] == 2 and by["fsdp2"]["tokens_per_s"] > 0
+    assert "error" in by["nosuch3"] and "nosuch3" in by["nosuch3"]["error"]
