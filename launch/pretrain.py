@@ -43,7 +43,7 @@ def run(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from data import DataError
-    from parallel.env import LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env
+    from launch.env import LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env
     from parallel.mesh import ParallelDims
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import load_config
