@@ -26,6 +26,7 @@ import torch
 from data.builtin import ensure_builtin_corpus, file_lock
 from data.config import DataConfig
 from data.errors import DataError
+from data.files import ensure_writable_dir
 from data.tokenizer import Tokenizer, load_tokenizer
 from data.validate import IndexInfo, check_dataset, check_tokenizer_fits
 
@@ -273,6 +274,7 @@ def _resolve(cfg: DataConfig) -> tuple[list[str], str]:
     """Dataset prefixes and tokenizer path (building the built-in corpus if asked)."""
     prefixes = [os.path.abspath(os.path.expanduser(p)) for p in cfg.paths]
     tok_path = cfg.tokenizer
+    ensure_writable_dir(cfg.cache_dir, f"data.cache_dir {cfg.cache_dir}")
     if cfg.builtin_corpus:
         corpus = ensure_builtin_corpus(cfg.cache_dir, cfg.tokenizer_vocab_size)
         if not prefixes:
@@ -303,6 +305,16 @@ def _check_splits(infos: list[IndexInfo], split: str) -> None:
                                 f"{sp.name} split of data.split={split!r} empty; add data or change data.split")
 
 
+def _check_eval(split: str, eval_interval: int) -> None:
+    """Evaluation asked for (``eval_interval > 0``) needs a validation share in the split."""
+    from data._megatron import parse_and_normalize_split
+
+    if eval_interval > 0 and parse_and_normalize_split(split)[1] == 0:
+        raise DataError(f"data.split={split!r} leaves no validation data, but training.eval_interval="
+                        f"{eval_interval} asks for evaluation; give the validation part a share "
+                        f"(e.g. data.split=98,2,0) or set training.eval_interval=0")
+
+
 def _fingerprint(prefixes: list[str], weights: list[float] | None, cfg: DataConfig, seed: int,
                  tok: Tokenizer) -> str:
     key = {"prefixes": prefixes, "weights": weights, "split": cfg.split, "seq_len": cfg.seq_len,
@@ -324,6 +336,7 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
                         f"{micro_batch_size} x data-parallel size {dp_size}")
     if not 0 <= dp_rank < dp_size:
         raise DataError(f"data-parallel rank {dp_rank} outside [0, {dp_size})")
+    _check_eval(cfg.split, eval_interval)
     prefixes, tok_path = _resolve(cfg)
     tok = load_tokenizer(tok_path)
     check_tokenizer_fits(tok.path, tok.vocab_size, model_vocab_size)
@@ -348,16 +361,18 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
 def _build_megatron(cfg: DataConfig, prefixes: list[str], weights: list[float] | None,
                     tok: Tokenizer, seed: int, sizes: list[int]) -> list:
     """Run megatron-core's BlendedMegatronDatasetBuilder for GPTDataset splits."""
-    from data._megatron import GPTDataset, GPTDatasetConfig
+    from data._megatron import GPTDatasetConfig
+    from data.index_cache import CheckedGPTDataset
 
-    cache = os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), "megatron-index")
-    os.makedirs(cache, exist_ok=True)
+    cache = ensure_writable_dir(os.path.join(os.path.expanduser(cfg.cache_dir), "megatron-index"),
+                                f"data.cache_dir {cfg.cache_dir}")
     mcfg = GPTDatasetConfig(
         random_seed=seed, sequence_length=cfg.seq_len, blend=(prefixes, weights), split=cfg.split,
         path_to_cache=cache, tokenizer=tok, reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
-        create_attention_mask=False, mmap_bin_files=True)
-    builder = _Builder(GPTDataset, sizes, lambda: True, mcfg)
+        create_attention_mask=False, mmap_bin_files=True,
+        fast_cache_load=False, defer_npy_index_mmap=False)  # CheckedGPTDataset reads the cache
+    builder = _Builder(CheckedGPTDataset, sizes, lambda: True, mcfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return builder.build()
     with file_lock(os.path.join(cache, "build.lock")):

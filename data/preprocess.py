@@ -9,7 +9,9 @@ Every document ends with the tokenizer's end-of-document token.
 
 Malformed input (invalid JSON, a missing or non-string text field, non-UTF-8 bytes,
 empty documents) is skipped and recorded with file, line and reason -- or, with
-``strict=True``, stops the run with a :class:`DataError`.
+``strict=True``, stops the run with a :class:`DataError`. A run that finds no valid
+document at all, or cannot write its output location, fails with a one-line
+:class:`DataError` and leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from data.errors import DataError
+from data.files import (check_input_files, ensure_writable_dir, missing_dirs, name_inputs,
+                        os_reason, remove_empty_dirs, writing)
 from data.tokenizer import Tokenizer, load_tokenizer
 
 TEXT_UNITS = ("paragraph", "line", "file")
@@ -141,7 +145,10 @@ def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str,
     The main process only moves bytes (no per-line Python objects); parsing happens in
     the workers.
     """
-    reader = _CountingReader(path)
+    try:
+        reader = _CountingReader(path)
+    except OSError as e:
+        raise DataError(f"input {path}: cannot read ({os_reason(e)})") from None
     try:
         line_no, last_pos = 1, 0
         parts: list[bytes] = []  # bytes read but not yet handed out (no boundary in them)
@@ -279,11 +286,7 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
 # ----------------------------------------------------------------------------- driver
 
 def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int) -> None:
-    if not inputs:
-        raise DataError("no input files given")
-    for p in inputs:
-        if not os.path.isfile(p):
-            raise DataError(f"input {p}: no such file")
+    check_input_files(inputs)
     if text_unit not in TEXT_UNITS:
         raise DataError(f"text unit {text_unit!r}: allowed: {', '.join(TEXT_UNITS)}")
     if workers < 1:
@@ -338,46 +341,96 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
     """Tokenize ``inputs`` into ``output_prefix.{bin,idx,summary.json}``; return the summary.
 
     Outputs are written to temporary names and renamed at the end, so a failed run
-    leaves no partial dataset behind.
+    leaves no partial dataset behind (nor the directories it created). An unwritable
+    output location, or inputs without a single valid document, raise :class:`DataError`.
+    """
+    _check_inputs(inputs, json_key, text_unit, workers)
+    tok = load_tokenizer(tokenizer_path)
+    out = os.path.abspath(os.path.expanduser(output_prefix))
+    summ = Summary(output_prefix=out, input_files=[os.path.abspath(p) for p in inputs],
+                   workers=workers, tokenizer=tok.path, vocab_size=tok.vocab_size, eod_id=tok.eod_id)
+    created = missing_dirs(os.path.dirname(out))
+    try:
+        ensure_writable_dir(os.path.dirname(out), f"output {out}")
+        t0 = time.time()
+        tmp = _write_dataset(inputs, tok, summ, workers=workers, json_key=json_key,
+                             text_unit=text_unit, strict=strict, show_progress=show_progress,
+                             chunk_bytes=chunk_bytes)
+        summ.seconds = time.time() - t0
+        summ.mb_per_s = summ.input_bytes / 1e6 / max(summ.seconds, 1e-9)
+        _publish(out, tmp, summ)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+    return summ
+
+
+def _write_dataset(inputs: list[str], tok: Tokenizer, summ: Summary, *, workers: int, json_key: str,
+                   text_unit: str, strict: bool, show_progress: bool, chunk_bytes: int) -> tuple[str, str]:
+    """Tokenize all inputs into temporary ``.bin``/``.idx`` files; return their paths.
+
+    The temporary files are removed again if anything fails, including a run that
+    found no valid document at all.
     """
     from data._megatron import DType, IndexedDatasetBuilder
 
-    _check_inputs(inputs, json_key, text_unit, workers)
-    tok = load_tokenizer(tokenizer_path)
+    out = summ.output_prefix
     dtype = DType.optimal_dtype(tok.vocab_size)
-    out = os.path.abspath(os.path.expanduser(output_prefix))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    summ = Summary(output_prefix=out, input_files=[os.path.abspath(p) for p in inputs],
-                   workers=workers, tokenizer=tok.path, vocab_size=tok.vocab_size,
-                   eod_id=tok.eod_id, dtype=np.dtype(dtype).name)
+    summ.dtype = np.dtype(dtype).name
     tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    with writing(f"output {out}"):
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     bar = _progress_bar(inputs, show_progress)
-    t0 = time.time()
     try:
         chunks = (c for i, p in enumerate(inputs)
                   for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes))
-        init = (tok.path, json_key, text_unit, np.dtype(dtype).name)
+        init = (tok.path, json_key, text_unit, summ.dtype)
         for res in _results(chunks, workers, init, chunk_bytes):
             _write_result(res, builder, summ, inputs, strict)
             if bar is not None:
                 bar.update(res.disk_bytes)
-        builder.finalize(tmp_idx)
+        _require_documents(inputs, summ)
+        with writing(f"output {out}"):
+            builder.finalize(tmp_idx)
     except BaseException:
         builder.data_file.close()
-        for p in (tmp_bin, tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
+        _remove_files(tmp_bin, tmp_idx)
         raise
     finally:
         if bar is not None:
             bar.close()
-    os.replace(tmp_bin, out + ".bin")
-    os.replace(tmp_idx, out + ".idx")
-    summ.seconds = time.time() - t0
-    summ.mb_per_s = summ.input_bytes / 1e6 / max(summ.seconds, 1e-9)
-    write_summary(summ)
-    return summ
+    return tmp_bin, tmp_idx
+
+
+def _require_documents(inputs: list[str], summ: Summary) -> None:
+    """A dataset without documents is useless downstream: refuse to write one."""
+    if summ.documents:
+        return
+    reasons = ", ".join(f"{r} x{n}" for r, n in sorted(summ.skipped_by_reason.items()))
+    why = f"{summ.skipped} skipped: {reasons}" if summ.skipped else "no text"
+    raise DataError(f"no documents written: {name_inputs(inputs)} held no valid document ({why}); "
+                    f"nothing written to {summ.output_prefix}")
+
+
+def _remove_files(*paths: str) -> None:
+    """Remove temporary files that may or may not exist."""
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def _publish(out: str, tmp: tuple[str, str], summ: Summary) -> None:
+    """Rename the temporary files into place, the summary written (to a temp name) first."""
+    tmp_summary = f"{out}.summary.json.tmp{os.getpid()}"
+    try:
+        with writing(f"output {out}"):
+            _dump_summary(summ, tmp_summary)
+            os.replace(tmp[0], out + ".bin")
+            os.replace(tmp[1], out + ".idx")
+            os.replace(tmp_summary, out + ".summary.json")
+    except BaseException:
+        _remove_files(*tmp, tmp_summary)
+        raise
 
 
 def _write_result(res: ChunkResult, builder, summ: Summary, inputs: list[str], strict: bool) -> None:
@@ -411,11 +464,7 @@ def _progress_bar(inputs: list[str], show: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def write_summary(summ: Summary) -> str:
-    """Write ``PREFIX.summary.json`` atomically; return its path."""
-    path = summ.output_prefix + ".summary.json"
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+def _dump_summary(summ: Summary, path: str) -> None:
+    """Write the summary JSON to ``path``."""
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(asdict(summ), f, indent=1)
-    os.replace(tmp, path)
-    return path

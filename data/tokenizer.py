@@ -7,12 +7,14 @@ token is the tokenizer's end-of-sequence token.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
 from data.errors import DataError
+from data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
 
 #: Markers used to format instruction-augmented documents (Instruction Pre-Training).
 #: ``tools/train_tokenizer.py --instruction-markers`` adds them as user-defined symbols
@@ -73,7 +75,8 @@ class HFTokenizer(_MegatronAttrs):
 
         self.path = os.path.abspath(path)
         try:
-            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                                     trust_remote_code=False)
         except Exception as e:  # transformers raises many types for unreadable dirs
             raise DataError(f"tokenizer {self.path}: not a loadable Hugging Face tokenizer "
                             f"directory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -135,12 +138,39 @@ def train_sentencepiece(docs: Iterable[str], output_prefix: str, vocab_size: int
     vocabulary lacks fall back to byte pieces, so any UTF-8 text round-trips. Ids:
     ``<unk>``=0, ``<s>``=1, ``</s>``=2 (the end-of-document token), then
     ``special_tokens`` as user-defined symbols (each always one token).
+    Both files are trained under a temporary name and renamed into place, so a failed
+    run leaves neither behind; an unwritable output location fails before training.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"model type {model_type!r}: allowed: bpe, unigram")
+    output_prefix = os.path.abspath(os.path.expanduser(output_prefix))
+    created = missing_dirs(os.path.dirname(output_prefix))
+    ensure_writable_dir(os.path.dirname(output_prefix), f"tokenizer output {output_prefix}")
+    staged = f"{output_prefix}.tmp{os.getpid()}"
+    try:
+        _train(docs, staged, output_prefix + ".model", vocab_size, model_type, special_tokens,
+               total_bytes, show_progress, max_sentences, threads)
+        with writing(f"tokenizer output {output_prefix}"):
+            for ext in (".vocab", ".model"):  # the .model last: it is what readers look for
+                os.replace(staged + ext, output_prefix + ext)
+    except BaseException:
+        for ext in (".vocab", ".model"):
+            with contextlib.suppress(OSError):
+                os.remove(staged + ext)
+        remove_empty_dirs(created)
+        raise
+    return output_prefix + ".model"
+
+
+def _train(docs: Iterable[str], output_prefix: str, name: str, vocab_size: int, model_type: str,
+           special_tokens: Sequence[str], total_bytes: int | None, show_progress: bool,
+           max_sentences: int, threads: int | None) -> None:
+    """Run the SentencePiece trainer, writing ``output_prefix.model`` / ``.vocab``.
+
+    ``name`` is the final model path, used in messages.
     """
     import sentencepiece as spm
 
-    if model_type not in ("bpe", "unigram"):
-        raise DataError(f"model type {model_type!r}: allowed: bpe, unigram")
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -159,12 +189,11 @@ def train_sentencepiece(docs: Iterable[str], output_prefix: str, vocab_size: int
             shuffle_input_sentence=True, num_threads=threads or os.cpu_count() or 1,
             minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"sentencepiece training for {output_prefix}.model failed: "
+        raise DataError(f"sentencepiece training for {name} failed: "
                         f"{str(e).strip().splitlines()[-1]}") from None
     finally:
         if progress is not None:
             progress.close()
     if show_progress:
-        print(f"trained {model_type} tokenizer, vocab {vocab_size}, in {time.time() - t0:.1f} s: "
-              f"{output_prefix}.model", file=sys.stderr)
-    return output_prefix + ".model"
+        print(f"trained {model_type} tokenizer, vocab {vocab_size}, in {time.time() - t0:.1f} s: {name}",
+              file=sys.stderr)

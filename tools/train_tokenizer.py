@@ -18,6 +18,7 @@ from typing import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.errors import DataError  # noqa: E402
+from data.files import check_input_files, name_inputs  # noqa: E402
 from data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks  # noqa: E402
 from data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece  # noqa: E402
 
@@ -41,16 +42,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def iter_documents(inputs: list[str], json_key: str, text_unit: str, skipped: list[int]) -> Iterator[str]:
-    """Valid documents of all inputs; counts skipped ones in ``skipped[0]``."""
+def iter_documents(inputs: list[str], json_key: str, text_unit: str, counts: dict[str, int]) -> Iterator[str]:
+    """Valid documents of all inputs.
+
+    Counts them in ``counts['documents']``, the malformed ones in ``counts['skipped']``,
+    and sets ``counts['finished']`` once every input was read.
+    """
     for i, path in enumerate(inputs):
         fmt = detect_format(path)
         for chunk in iter_chunks(path, i, fmt, text_unit):
             skips: list = []
             texts, _ = (_jsonl_docs(chunk, json_key, skips) if fmt == "jsonl"
                         else _text_docs(chunk, text_unit, skips))
-            skipped[0] += len(skips)
+            counts["skipped"] += len(skips)
+            counts["documents"] += len(texts)
             yield from texts
+    counts["finished"] = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,22 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.vocab_size < 300:
             raise DataError(f"--vocab-size {args.vocab_size}: must be >= 300 (256 byte pieces + specials)")
-        for p in args.input:
-            if not os.path.isfile(p):
-                raise DataError(f"input {p}: no such file")
+        check_input_files(args.input)
         specials = [s for s in args.special_tokens.split(",") if s]
         if args.instruction_markers:
             specials += [m for m in INSTRUCTION_MARKERS if m not in specials]
-        skipped = [0]
+        counts = {"documents": 0, "skipped": 0, "finished": 0}
         total = sum(os.path.getsize(p) for p in args.input)
-        model = train_sentencepiece(iter_documents(args.input, args.json_key, args.text_unit, skipped),
-                                    args.output, args.vocab_size, model_type=args.model_type,
-                                    special_tokens=specials, total_bytes=total,
-                                    show_progress=not args.no_progress, max_sentences=args.max_sentences)
+        try:
+            model = train_sentencepiece(iter_documents(args.input, args.json_key, args.text_unit, counts),
+                                        args.output, args.vocab_size, model_type=args.model_type,
+                                        special_tokens=specials, total_bytes=total,
+                                        show_progress=not args.no_progress, max_sentences=args.max_sentences)
+        except DataError:
+            if counts["finished"] and counts["documents"] == 0:  # clearer than SentencePiece's check
+                raise DataError(f"no tokenizer written: {name_inputs(args.input)} held no valid document "
+                                f"({counts['skipped']} skipped)") from None
+            raise
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {model} (skipped {skipped[0]} malformed documents)")
+    print(f"wrote {model} (skipped {counts['skipped']} malformed documents)")
     return 0
 
 

@@ -132,3 +132,61 @@ def test_chunks_cut_only_at_document_boundaries(tmp_path, corpus, unit):
         for c in chunks[:-1]:
             assert c.data.endswith(b"\n\n" if unit == "paragraph" else b"\n") or c.data.endswith(b"\n\r\n")
         assert unit != "file" or len(chunks) == 1
+
+
+def _run_tool(capsys, src: str, out: str, tokenizer: str) -> tuple[int, str]:
+    """Exit status and stderr of tools/preprocess_data.py."""
+    rc = preprocess_data.main(["--input", src, "--output-prefix", out, "--tokenizer", tokenizer,
+                               "--no-progress", "--workers", "1"])
+    return rc, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unwritable_output_is_one_line_and_writes_nothing(tmp_path, corpus, capsys):
+    src = write_jsonl(str(tmp_path / "x.jsonl"), ["Some text."])
+    (tmp_path / "plain").write_text("a file, not a directory")
+    for out in ("/proc/no/such/prefix", str(tmp_path / "plain" / "sub" / "prefix")):
+        rc, err = _run_tool(capsys, src, out, corpus.tokenizer)
+        line = _one_error_line(err)
+        assert rc == 2 and out in line, line
+    assert "is a file, not a directory" in line
+    assert not os.path.exists("/proc/no") and sorted(os.listdir(tmp_path)) == ["plain", "x.jsonl"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory(tmp_path, corpus, capsys):
+    src = write_jsonl(str(tmp_path / "x.jsonl"), ["Some text."])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, err = _run_tool(capsys, src, str(ro / "o"), corpus.tokenizer)
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and str(ro) in _one_error_line(err) and not os.listdir(ro)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", BAD_JSONL.replace(b'"Hello world."', b'""')
+                                     .replace(b'"Second valid\\nwith two lines."', b'7')],
+                         ids=["empty-file", "blank-lines", "all-malformed"])
+def test_no_valid_document_fails_and_leaves_no_dataset(tmp_path, corpus, capsys, content):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    out = tmp_path / "new" / "dir" / "o"
+    rc, err = _run_tool(capsys, str(src), str(out), corpus.tokenizer)
+    line = _one_error_line(err)
+    assert rc == 2 and "no documents written" in line and str(src) in line
+    assert not (tmp_path / "new").exists()  # neither files nor the directories made for them
+    with pytest.raises(DataError, match="no documents written"):
+        preprocess([str(src)], str(tmp_path / "o"), corpus.tokenizer, workers=2)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_directory_input_is_named_as_directory(tmp_path, corpus, capsys):
+    rc, err = _run_tool(capsys, str(tmp_path), str(tmp_path / "o"), corpus.tokenizer)
+    assert rc == 2 and _one_error_line(err) == f"error: input {tmp_path}: is a directory; give files"

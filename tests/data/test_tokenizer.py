@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 
@@ -44,3 +45,28 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert train_tokenizer.main(["--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "t"),
                                  "--vocab-size", "100"]) == 2
     assert "--vocab-size" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_unwritable_output_directory_and_empty_input_exit_2(tmp_path, text_files, capsys):
+    _, jl, _ = text_files
+    (tmp_path / "plain").write_text("a file")
+    for out in ("/proc/no/such/tok", str(tmp_path / "plain" / "tok")):
+        rc = train_tokenizer.main(["--input", jl, "--output", out, "--vocab-size", "400", "--no-progress"])
+        assert rc == 2
+        assert out in _error_line(capsys)
+    assert not os.path.exists("/proc/no")
+    (tmp_path / "bad.jsonl").write_text("not json\n\n")
+    out = tmp_path / "new" / "tok"
+    assert train_tokenizer.main(["--input", str(tmp_path / "bad.jsonl"), "--output", str(out),
+                                 "--vocab-size", "400", "--no-progress"]) == 2
+    line = _error_line(capsys)
+    assert "no tokenizer written" in line and "bad.jsonl" in line and not (tmp_path / "new").exists()
+    assert train_tokenizer.main(["--input", str(tmp_path), "--output", str(out), "--vocab-size", "400"]) == 2
+    assert "is a directory; give files" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "plain"]
