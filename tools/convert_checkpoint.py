@@ -2,7 +2,8 @@
 """Convert checkpoints between polytron (DCP) and Hugging Face ``LlamaForCausalLM``.
 
     python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
-    python tools/convert_checkpoint.py from-hf SRC DST
+                                               [--overwrite]
+    python tools/convert_checkpoint.py from-hf SRC DST [--overwrite]
 
 ``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
 run's output directory (its newest complete checkpoint). DST becomes a Hugging Face
@@ -18,7 +19,16 @@ tokenizer once ``data.paths`` is set::
 
     python launch/pretrain.py --config DST/config.yaml data.paths=[PREFIX]
 
-Exit status 0, or 2 with one ``error:`` line naming the file, field or tensor.
+DST must be new or empty; a non-empty DST is refused unless ``--overwrite`` is given,
+which removes what an earlier conversion left there (every ``*.safetensors``, the
+safetensors/``pytorch_model`` index, ``pytorch_model*.bin``, and the files the command
+writes: configs and tokenizer for ``to-hf``, ``checkpoint/`` and ``config.yaml`` for
+``from-hf``) and keeps anything else. Both commands write into ``DST.tmp-<pid>`` beside
+DST and move the result in only once it is complete, so an interrupted conversion
+leaves DST as it was, never old and new weights side by side.
+
+Exit status 0; 2 with one ``error:`` line naming the file, field or tensor; 1 with one
+``error:`` line when writing fails (e.g. a full disk).
 """
 from __future__ import annotations
 
@@ -28,7 +38,9 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Optional
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from typing import Any, Iterator, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,10 +49,17 @@ import torch  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                       "chat_template.jinja", "chat_template.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Weight files of a model directory; --overwrite removes all of them before the new ones land.
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
+#: What each command writes besides weights (replaced as a whole with --overwrite).
+TO_HF_OUTPUTS = ("config.json", "generation_config.json", *HF_TOKENIZER_FILES)
+FROM_HF_OUTPUTS = ("checkpoint", "config.yaml")
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: Sample text the converted tokenizer must encode exactly like SentencePiece.
 TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs.\n\n  Indented line\twith tab; "
@@ -330,15 +349,79 @@ def _check_same_encoding(model_file: str, tok) -> None:
               file=sys.stderr)
 
 
+# ====================================================================== destination
+
+def check_destination(dst: str, overwrite: bool, sources: list[str]) -> None:
+    """Refuse a DST that is a file, is one of the sources, or is non-empty without --overwrite."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ConvertError(f"destination {dst} exists and is not a directory")
+    real = os.path.realpath(dst)
+    for src in sources:
+        if os.path.realpath(src) == real:
+            raise ConvertError(f"destination {dst} is the source {src}; choose another directory")
+    entries = sorted(os.listdir(dst)) if os.path.isdir(dst) else []
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConvertError(f"destination {dst} is not empty ({shown}); choose a new directory, or pass "
+                           f"--overwrite to replace the weights and files an earlier conversion wrote there")
+
+
+def stale_entries(dst: str, outputs: tuple[str, ...]) -> list[str]:
+    """Names in ``dst`` that --overwrite replaces: weight files and the command's outputs."""
+    if not os.path.isdir(dst):
+        return []
+    return sorted(n for n in os.listdir(dst)
+                  if n in outputs or any(fnmatch(n, p) for p in WEIGHT_PATTERNS))
+
+
+def _weights_last(name: str) -> tuple[bool, bool, str]:
+    """Move order: configs and tokenizer, then weight shards, then the index naming them."""
+    return name.endswith(".index.json"), any(fnmatch(name, p) for p in WEIGHT_PATTERNS), name
+
+
+def _commit(tmp: str, dst: str, outputs: tuple[str, ...]) -> None:
+    """Put the finished ``tmp`` in place of DST (a rename), or, in a non-empty DST, set the
+    stale entries aside, move the new ones in by rename and delete the stale ones."""
+    if not os.path.isdir(dst) or not os.listdir(dst):
+        if os.path.isdir(dst):
+            os.rmdir(dst)
+        os.replace(tmp, dst)
+        return
+    old = f"{dst.rstrip(os.sep)}.old-{os.getpid()}"
+    os.makedirs(old)
+    for name in stale_entries(dst, outputs):
+        os.replace(os.path.join(dst, name), os.path.join(old, name))
+    for name in sorted(os.listdir(tmp), key=_weights_last):
+        os.replace(os.path.join(tmp, name), os.path.join(dst, name))
+    shutil.rmtree(old)
+
+
+@contextmanager
+def staged(dst: str, outputs: tuple[str, ...]) -> Iterator[str]:
+    """A fresh directory beside DST to write into; moved into DST only when the block succeeds."""
+    tmp = f"{dst.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _commit(tmp, dst, outputs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ====================================================================== to-hf
 
 def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
-          max_shard_size: str = "5GB") -> str:
-    """Our checkpoint (or run directory) -> Hugging Face directory; returns the checkpoint used."""
+          max_shard_size: str = "5GB", overwrite: bool = False) -> str:
+    """Our checkpoint (or run directory) -> Hugging Face directory; returns the checkpoint used.
+
+    DST must be new or empty unless ``overwrite`` (see the module docstring)."""
     from model.config import ModelConfig
     from pretrain import checkpoint as ckpt
     from pretrain.configlib import ConfigError, from_dict
     path = ckpt.resolve_checkpoint(src)
+    check_destination(dst, overwrite, [src, path])
+    shard_bytes = parse_size(max_shard_size)
     state = ckpt.read_trainer_state(path)
     try:
         mcfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
@@ -353,27 +436,30 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
     hf = {to_hf_name(k): v.to(out_dtype) for k, v in tensors.items()
           if not (mcfg.tie_embeddings and k == "output.weight")}
     tok_path = resolve_tokenizer(state["config"], tokenizer)
-    os.makedirs(dst, exist_ok=True)
-    bos, eos = write_tokenizer(tok_path, dst) if tok_path else (None, None)
-    if not tok_path:
-        print("warning: the run names no tokenizer; pass --tokenizer PATH to include one", file=sys.stderr)
-    write_safetensors(hf, dst, parse_size(max_shard_size))
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(model_to_hf_config(mcfg, bos, eos, out_dtype), f, indent=2)
-    with open(os.path.join(dst, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
+    with staged(dst, TO_HF_OUTPUTS) as tmp:
+        bos, eos = write_tokenizer(tok_path, tmp) if tok_path else (None, None)
+        if not tok_path:
+            print("warning: the run names no tokenizer; pass --tokenizer PATH to include one", file=sys.stderr)
+        write_safetensors(hf, tmp, shard_bytes)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model_to_hf_config(mcfg, bos, eos, out_dtype), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
     return path
 
 
 # ====================================================================== from-hf
 
-def from_hf(src: str, dst: str, seq_len: int = 0) -> str:
-    """Hugging Face Llama directory -> DST/checkpoint + DST/config.yaml; returns the config path."""
+def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> str:
+    """Hugging Face Llama directory -> DST/checkpoint + DST/config.yaml; returns the config path.
+
+    DST must be new or empty unless ``overwrite`` (see the module docstring)."""
     import yaml
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import RunConfig
     from pretrain.configlib import to_dict
+    check_destination(dst, overwrite, [src])
     cfg_file = os.path.join(src, "config.json")
     try:
         with open(cfg_file) as f:
@@ -391,17 +477,21 @@ def from_hf(src: str, dst: str, seq_len: int = 0) -> str:
     run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
     run.training.name = os.path.basename(src_abs.rstrip("/")) + "-continued"
     run.training.output_dir = os.path.join(dst_abs, "run")
-    os.makedirs(dst, exist_ok=True)
     cfg_dict = to_dict(run)
-    ckpt.save_tensors(run.checkpoint.load, tensors, {
-        "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
-        "format_version": ckpt.FORMAT_VERSION, "converted_from": src_abs, "config": cfg_dict})
     out = os.path.join(dst, "config.yaml")
-    with open(out, "w") as f:
-        f.write(f"# Continued pre-training of {src_abs} (tools/convert_checkpoint.py from-hf).\n"
-                "# Set data.paths (Megatron prefixes tokenized with data.tokenizer), then:\n"
-                f"#   python launch/pretrain.py --config {out} data.paths=[PREFIX]\n")
-        yaml.safe_dump(cfg_dict, f, sort_keys=False)
+    with staged(dst, FROM_HF_OUTPUTS) as tmp:
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
+            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+            "format_version": ckpt.FORMAT_VERSION, "converted_from": src_abs, "config": cfg_dict})
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(f"# Continued pre-training of {src_abs} (tools/convert_checkpoint.py from-hf).\n"
+                    "# Set data.paths (Megatron prefixes tokenized with data.tokenizer), then:\n"
+                    f"#   python launch/pretrain.py --config {out} data.paths=[PREFIX]\n")
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+    if os.path.isdir(run.training.output_dir):
+        print(f"warning: {run.training.output_dir} (a run continued from the previous checkpoint) is kept; "
+              "with training.resume=auto it resumes that run instead of starting from the new "
+              "checkpoint: move it away to start afresh", file=sys.stderr)
     return out
 
 
@@ -441,11 +531,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        "built-in corpus tokenizer)")
     a.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: as saved)")
     a.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty DST")
     b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> polytron checkpoint + config.yaml")
     b.add_argument("src")
     b.add_argument("dst")
     b.add_argument("--seq-len", type=int, default=0, help="data.seq_len of the written config "
                                                             "(default min(2048, max_position_embeddings))")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace checkpoint/, config.yaml and weight files in a non-empty DST")
     return p.parse_args(argv)
 
 
@@ -453,15 +546,18 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         if args.cmd == "to-hf":
-            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size)
+            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite)
             print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
         else:
-            out = from_hf(args.src, args.dst, args.seq_len)
+            out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)
             print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
         return 0
     except (ConvertError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:     # writing failed (disk full, permissions); DST is left as it was
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except ValueError as e:  # DataError (tokenizer, built-in corpus) without importing data eagerly
         data_errors = sys.modules.get("data.errors")
         if data_errors is None or not isinstance(e, data_errors.DataError):

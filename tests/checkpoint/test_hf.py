@@ -165,3 +165,107 @@ def test_hf_model_continues_pretraining_and_exports(tmp_path, spm_model):
     ours = _load_ours(ckpt.resolve_checkpoint(os.path.join(conv, "run")))
     assert_close(our_logits(ours, tokens), hf_logits(trained, tokens))
     assert not torch.allclose(hf_logits(trained, tokens), hf_logits(orig, tokens)), "no training happened"
+
+
+# ---------------------------------------------------------------- destination hygiene
+
+def _snapshot(root) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root``: (mtime_ns, content), to prove a refused run touched nothing."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, root)] = (os.stat(p).st_mtime_ns, open(p, "rb").read())
+    return out
+
+
+def _no_staging_left(dst) -> None:
+    parent, name = os.path.split(str(dst).rstrip("/"))
+    assert [n for n in os.listdir(parent) if n.startswith(name + ".")] == []
+
+
+def _one_error_line(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and all(w in r.stderr for w in words), r.stderr
+
+
+def test_to_hf_overwrite_replaces_earlier_export(tmp_path, spm_model):
+    """A single-file export, then a sharded one of other weights: only the new weights remain."""
+    from transformers import AutoModelForCausalLM
+    run_a, model_a = _trained_checkpoint(tmp_path / "a", spm_model, tied=False)
+    run_b, model_b = _trained_checkpoint(tmp_path / "b", spm_model, tied=True)
+    dst = tmp_path / "hf"
+    to_hf(run_a, str(dst))
+    assert "model.safetensors" in os.listdir(dst)
+    (dst / "pytorch_model.bin").write_bytes(b"stale pickle")
+    (dst / "README.md").write_text("notes the user keeps")
+    assert main(["to-hf", run_b, str(dst), "--max-shard-size", "60KB", "--overwrite"]) == 0
+    files = set(os.listdir(dst))
+    index = json.load(open(dst / "model.safetensors.index.json"))
+    shards = {n for n in files if n.endswith(".safetensors")}
+    assert shards == set(index["weight_map"].values()) and len(shards) > 1
+    assert "model.safetensors" not in files and "pytorch_model.bin" not in files
+    assert (dst / "README.md").read_text() == "notes the user keeps"
+    assert json.load(open(dst / "config.json"))["tie_word_embeddings"] is True
+    _no_staging_left(dst)
+    hf = AutoModelForCausalLM.from_pretrained(str(dst), local_files_only=True).float().eval()
+    tokens = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(5))
+    assert_close(our_logits(model_b, tokens), hf_logits(hf, tokens))
+    assert not torch.allclose(our_logits(model_a, tokens), hf_logits(hf, tokens), atol=1e-3)
+
+
+def test_to_hf_refuses_non_empty_destination(tmp_path, spm_model):
+    run_dir, _ = _trained_checkpoint(tmp_path, spm_model, tied=False)
+    dst = tmp_path / "hf"
+    to_hf(run_dir, str(dst))
+    before = _snapshot(dst)
+    _one_error_line(_cli("to-hf", run_dir, str(dst)), str(dst), "not empty", "--overwrite")
+    assert _snapshot(dst) == before
+    _no_staging_left(dst)
+
+
+def test_to_hf_failure_leaves_destination_as_it_was(tmp_path, spm_model):
+    """An error after writing started (here: the tokenizer) leaves DST untouched and no staging dir."""
+    run_dir, _ = _trained_checkpoint(tmp_path, spm_model, tied=False)
+    dst = tmp_path / "hf"
+    to_hf(run_dir, str(dst))
+    before = _snapshot(dst)
+    (tmp_path / "empty_tok").mkdir()
+    with pytest.raises(ValueError, match="holds no Hugging Face tokenizer files"):
+        to_hf(run_dir, str(dst), tokenizer=str(tmp_path / "empty_tok"), overwrite=True)
+    assert _snapshot(dst) == before
+    _no_staging_left(dst)
+
+
+def test_from_hf_refuses_then_overwrites(tmp_path, capsys):
+    import shutil
+    hf_a, hf_b, dst = tmp_path / "hf_a", tmp_path / "hf_b", tmp_path / "ours"
+    hf_llama(str(hf_a), seed=0)
+    hf_llama(str(hf_b), seed=1)
+    from_hf(str(hf_a), str(dst))
+    weights_a = ckpt.load_tensors(str(dst / "checkpoint"))
+    before = _snapshot(dst)
+    _one_error_line(_cli("from-hf", str(hf_b), str(dst)), str(dst), "not empty", "--overwrite")
+    assert _snapshot(dst) == before
+    shutil.copy(hf_a / "model.safetensors", dst / "model.safetensors")     # a stray weight file
+    (dst / "run").mkdir()                                                 # a run continued from A
+    capsys.readouterr()
+    assert main(["from-hf", str(hf_b), str(dst), "--overwrite"]) == 0
+    assert "warning: " in capsys.readouterr().err and (dst / "run").is_dir()
+    assert sorted(os.listdir(dst)) == ["checkpoint", "config.yaml", "run"]
+    _no_staging_left(dst)
+    from_hf(str(hf_b), str(tmp_path / "fresh"))
+    got = ckpt.load_tensors(str(dst / "checkpoint"))
+    want = ckpt.load_tensors(str(tmp_path / "fresh" / "checkpoint"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["tok_embeddings.weight"], weights_a["tok_embeddings.weight"])
+
+
+def test_from_hf_into_its_source_refused(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf_llama(str(hf))
+    before = _snapshot(hf)
+    capsys.readouterr()
+    assert main(["from-hf", str(hf), str(hf), "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith("error: destination") and _snapshot(hf) == before
