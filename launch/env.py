@@ -14,14 +14,19 @@ Three launchers are recognised, in this order:
 ``torch.distributed.init_process_group(init_method="env://")`` works the same
 way under every launcher. ``choose_backend`` and ``check_master_reachable`` turn
 the usual launch mistakes into one-line :class:`LaunchError` messages.
+``follow_launcher`` ties a torchrun worker's life to its agent: when the agent
+dies, the worker is sent SIGTERM (save and exit) instead of training on orphaned.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Mapping
@@ -31,6 +36,10 @@ Source = Literal["torchrun", "srun", "single"]
 #: Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
 PORT_BASE = 15000
 PORT_SPAN = 20000
+#: Set by ``launch/run.py`` to its own pid, so a worker can tell its agent is already gone.
+LAUNCHER_PID_VAR = "POLYTRON_LAUNCHER_PID"
+#: prctl(2) option: signal to receive when the parent thread exits (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(RuntimeError):
@@ -260,3 +269,43 @@ def check_master_reachable(e: LaunchEnv, timeout_s: float = 10) -> None:
         raise LaunchError(f"cannot reach master address {where} within {timeout_s:g} s ({err}); rank "
                           f"{e.rank} of {e.world_size} (from {e.source}): check MASTER_ADDR/MASTER_PORT, "
                           f"the network between nodes and firewalls")
+
+
+def follow_launcher(environ: Mapping[str, str] | None = None, sig: int = signal.SIGTERM) -> bool:
+    """Under a torchrun agent, have Linux send ``sig`` to this process when the agent exits.
+
+    torchrun starts each worker in its own session, so an agent that dies (SIGKILL,
+    SIGUSR1's default action, a crash) leaves the workers running. With
+    ``PR_SET_PDEATHSIG`` the kernel sends ``sig`` (SIGTERM: the trainer finishes its
+    step, saves and exits) instead. Only workers of a torchelastic agent
+    (``TORCHELASTIC_RUN_ID`` set) are tied; a run started from a shell is left alone.
+    If the agent is already gone (the parent changed while arming, or the launcher
+    pid in :data:`LAUNCHER_PID_VAR` is not our parent and no longer exists), ``sig``
+    is sent at once.
+    Returns True when armed.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if _agent_gone(env, parent):
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _agent_gone(env: Mapping[str, str], parent: int) -> bool:
+    """True when the agent exited before PR_SET_PDEATHSIG was armed (so it will never fire)."""
+    if os.getppid() != parent:
+        return True                      # reparented while arming
+    agent = env.get(LAUNCHER_PID_VAR, "")
+    if not agent.isdigit() or int(agent) == parent:
+        return False
+    # The variable names another process: our launcher, gone before we started, or a stale
+    # value inherited from an outer launcher that is still alive (then we are not orphaned).
+    return not os.path.exists(f"/proc/{agent}")

@@ -7,6 +7,8 @@
 
 Exit status: 0 done; 2 bad input (config, layout, data, checkpoint, environment),
 printed as one ``error:`` line; 75 saved after SIGTERM/SIGUSR1, requeue me.
+``python -m launch.run`` takes torchrun's options and passes SIGTERM/SIGUSR1 on to
+the workers and their exit status back (docs/launch.md).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def help_config() -> None:
 
 
 def run(argv: list[str]) -> int:
+    from launch.env import follow_launcher
+    follow_launcher()   # under torchrun: SIGTERM (save, exit 75) if the agent dies, never an orphan
     import warnings
     # megatron-core's package import warns about optional GPU kernels we never use.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

@@ -114,6 +114,9 @@ def test_signal_saves_requeues_and_resumes(cluster, tmp_path):
     it = int(saved.group(1))
     assert 0 < it < ITERATIONS
     assert "got SIGUSR1" in log and f"requeueing job {job_id} (restart 1)" in log
+    # The node agent passed the signal on and reported the workers' 75; nothing crashed.
+    assert "[node_agent] workers saved a checkpoint and exited 75" in log, log[-4000:]
+    assert "training step exited with status 75" in log and "Traceback" not in log, log[-4000:]
     assert f"job {job_id} restart 1" in log
     resumed = re.search(r"resumed from checkpoint (\S+) at iteration (\d+)", log)
     assert resumed and int(resumed.group(2)) == it, log[-4000:]
