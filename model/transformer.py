@@ -84,6 +84,10 @@ class Transformer(nn.Module):
             h = self.output(h)                                 # (B, T, V)
         return h
 
+    def full_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> global shape of every tensor of the whole model (also on a pipeline stage)."""
+        return param_shapes(self.cfg)
+
     # ------------------------------------------------------------ init
 
     def tie_weights(self) -> None:
@@ -133,6 +137,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int 
     model.tie_weights()
     model.init_weights(seed)
     return model
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> global shape of every tensor of the full (unsharded) model, built on meta."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

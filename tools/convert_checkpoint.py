@@ -497,8 +497,8 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
 
 def _map_from_hf(hf: dict[str, torch.Tensor], mcfg, src: str) -> dict[str, torch.Tensor]:
     """Rename to our names and check against the model's expected shapes, first mismatch named."""
-    from pretrain.checkpoint import model_shapes
-    expected = model_shapes(mcfg)
+    from model.transformer import param_shapes
+    expected = param_shapes(mcfg)
     ours: dict[str, torch.Tensor] = {}
     for name, t in hf.items():
         if name.endswith("rotary_emb.inv_freq"):

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from model.transformer import param_shapes
 from pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import build_model, tiny_model_config
@@ -49,7 +50,7 @@ def test_complete_layout_pointer_and_retention(tmp_path):
 def test_load_restores_model_and_optimizer_exactly(saved):
     path, model, opt = saved
     other, other_opt = _model_and_opt(seed=7)
-    ckpt.load(path, [other], other_opt, expected_shapes=ckpt.model_shapes(model.cfg))
+    ckpt.load(path, [other], other_opt, expected_shapes=param_shapes(model.cfg))
     for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), n
     s1, s2 = opt.state_dict()["state"], other_opt.state_dict()["state"]
@@ -92,7 +93,7 @@ def test_architecture_mismatch_names_first_tensor(saved, change, name):
     path, _, _ = saved
     model, opt = _model_and_opt(**change)
     with pytest.raises(ckpt.CheckpointError, match=name.replace(".", r"\.")):
-        ckpt.load(path, [model], opt, expected_shapes=ckpt.model_shapes(model.cfg))
+        ckpt.load(path, [model], opt, expected_shapes=param_shapes(model.cfg))
     with pytest.raises(ckpt.CheckpointError, match=name.replace(".", r"\.")):
         ckpt.load(path, [model], opt)                       # local check, without the full shapes
 
@@ -187,3 +188,107 @@ def test_run_config_hyperparameters_win_over_checkpoint(saved):
         g["weight_decay"] = 0.5
     ckpt.load(path, [model], opt)
     assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
+
+
+# ---------------------------------------------------------------- retention, discovery, rollback
+
+def _incomplete(root: str, it: int) -> str:
+    """A checkpoint directory without its manifest, as a damaged copy leaves it."""
+    path = os.path.join(root, ckpt.ckpt_name(it))
+    os.makedirs(path)
+    open(os.path.join(path, ".metadata"), "wb").close()
+    return path
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_retention_counts_only_complete_checkpoints(tmp_path, keep_last):
+    model, opt = _model_and_opt()
+    root = str(tmp_path / "ck")
+    for it in (2, 4):
+        _save(root, it, model, opt, keep_last=3)
+    broken = _incomplete(root, 9)                   # newer than every complete one
+    assert ckpt.latest_checkpoint(root).endswith("iter_0000004")
+    _save(root, 6, model, opt, keep_last=keep_last)
+    s = ckpt.scan(root)
+    assert s.complete == ["iter_0000004", "iter_0000006"][-keep_last:]
+    assert s.incomplete == ["iter_0000009"] and os.path.isdir(broken)    # reported, kept
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000006"
+    assert ckpt.latest_checkpoint(root).endswith("iter_0000006")
+
+
+def test_retention_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
+    model, opt = _model_and_opt()
+    root = str(tmp_path / "ck")
+    for it in (2, 4, 6):
+        _save(root, it, model, opt, keep_last=1, protect=(os.path.join(root, "iter_0000002"),))
+    assert ckpt.scan(root).complete == ["iter_0000002", "iter_0000006"]
+
+
+def test_save_over_an_incomplete_directory_sets_it_aside(tmp_path):
+    model, opt = _model_and_opt()
+    root = str(tmp_path / "ck")
+    _incomplete(root, 3)
+    _save(root, 3, model, opt)
+    assert ckpt.scan(root).complete == ["iter_0000003"]
+    aside = [d for d in os.listdir(os.path.join(root, "abandoned")) if d.startswith("incomplete-")]
+    assert aside and os.listdir(os.path.join(root, "abandoned", aside[0])) == ["iter_0000003"]
+
+
+def test_rollback_sets_the_newer_lineage_aside(tmp_path):
+    model, opt = _model_and_opt()
+    root = str(tmp_path / "ck")
+    for it in (2, 4, 6):
+        _save(root, it, model, opt)
+    moved = ckpt.start_lineage(root, os.path.join(root, "iter_0000002"))
+    assert [os.path.basename(m) for m in moved] == ["iter_0000004", "iter_0000006"]
+    assert all(ckpt.is_complete(m) for m in moved)               # kept intact
+    assert ckpt.scan(root).complete == ["iter_0000002"]
+    assert ckpt.latest_checkpoint(root).endswith("iter_0000002")
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000002"
+
+
+def test_rollback_to_another_root_is_remembered_until_the_first_save(tmp_path):
+    model, opt = _model_and_opt()
+    other, root = str(tmp_path / "other"), str(tmp_path / "ck")
+    origin = _save(other, 4, model, opt)
+    for it in (2, 6):
+        _save(root, it, model, opt)
+    moved = ckpt.start_lineage(root, origin)
+    assert [os.path.basename(m) for m in moved] == ["iter_0000006"]
+    assert ckpt.latest_checkpoint(root) == os.path.abspath(origin)   # not this root's iter_2
+    _save(root, 5, model, opt)
+    assert ckpt.latest_checkpoint(root).endswith(os.path.join("ck", "iter_0000005"))
+    assert not os.path.exists(os.path.join(root, "lineage.json"))
+
+
+def test_restart_from_scratch_sets_everything_aside(tmp_path):
+    model, opt = _model_and_opt()
+    root = str(tmp_path / "ck")
+    _save(root, 2, model, opt)
+    _incomplete(root, 5)
+    moved = ckpt.start_lineage(root, None)
+    assert sorted(os.path.basename(m) for m in moved) == ["iter_0000002", "iter_0000005"]
+    assert ckpt.latest_checkpoint(root) is None and not os.path.exists(os.path.join(root, "latest"))
+
+
+def test_save_into_an_unwritable_root_is_one_error_and_leaves_nothing(tmp_path):
+    model, opt = _model_and_opt()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write checkpoint .*iter_0000001"):
+        _save(str(blocker / "ck"), 1, model, opt)
+
+
+def test_dcp_failure_inside_a_byte_item_is_a_checkpoint_error(tmp_path):
+    """A corrupted non-tensor item with a valid manifest (a crafted checkpoint): DCP raises
+    its BaseException-derived CheckpointException, which must become one CheckpointError."""
+    model, opt = _model_and_opt()
+    path = _save(str(tmp_path), 1, model, opt, extras={"counters": {"steps": 7}})
+    md = ckpt.read_metadata(path)
+    (index, info), = [(k, v) for k, v in md.storage_data.items() if k.fqn == "extras.counters.steps"]
+    with open(os.path.join(path, info.relative_path), "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\x00" * info.length)
+    ckpt.common.write_json(os.path.join(path, "manifest.json"), ckpt.build_manifest(path))
+    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint"):
+        ckpt.load(path, [model], opt, extras={"counters": {"steps": 0}})

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from model.transformer import param_shapes
 from pretrain import checkpoint as ckpt
 from tests.checkpoint.helpers import (assert_close, build_model, hf_llama, hf_logits, our_logits,
                                       tiny_model_config, train_spm)
@@ -31,7 +32,7 @@ def _load_ours(path: str):
     from model.config import ModelConfig
     mcfg = from_dict(ModelConfig, state["config"]["model"])
     model = build_model(mcfg)
-    ckpt.load(path, [model], expected_shapes=ckpt.model_shapes(mcfg))
+    ckpt.load(path, [model], expected_shapes=param_shapes(mcfg))
     return model.eval()
 
 
