@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -315,6 +316,41 @@ def _check_eval(split: str, eval_interval: int) -> None:
                         f"(e.g. data.split=98,2,0) or set training.eval_interval=0")
 
 
+def _index_bytes(infos: list[IndexInfo], weights: list[float] | None, split: str, samples: int,
+                 seq_len: int) -> tuple[int, float, IndexInfo]:
+    """Peak bytes megatron-core needs to build the training sample indices, and the epochs
+    of the most repeated dataset (with that dataset).
+
+    Per dataset it builds a document index of ``epochs x documents`` entries (through a
+    2 x epochs x documents int64 grid) plus sample and shuffle indices of ``samples``
+    entries, where ``epochs`` is how often the split's tokens must repeat.
+    """
+    from data._megatron import parse_and_normalize_split
+
+    share = parse_and_normalize_split(split)[0]
+    total = sum(weights) if weights else 1.0
+    need, worst = 0, (0.0, infos[0])
+    for i, info in enumerate(infos):
+        n = samples * (weights[i] / total if weights else 1.0)
+        epochs = math.ceil((n * seq_len + 1) / max(info.tokens * share, 1))
+        need += int(16 * epochs * max(info.sequences * share, 1) + 24 * n)
+        worst = max(worst, (float(epochs), info), key=lambda w: w[0])
+    return need, worst[0], worst[1]
+
+
+def _check_index_memory(infos: list[IndexInfo], weights: list[float] | None, split: str,
+                        samples: int, seq_len: int) -> None:
+    """Refuse, before megatron-core tries, a run whose sample indices cannot fit in memory
+    (a run far longer than its data: millions of passes over a small corpus)."""
+    need, epochs, info = _index_bytes(infos, weights, split, samples, seq_len)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > host // 2:
+        raise DataError(
+            f"training on {samples} samples of {seq_len} tokens repeats dataset {info.prefix} "
+            f"{epochs:.3g} times; megatron-core's sample index for that needs {need / 2**30:.1f} GiB, "
+            f"more than half of this host's {host / 2**30:.0f} GiB: add data or lower training.iterations")
+
+
 def _fingerprint(prefixes: list[str], weights: list[float] | None, cfg: DataConfig, seed: int,
                  tok: Tokenizer) -> str:
     key = {"prefixes": prefixes, "weights": weights, "split": cfg.split, "seq_len": cfg.seq_len,
@@ -347,6 +383,7 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
         weights = list(cfg.weights) if cfg.weights else [float(i.tokens) for i in infos]
     G = global_batch_size
     sizes = [max(train_iterations, 1) * G, max(eval_iterations, 1) * G, G]
+    _check_index_memory(infos, weights, cfg.split, sizes[0], cfg.seq_len)
     datasets = _build_megatron(cfg, prefixes, weights, tok, seed, sizes)
     flags = dict(eod_id=tok.eod_id, position_ids=cfg.reset_position_ids, doc_ids=cfg.reset_attention_mask)
     train = TrainLoader(_Sampler(datasets[0], micro_batch_size, name="train", **flags), G, dp_rank,

@@ -5,8 +5,10 @@
     srun python launch/pretrain.py --config ...          # ranks from SLURM's environment
     python launch/pretrain.py --config ...               # one process
 
-Exit status: 0 done; 2 bad input (config, layout, data, checkpoint, environment),
-printed as one ``error:`` line; 75 saved after SIGTERM/SIGUSR1, requeue me.
+Exit status: 0 done; 2 bad input (config, layout, data, checkpoint, environment, a run
+directory in use or unwritable), printed as one ``error:`` line; 3 a non-finite loss or
+gradient norm under ``training.nonfinite=stop``; 1 an I/O failure outside a checkpoint
+save (e.g. a full disk while logging); 75 saved after SIGTERM/SIGUSR1, requeue me.
 ``python -m launch.run`` takes torchrun's options and passes SIGTERM/SIGUSR1 on to
 the workers and their exit status back (docs/launch.md).
 """
@@ -19,6 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXIT_BAD_INPUT = 2
+EXIT_NUMERICS = 3
+EXIT_IO = 1
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +56,8 @@ def run(argv: list[str]) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import load_config
     from pretrain.configlib import ConfigError
+    from pretrain.guards import NumericsError
+    from pretrain.trainer import RunError
 
     args = parse_args(argv)
     if args.help_config:
@@ -75,9 +81,15 @@ def run(argv: list[str]) -> int:
         from pretrain.trainer import Trainer
         trainer = Trainer(cfg, env.rank, env.world_size, env.local_rank, backend)
         return trainer.run()
-    except (ConfigError, DataError, CheckpointError, LaunchError) as e:
+    except (ConfigError, DataError, CheckpointError, LaunchError, RunError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except NumericsError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NUMERICS
+    except OSError as e:      # e.g. the disk filled up while writing metrics or logs
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr, flush=True)
+        return EXIT_IO
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

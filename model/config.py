@@ -100,3 +100,25 @@ class ModelConfig:
         head = self.vocab_size * d
         attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
         return 6.0 * (dense + head) + attn
+
+
+#: Model settings a resumed run may change: they alter how weights are used at the
+#: margins (context length, RoPE base and scaling, norm epsilon) or only matter at
+#: initialization. Every other model setting fixes what the saved weights mean.
+FREE_ON_RESUME = ("max_seq_len", "rope_theta", "rope_scaling", "norm_eps", "init_std")
+
+
+def weight_meaning_change(saved: dict, current: dict, prefix: str = "model") -> Optional[tuple[str, object, object]]:
+    """The first model setting (dotted key, saved value, current value) that differs between
+    a checkpoint's model section and this run's and changes what its weights mean."""
+    for key, value in current.items():
+        if key in FREE_ON_RESUME or key not in saved:
+            continue
+        old = saved[key]
+        if isinstance(value, dict) and isinstance(old, dict):
+            found = weight_meaning_change(old, value, f"{prefix}.{key}")
+            if found:
+                return found
+        elif old != value:
+            return f"{prefix}.{key}", old, value
+    return None

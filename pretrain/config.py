@@ -66,6 +66,21 @@ class ScheduleConfig:
             raise bad("schedule.decay_iters", self.decay_iters, "an integer >= 0")
 
 
+#: Longest run accepted: more steps than any pre-training run has taken by 100x.
+MAX_ITERATIONS = 10**9
+#: Most training tokens accepted: about 70x the largest published pre-training runs (~15T).
+MAX_TRAIN_TOKENS = 10**15
+
+
+def check_run_length(iterations: int, global_batch: int, seq_len: int) -> None:
+    """Refuse a run whose token count no cluster would finish (before any data is built)."""
+    tokens = iterations * global_batch * seq_len
+    if tokens > MAX_TRAIN_TOKENS:
+        raise bad("training.iterations", iterations,
+                  f"a run of at most {MAX_TRAIN_TOKENS:.0e} tokens; {iterations} x global batch "
+                  f"{global_batch} x seq {seq_len} = {tokens:.2e} tokens")
+
+
 @dataclass
 class TrainingConfig:
     """Length, batching, evaluation and outputs of the run."""
@@ -83,7 +98,18 @@ class TrainingConfig:
     resume: str = field(default="auto", metadata=doc(
         "auto: continue from the newest complete checkpoint in the run directory if any; "
         "none: start fresh; or a path: a checkpoint directory, a checkpoint root, or a run "
-        "directory (its newest complete checkpoint)."))
+        "directory (its newest complete checkpoint). 'none' and a path start a new lineage: "
+        "this run's checkpoints newer than the starting point are moved to "
+        "checkpoints/abandoned/ (kept, never resumed), and later 'auto' runs continue the "
+        "new lineage."))
+    nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=doc(
+        "A NaN/Inf loss or gradient norm: stop (exit 3 naming the first bad iteration; checked "
+        "at each log interval and before every save, so no checkpoint holds non-finite "
+        "weights) or skip (the optimizer step is skipped and counted; checked every step, "
+        "which costs one host synchronization per step)."))
+    loss_spike_ratio: float = field(default=2.0, metadata=doc(
+        "Log a loss spike when a step's loss exceeds this multiple of the median of the "
+        "previous 50 steps' losses (0 disables). Spikes are logged and counted, not acted on."))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=doc(
         "auto picks cuda when available."))
     keep_freed_memory: bool = field(default=True, metadata=doc(
@@ -101,6 +127,12 @@ class TrainingConfig:
             raise bad("training.global_batch_size", self.global_batch_size, "0 (auto) or a positive integer")
         if self.eval_interval < 0:
             raise bad("training.eval_interval", self.eval_interval, "an integer >= 0")
+        if self.iterations > MAX_ITERATIONS:
+            raise bad("training.iterations", self.iterations,
+                      f"at most {MAX_ITERATIONS:.0e} (at one step per second that is over "
+                      "30 years of training)")
+        if self.loss_spike_ratio != 0 and self.loss_spike_ratio <= 1:
+            raise bad("training.loss_spike_ratio", self.loss_spike_ratio, "0 (off) or a number > 1")
 
 
 @dataclass

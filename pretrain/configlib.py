@@ -9,6 +9,7 @@ Sections validate value ranges in their ``validate()`` method.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, get_args, get_origin
 
@@ -81,14 +82,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise bad(key, value, "an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad(key, value, "a number")
+        if number is None:
+            raise bad(key, value, "a number")
+        if not math.isfinite(number):
+            raise bad(key, value, "a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -142,11 +148,27 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error
+    (plain PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str) -> dict:
-    """Read a YAML mapping with one clear error for a missing file or bad syntax."""
+    """Read a YAML mapping with one clear error for a missing file, bad syntax or a
+    duplicate key."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:

@@ -54,7 +54,9 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        self.dropped = truncate_metrics(path, start_iter)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if cfg.logging.wandb:
             self.wandb_run = _start_wandb(cfg, run_dir)
         if cfg.logging.tensorboard:
@@ -105,6 +107,38 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def truncate_metrics(path: str, last_iteration: int) -> int:
+    """Make ``path`` hold exactly the records an uninterrupted run has written by the end of
+    ``last_iteration`` (the iteration a run resumes at): later records and a torn last
+    line are removed. Removed records are appended to ``metrics-abandoned.jsonl`` beside
+    it (a rolled-back lineage's history is kept, not lost). Returns how many were removed."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    kept, dropped = [], []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:            # a line cut by a kill
+            continue
+        it = rec.get("iteration", 0) if isinstance(rec, dict) else 0
+        (kept if isinstance(it, int) and it <= last_iteration else dropped).append(line)
+    if len(kept) == len(lines):
+        return 0
+    if dropped:
+        with open(os.path.join(os.path.dirname(path), "metrics-abandoned.jsonl"), "a",
+                  encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in dropped))
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def _start_wandb(cfg: RunConfig, run_dir: str):

@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,11 +23,18 @@ import torch.distributed as dist
 from data import build_data
 from parallel.engine import build_engine
 from parallel.mesh import ParallelDims
+from model.config import weight_meaning_change
+from model.transformer import param_shapes
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig
+from pretrain.checkpoint.discovery import describe_incomplete
+from pretrain.config import RunConfig, check_run_length
+from pretrain.configlib import bad
+from pretrain.faults import fault_point
+from pretrain.guards import SPIKE_WINDOW, NumericsGuard, finite
 from pretrain.host import setup_host
 from pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
 from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.runlock import RunLock, RunLockError
 
 #: Exit status after a signal-triggered save: "state saved, please requeue" (sysexits EX_TEMPFAIL).
 EXIT_REQUEUE = 75
@@ -105,6 +112,11 @@ def derived_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration * 7919 + rank) % 2**63
 
 
+class RunError(RuntimeError):
+    """The run cannot start or continue: its directory is in use or unwritable, or a
+    checkpoint does not belong to this model. One line, exit status 2."""
+
+
 class Trainer:
     """Owns everything one training job needs; ``run()`` returns the exit status."""
 
@@ -122,10 +134,62 @@ class Trainer:
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.state = TrainState()
         self.stop = StopSignal()
+        self.guard = NumericsGuard(cfg.training.nonfinite, cfg.training.loss_spike_ratio)
+        self.resumed_from: Optional[str] = None
+        self._locks: list[RunLock] = []
         self._pending_save: Optional[ckpt.PendingSave] = None
-        self._setup()
+        try:
+            self._setup()
+        except BaseException:
+            self.release()
+            raise
 
     # ---------------------------------------------------------------- setup
+
+    def _rank0_then_agree(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on rank 0; if it fails, every rank raises its one-line message."""
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except (RunError, RunLockError, ckpt.CheckpointError) as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{e.filename or self.run_dir}: {e.strerror or e}"
+        if dist.is_initialized():
+            errors: list[Optional[str]] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            raise RunError(error)
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: lock the run directory (and an outside checkpoint root), write config.yaml."""
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create training.output_dir={self.run_dir}: {e.strerror or e}") from None
+        dirs = [self.run_dir]
+        if not os.path.abspath(self.ckpt_root).startswith(os.path.abspath(self.run_dir) + os.sep):
+            dirs.append(self.ckpt_root)
+        for d in dirs:
+            lock = RunLock(d)
+            previous = lock.acquire()
+            self._locks.append(lock)
+            if previous:
+                print(f"took over the run lock of {d} from a process that is gone "
+                      f"(pid {previous.get('pid')} on {previous.get('host')})", flush=True)
+        try:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(self.cfg.to_yaml())
+        except OSError as e:
+            raise RunError(f"cannot write to training.output_dir={self.run_dir}: {e.strerror or e}") from None
+
+    def release(self) -> None:
+        """Drop the run-directory locks (the kernel also drops them when the process dies)."""
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
 
     def _dp_coords(self) -> tuple[int, int]:
         """(dp rank, dp size) of this rank: which slice of each global batch it reads."""
@@ -135,18 +199,15 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(cfg.to_yaml())
+        self._rank0_then_agree(self._prepare_run_dir)
         seed_everything(t.seed)
         dp_rank, dp_size = self._dp_coords()
         mb = t.micro_batch_size
         self.global_batch = t.global_batch_size or mb * dp_size
         if self.global_batch % (mb * dp_size):
-            from pretrain.configlib import bad
             raise bad("training.global_batch_size", self.global_batch,
                       f"a multiple of micro_batch_size x data-parallel size = {mb * dp_size}")
+        check_run_length(t.iterations, self.global_batch, cfg.data.seq_len)
         self.accum = self.global_batch // (mb * dp_size)
         self.data = build_data(cfg.data, model_vocab_size=cfg.model.vocab_size, seed=t.seed,
                                global_batch_size=self.global_batch, micro_batch_size=mb,
@@ -164,38 +225,75 @@ class Trainer:
                        f"params {n_params / 1e6:.1f}M | global batch {self.global_batch} "
                        f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
 
+    def _print0(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
     def _maybe_resume(self) -> None:
-        """training.resume (auto: newest complete checkpoint), else checkpoint.load (weights only).
+        """training.resume (auto: newest complete checkpoint of this lineage), else
+        checkpoint.load (weights only).
 
         Any layout loads any checkpoint: DCP reshards by parameter name. The model's full
-        tensor names and shapes are checked first; the first mismatch is named.
+        tensor names and shapes are checked first, and every model setting that changes
+        what the weights mean must equal the checkpoint's; the first mismatch is named.
+        ``none`` and an explicit path start a new lineage (see pretrain.checkpoint.discovery).
         """
         cfg = self.cfg
         resume = cfg.training.resume
+        for line in describe_incomplete(ckpt.scan(self.ckpt_root)):
+            self._print0(f"warning: {line}")
         path = None
         if resume == "auto":
             path = ckpt.latest_checkpoint(self.ckpt_root)
         elif resume != "none":
             path = ckpt.resolve_checkpoint(resume)
-        shapes = ckpt.model_shapes(cfg.model)
+        shapes = param_shapes(cfg.model)
         if path is not None:
+            self._check_same_model(path)
             st = ckpt.load(path, self.engine.model_parts, self.optimizer, expected_shapes=shapes)
-            try:
-                self.state = TrainState(st["iteration"], st["consumed_samples"], st["consumed_tokens"],
-                                        st.get("extra", {}))
-                self.data.train.load_state_dict(st["data"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ckpt.CheckpointError(f"checkpoint file {os.path.join(path, ckpt.STATE_FILE)}: "
-                                           f"bad trainer state ({type(e).__name__}: {e})") from None
-            self._restore_rng(path, st.get("world_size", 0))
-            if self.rank == 0:
-                print(f"resumed from checkpoint {path} at iteration {self.state.iteration}"
-                      f" (saved with {st.get('layout', '?')})", flush=True)
+            self._restore_state(path, st)
+            self.resumed_from = path
+            self._print0(f"resumed from checkpoint {path} at iteration {self.state.iteration}"
+                         f" (saved with {st.get('layout', '?')})")
         elif cfg.checkpoint.load:
             load = ckpt.resolve_checkpoint(cfg.checkpoint.load)
+            self._check_same_model(load)
             ckpt.load(load, self.engine.model_parts, optimizer=None, expected_shapes=shapes)
-            if self.rank == 0:
-                print(f"initialized model weights from {load}", flush=True)
+            self._print0(f"initialized model weights from {load}")
+        if resume != "auto":
+            self._rank0_then_agree(lambda: self._start_lineage(path))
+
+    def _start_lineage(self, origin: Optional[str]) -> None:
+        """Rank 0: set aside this root's checkpoints newer than the starting point."""
+        moved = ckpt.start_lineage(self.ckpt_root, origin)
+        if moved:
+            where = os.path.dirname(moved[0])
+            start = f"checkpoint {origin}" if origin else "scratch (training.resume=none)"
+            print(f"new lineage from {start}: {len(moved)} newer checkpoint(s) of the abandoned "
+                  f"lineage moved to {where} (kept, never resumed): "
+                  + ", ".join(os.path.basename(m) for m in moved), flush=True)
+
+    def _check_same_model(self, path: str) -> None:
+        """Refuse a checkpoint saved with a model setting that changes what its weights mean."""
+        saved = (ckpt.read_trainer_state(path).get("config") or {}).get("model")
+        if not isinstance(saved, dict):
+            return
+        change = weight_meaning_change(saved, self.cfg.to_dict()["model"])
+        if change:
+            key, old, new = change
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained with {key}={old!r}, this run has {key}={new!r}: its "
+                f"weights would mean something else; set {key}={old!r} (or convert the checkpoint)")
+
+    def _restore_state(self, path: str, st: dict) -> None:
+        try:
+            self.state = TrainState(st["iteration"], st["consumed_samples"], st["consumed_tokens"],
+                                    st.get("extra", {}))
+            self.data.train.load_state_dict(st["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"checkpoint file {os.path.join(path, ckpt.STATE_FILE)}: "
+                                       f"bad trainer state ({type(e).__name__}: {e})") from None
+        self._restore_rng(path, st.get("world_size", 0))
 
     def _restore_rng(self, path: str, saved_world_size: int) -> None:
         """Same world size: each rank restores its own RNG file. Otherwise every rank
@@ -226,6 +324,7 @@ class Trainer:
                 self.log.step()
                 it = self.state.iteration
                 if it % t.log_interval == 0 or it == t.iterations:
+                    self._check_numerics()
                     elapsed = time.perf_counter() - interval_start
                     self._log_interval(loss, grad_norm, lr, interval_tokens / elapsed, step_times)
                     interval_start, interval_tokens, step_times = time.perf_counter(), 0, []
@@ -246,6 +345,7 @@ class Trainer:
             return 0
         finally:
             self.log.close()
+            self.release()
 
     def _train_step(self) -> tuple[torch.Tensor, float, float]:
         lr = lr_at(self.state.iteration, self.cfg.training.iterations, self.cfg.optimizer, self.cfg.schedule)
@@ -253,12 +353,28 @@ class Trainer:
         microbatches = self.data.train.next_step()
         loss = self.engine.forward_backward(microbatches)
         grad_norm = self.engine.clip_grad_norm_(self.cfg.optimizer.grad_clip)
-        self.optimizer.step()
+        norm_t = torch.as_tensor(grad_norm, device=loss.device)
+        if self.guard.policy == "skip" and not bool(finite(loss, norm_t)):
+            self.state.extra["skipped_steps"] = self.state.extra.get("skipped_steps", 0) + 1
+            self._print0(f"skipped iteration {self.state.iteration + 1}: non-finite loss or gradient "
+                         f"norm (loss {float(loss)}, grad norm {grad_norm}; training.nonfinite=skip)")
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        fault_point("step")
         self.state.iteration += 1
         self.state.consumed_samples += self.global_batch
         self.state.consumed_tokens += self.global_batch * self.cfg.data.seq_len
+        self.guard.record(self.state.iteration, loss, norm_t)
         return loss, grad_norm, lr
+
+    def _check_numerics(self) -> None:
+        """Judge the steps since the last check: stop on a non-finite one (policy stop),
+        log loss spikes."""
+        for it, loss, median in self.guard.check():
+            self.log.log({"iteration": it, "loss_spike": loss, "spike_reference": median},
+                         f"loss spike at iteration {it}: {loss:.4f} vs median {median:.4f} of the "
+                         f"previous {SPIKE_WINDOW} steps")
 
     def _log_interval(self, loss: torch.Tensor, grad_norm: float, lr: float, tok_s: float,
                       step_times: list[float]) -> None:
@@ -267,7 +383,8 @@ class Trainer:
                "grad_norm": grad_norm, "tokens_per_s": tok_s,
                "mfu": tok_s * self.flops_per_token / (self.peak * self.world_size),
                "step_time_s": sum(step_times) / len(step_times),
-               "peak_memory_bytes": peak_memory_bytes(self.device)}
+               "peak_memory_bytes": peak_memory_bytes(self.device),
+               "skipped_steps": self.state.extra.get("skipped_steps", 0)}
         self.log.log(rec, format_line(rec))
 
     def _evaluate(self) -> None:
@@ -281,11 +398,15 @@ class Trainer:
     def _save(self, background: bool = False) -> None:
         """Checkpoint the state after ``self.state.iteration`` steps (collective).
 
-        ``background`` with ``checkpoint.async_save`` lets the write overlap training;
-        otherwise it is finished (verified, renamed, ``latest`` moved) before returning.
-        At most one save is in flight. The LR is a pure function of the iteration; it is
-        stored with the schedule for inspection. There is no gradient scaler (bf16/fp32).
+        The steps since the last check are judged first, so no checkpoint holds weights
+        of a non-finite step (policy stop). ``background`` with ``checkpoint.async_save``
+        lets the write overlap training; otherwise it is finished (verified, renamed,
+        ``latest`` moved) before returning. At most one save is in flight. The LR is a
+        pure function of the iteration; it is stored with the schedule for inspection.
+        There is no gradient scaler (bf16/fp32). Retention never deletes the checkpoint
+        this run resumed from.
         """
+        self._check_numerics()
         self._finish_pending_save()
         st, cfg = self.state, self.cfg
         trainer_state = {"format_version": ckpt.FORMAT_VERSION, "iteration": st.iteration,
@@ -296,9 +417,11 @@ class Trainer:
                          "layout": self.dims.describe(), "config": cfg.to_dict()}
         use_async = background and cfg.checkpoint.async_save
         start = time.perf_counter()
+        protect = (self.resumed_from,) if self.resumed_from else ()
         pending = ckpt.save(self.ckpt_root, st.iteration, self.engine.model_parts, self.optimizer,
                             trainer_state, cfg.checkpoint.keep_last,
-                            rank_files={f"rng_rank{self.rank}.pt": rng_state()}, async_save=use_async)
+                            rank_files={f"rng_rank{self.rank}.pt": rng_state()}, async_save=use_async,
+                            protect=protect)
         if use_async:
             self._pending_save = pending
             self.log.print(f"checkpoint at iteration {st.iteration}: writing in the background "

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain.py")
@@ -42,16 +42,22 @@ def command(out: str, iterations: int, *extra: str, nproc: int = 1) -> list[str]
             f"--master_port={free_port()}", LAUNCH, *args]
 
 
-def start(out: str, iterations: int, *extra: str, nproc: int = 1) -> subprocess.Popen:
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, f"stdout-{time.time_ns()}.log"), "w")
+def start(out: str, iterations: int, *extra: str, nproc: int = 1, env_extra: Optional[dict] = None,
+          logs: Optional[str] = None) -> subprocess.Popen:
+    """Start a run writing to ``out``; its console output goes to ``stdout-<ns>.log`` in
+    ``logs`` (default ``out``). ``env_extra`` adds environment variables."""
+    logs = logs or out
+    os.makedirs(logs, exist_ok=True)
+    log = open(os.path.join(logs, f"stdout-{time.time_ns()}.log"), "w")
     return subprocess.Popen(command(out, iterations, *extra, nproc=nproc), stdout=log,
-                            stderr=subprocess.STDOUT, env=env(), cwd=ROOT, start_new_session=True)
+                            stderr=subprocess.STDOUT, env=dict(env(), **(env_extra or {})), cwd=ROOT,
+                            start_new_session=True)
 
 
-def run(out: str, iterations: int, *extra: str, nproc: int = 1, timeout: float = 300) -> int:
+def run(out: str, iterations: int, *extra: str, nproc: int = 1, timeout: float = 300,
+        env_extra: Optional[dict] = None, logs: Optional[str] = None) -> int:
     """Run to completion; returns the exit status."""
-    p = start(out, iterations, *extra, nproc=nproc)
+    p = start(out, iterations, *extra, nproc=nproc, env_extra=env_extra, logs=logs)
     try:
         return p.wait(timeout=timeout)
     finally:
@@ -70,6 +76,12 @@ def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def output(out: str) -> str:
     return "".join(open(f).read() for f in sorted(glob.glob(os.path.join(out, "stdout-*.log"))))
+
+
+def last_output(out: str) -> str:
+    """Console output of the most recent run that logged into ``out``."""
+    files = sorted(glob.glob(os.path.join(out, "stdout-*.log")))
+    return open(files[-1]).read() if files else ""
 
 
 def records(out: str) -> list[dict]:
@@ -113,5 +125,5 @@ def complete(out: str) -> list[str]:
                   if os.path.isfile(os.path.join(d, "manifest.json")))
 
 
-__all__ = ["run", "start", "kill_group", "losses", "records", "output", "wait_until", "tmp_dirs",
-           "complete", "ROOT"]
+__all__ = ["run", "start", "kill_group", "losses", "records", "output", "last_output", "wait_until",
+           "tmp_dirs", "complete", "ROOT"]

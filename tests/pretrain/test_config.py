@@ -119,3 +119,30 @@ def test_print_config_and_help_config():
     assert res.returncode == 0 and "lr: 0.5" in res.stdout
     res = run_launcher("--help-config")
     assert res.returncode == 0 and "optimizer.lr" in res.stdout and "Peak learning rate" in res.stdout
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=inf", "optimizer.lr"), ("optimizer.lr=nan", "optimizer.lr"),
+    ("optimizer.lr=.nan", "optimizer.lr"), ("optimizer.grad_clip=nan", "optimizer.grad_clip"),
+    ("optimizer.weight_decay=-inf", "optimizer.weight_decay"), ("model.rope_theta=1e999", "model.rope_theta"),
+    ("training.loss_spike_ratio=.inf", "training.loss_spike_ratio"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert f"config key '{key}'" in str(e.value) and "finite" in str(e.value)
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: 1.0e-3\n  beta1: 0.9\n  lr: 1.0e-2\n")
+    with pytest.raises(ConfigError, match=r"line 4.*duplicate key 'lr' \(first at line 2\)"):
+        load_config(path, [])
+
+
+def test_absurd_run_lengths_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="training.iterations.*at most 1e\\+09"):
+        load_config(TINY, ["training.iterations=1000000001"])
+    from pretrain.config import check_run_length
+    check_run_length(10**6, 1024, 4096)                        # 4.3e12 tokens: a real run
+    with pytest.raises(ConfigError, match="training.iterations.*1e\\+15 tokens"):
+        check_run_length(10**9, 4096, 8192)
