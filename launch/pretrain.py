@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def help_config() -> None:
     from pretrain.config import RunConfig
-    from pretrain.configlib import field_docs
+    from model.configlib import field_docs
     for key, text, default in field_docs(RunConfig):
         print(f"{key} = {default!r}\n    {text}")
 
@@ -55,7 +55,7 @@ def run(argv: list[str]) -> int:
     from parallel.mesh import ParallelDims
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import load_config
-    from pretrain.configlib import ConfigError
+    from model.configlib import ConfigError
     from pretrain.guards import NumericsError
     from pretrain.trainer import RunError
 

@@ -132,7 +132,7 @@ def load_run_config(config: Path, overrides: list[str], world_size: int):
     """Load and validate the run config and its layout for ``world_size`` processes."""
     from parallel.mesh import LayoutError, ParallelDims
     from pretrain.config import load_config
-    from pretrain.configlib import ConfigError
+    from model.configlib import ConfigError
 
     try:
         cfg = load_config(str(config), overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from pretrain.configlib import ConfigError, bad, doc
+from model.configlib import ConfigError, bad, doc
 
 
 @dataclass
@@ -27,8 +27,8 @@ class RopeScaling:
 @dataclass
 class ModelConfig:
     """Shape and layer choices of a decoder-only transformer."""
-    arch: Literal["llama"] = field(default="llama", metadata=doc(
-        "Architecture family; later architectures register here."))
+    arch: str = field(default="llama", metadata=doc(
+        "Architecture: a registered model spec (model/spec.py), e.g. llama."))
     vocab_size: int = field(default=4096, metadata=doc(
         "Embedding rows; must be >= the tokenizer's vocabulary."))
     hidden_size: int = field(default=256, metadata=doc("Model width d."))
@@ -47,10 +47,13 @@ class ModelConfig:
         "Share the input embedding with the output head."))
     init_std: float = field(default=0.02, metadata=doc(
         "Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."))
-    attention: Literal["gqa"] = field(default="gqa", metadata=doc("Attention slot."))
-    mlp: Literal["swiglu"] = field(default="swiglu", metadata=doc("MLP slot."))
-    linear: Literal["linear"] = field(default="linear", metadata=doc(
-        "Linear slot used by attention and MLP projections."))
+    attention: str = field(default="gqa", metadata=doc(
+        "Attention slot (model.layers.ATTENTIONS): gqa, or a kind an architecture registers."))
+    mlp: str = field(default="swiglu", metadata=doc(
+        "MLP slot (model.layers.MLPS): swiglu, or a kind an architecture registers."))
+    linear: str = field(default="linear", metadata=doc(
+        "Linear slot used by the projections (model.layers.LINEARS): linear, or a kind an "
+        "architecture registers."))
     attention_bias: bool = field(default=False, metadata=doc("Bias on q/k/v/o projections."))
     mlp_bias: bool = field(default=False, metadata=doc("Bias on MLP projections."))
 
@@ -63,7 +66,14 @@ class ModelConfig:
             self.ffn_hidden_size = 64 * -(-int(8 * self.hidden_size / 3) // 64)
 
     def validate(self) -> None:
-        """Reject impossible shapes with a message naming the key."""
+        """Reject impossible shapes and unknown slot kinds with a message naming the key."""
+        from model.layers import ATTENTIONS, LINEARS, MLPS
+        from model.spec import get_spec
+        get_spec(self.arch)
+        for key, registry in (("attention", ATTENTIONS), ("mlp", MLPS), ("linear", LINEARS)):
+            if getattr(self, key) not in registry:
+                raise bad(f"model.{key}", getattr(self, key),
+                          "one of " + ", ".join(repr(k) for k in sorted(registry)))
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_hidden_size", "max_seq_len"):
             if getattr(self, key) <= 0:
@@ -79,27 +89,16 @@ class ModelConfig:
             raise ConfigError("model.norm_eps and model.init_std must be positive")
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count implied by the config."""
-        d, hd = self.hidden_size, self.head_dim
-        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = 3 * d * self.ffn_hidden_size
-        per_layer = attn + mlp + 2 * d
-        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + d + (emb if include_embedding else 0)
+        """Parameter count of the model this config builds (tied parameters once)."""
+        from model.accounting import counts
+        c = counts(self)
+        return c.total if include_embedding else c.total - c.embedding
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), attention included.
-
-        Matmul FLOPs: 6 * (non-embedding matmul params + output head); attention
-        scores and the weighted sum add 12 * L * H * hd * T per token. This is the
-        PaLM appendix-B convention (also torchtitan's): the causal mask's skipped
-        half is not subtracted, so MFU stays comparable across codebases.
-        """
-        d = self.hidden_size
-        dense = self.num_params(include_embedding=False) - (2 * self.num_layers + 1) * d
-        head = self.vocab_size * d
-        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
-        return 6.0 * (dense + head) + attn
+        """Training FLOPs per token (forward + backward = 3x forward), attention included
+        (model/accounting.py: 6 x activated matmul parameters + attention, PaLM convention)."""
+        from model.accounting import flops_per_token
+        return flops_per_token(self, seq_len)
 
 
 #: Model settings a resumed run may change: they alter how weights are used at the

@@ -2,32 +2,48 @@
 
 A transformer block is assembled from three slots:
 
-* ``LINEARS[cfg.linear]``: ``factory(in_features, out_features, bias) -> nn.Module``
-  used for every projection inside attention and MLP (BitLinear / FP8 fill it later).
-* ``ATTENTIONS[cfg.attention]``: ``cls(cfg, layer_idx, linear)``; forward
-  ``(x, rope, mask) -> y``.
-* ``MLPS[cfg.mlp]``: ``cls(cfg, layer_idx, linear)``; forward ``x -> y``.
+* ``LINEARS[cfg.linear]``: ``factory(cfg, in_features, out_features, bias, role) -> nn.Module``,
+  used for every projection. ``role`` says what the projection is (:data:`ROLES`), so a
+  linear kind (BitLinear, FP8) can choose which projections it replaces. Use
+  :func:`make_linear`, which also records the role on the module.
+* ``ATTENTIONS[kind]``: ``cls(cfg, layer_idx)``; forward ``(x, ctx) -> y``.
+* ``MLPS[kind]``: ``cls(cfg, layer_idx)``; forward ``x -> y``.
 
-Projections reshape with ``-1`` head counts so tensor parallelism (which shards
-the projection weights) needs no change here.
+Layers declare what the rest of the system needs about them, instead of the rest
+guessing from names:
+
+* ``tp_roles()`` -> ``{child name: role}``: how :mod:`parallel.tensor_parallel` shards
+  each child (``colwise``, ``rowwise``, ``("kv", num_kv_heads, head_dim)``,
+  ``sequence``, ``gather``); the plan is written beside the layer it shards.
+* ``tp_requirements(cfg, layer_idx, tp)`` (classmethod) -> an error line or None,
+  checked before any process group exists.
+* initialization: a projection whose role is in :data:`OUTPUT_ROLES` gets the
+  depth-scaled std; a module's ``init_rule(param_name)`` can override (norms: ones).
+
+Projections reshape with ``-1`` head counts so tensor parallelism (which shards the
+projection weights) needs no change here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.attention_kernels import causal_attention
-from model.config import ModelConfig
 
-LinearFactory = Callable[[int, int, bool], nn.Module]
+#: Projection roles a linear factory receives.
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "head", "proj")
+#: Roles whose output writes into the residual stream: init std / sqrt(2 * num_layers).
+OUTPUT_ROLES = ("o", "down")
+
+LinearFactory = Callable[[Any, int, int, bool, str], nn.Module]
 
 LINEARS: dict[str, LinearFactory] = {
-    "linear": lambda i, o, bias: nn.Linear(i, o, bias=bias),
+    "linear": lambda cfg, i, o, bias, role: nn.Linear(i, o, bias=bias),
 }
 ATTENTIONS: dict[str, type] = {}
 MLPS: dict[str, type] = {}
@@ -39,6 +55,15 @@ def register(registry: dict, name: str):
         registry[name] = cls
         return cls
     return wrap
+
+
+def make_linear(cfg, in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
+    """A projection from the configured linear slot, tagged with its ``role``."""
+    if role not in ROLES:
+        raise ValueError(f"unknown projection role {role!r}")
+    module = LINEARS[cfg.linear](cfg, in_features, out_features, bias, role)
+    module.role = role
+    return module
 
 
 class RMSNorm(nn.Module):
@@ -55,13 +80,13 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+    def init_rule(self, name: str) -> str:
+        return "ones"
 
 
 # ---------------------------------------------------------------- RoPE
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg) -> torch.Tensor:
     """Inverse frequencies (hd/2,), with Llama-3 / linear scaling applied."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
@@ -80,7 +105,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv.float()
 
 
-def rope_table(cfg: ModelConfig, device=None) -> torch.Tensor:
+def rope_table(cfg, device=None) -> torch.Tensor:
     """cos/sin table (max_seq_len, 2, hd) for the rotate-half RoPE convention."""
     inv = rope_inv_freq(cfg).to(device)                      # (hd/2,)
     t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
@@ -89,11 +114,11 @@ def rope_table(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.stack([emb.cos(), emb.sin()], dim=1)        # (S, 2, hd)
 
 
-def select_rope(table: torch.Tensor, seq_len: int,
-                position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin broadcastable to (B, T, H, hd) for the given positions."""
+def select_rope(table: torch.Tensor, seq_len: int, position_ids: Optional[torch.Tensor],
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin broadcastable to (B, T, H, hd) for the given positions (or start..start+T)."""
     if position_ids is None:
-        cs = table[:seq_len]                                 # (T, 2, hd)
+        cs = table[start:start + seq_len]                    # (T, 2, hd)
         return cs[:, 0, None, :], cs[:, 1, None, :]          # (T, 1, hd)
     cs = table[position_ids]                                 # (B, T, 2, hd)
     return cs[:, :, 0, None, :], cs[:, :, 1, None, :]        # (B, T, 1, hd)
@@ -106,44 +131,82 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-# ---------------------------------------------------------------- attention
+# ---------------------------------------------------------------- per-forward context
 
 @dataclass
-class AttnInputs:
-    """Per-batch tensors every attention layer reads."""
-    cos: torch.Tensor                 # (T, 1, hd) or (B, T, 1, hd)
+class Context:
+    """What every layer of one forward pass may read besides the hidden state."""
+    cos: torch.Tensor                   # (T, 1, hd) or (B, T, 1, hd)
     sin: torch.Tensor
-    mask: Optional[torch.Tensor]      # None (causal) or bool (B, 1, T, T), True = attend
+    mask: Optional[torch.Tensor]        # None (causal) or bool (B, 1, T, T), True = attend
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)   # tensors produced by earlier units
+    cache: Any = None                   # an inference cache (generation), else None
+    start: int = 0                      # position of the first token (generation with a cache)
 
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Causal attention of (B, Hq, T, hd) queries over (B, Hkv, S, hd) keys/values.
+
+    Without a cache S == T (training, full forward); with one, the queries are the last
+    T of S positions and see every key up to their own position.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    if ctx.mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=n_rep > 1)
+    if S == T:
+        return causal_attention(q, k, v)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)   # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=n_rep > 1)
+
+
+# ---------------------------------------------------------------- attention
 
 @register(ATTENTIONS, "gqa")
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention with grouped key/value heads, RoPE, and SDPA."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, linear: LinearFactory):
+    def __init__(self, cfg, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
-        self.n_rep = cfg.num_heads // cfg.num_kv_heads
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
         hd, b = cfg.head_dim, cfg.attention_bias
-        self.wq = linear(cfg.hidden_size, cfg.num_heads * hd, b)
-        self.wk = linear(cfg.hidden_size, cfg.num_kv_heads * hd, b)
-        self.wv = linear(cfg.hidden_size, cfg.num_kv_heads * hd, b)
-        self.wo = linear(cfg.num_heads * hd, cfg.hidden_size, b)
+        self.wq = make_linear(cfg, cfg.hidden_size, cfg.num_heads * hd, b, "q")
+        self.wk = make_linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, b, "k")
+        self.wv = make_linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, b, "v")
+        self.wo = make_linear(cfg, cfg.num_heads * hd, cfg.hidden_size, b, "o")
 
-    def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)         # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)         # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, inp.cos, inp.sin), apply_rope(k, inp.cos, inp.sin)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
-        n_rep = q.shape[1] // k.shape[1]
-        if inp.mask is None:
-            y = causal_attention(q, k, v)                    # (B, Hq, T, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=inp.mask, enable_gqa=n_rep > 1)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)    # (B, Hkv, S, hd): all positions so far
+        y = attend(q, k, v, ctx)                             # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)              # (B, T, Hq*hd)
         return self.wo(y)
+
+    def tp_roles(self) -> dict:
+        kv = ("kv", self.num_kv_heads, self.head_dim)
+        return {"wq": "colwise", "wk": kv, "wv": kv, "wo": "rowwise"}
+
+    @classmethod
+    def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:
+        if cfg.num_heads % tp:
+            return f"parallel.tensor={tp} must divide model.num_heads={cfg.num_heads}"
+        if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+            return (f"parallel.tensor={tp} and model.num_kv_heads={cfg.num_kv_heads}: one must divide the "
+                    f"other (KV heads are split, or replicated when tensor exceeds their count)")
+        return None
+
+    def attention_flops(self, seq_len: int) -> float:
+        """Attention-score and weighted-sum FLOPs per token, training (PaLM convention)."""
+        return 12.0 * self.num_heads * self.head_dim * seq_len
 
 
 # ---------------------------------------------------------------- MLPs
@@ -152,17 +215,54 @@ class GroupedQueryAttention(nn.Module):
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, linear: LinearFactory):
+    def __init__(self, cfg, layer_idx: int):
         super().__init__()
         b = cfg.mlp_bias
-        self.w1 = linear(cfg.hidden_size, cfg.ffn_hidden_size, b)   # gate
-        self.w3 = linear(cfg.hidden_size, cfg.ffn_hidden_size, b)   # up
-        self.w2 = linear(cfg.ffn_hidden_size, cfg.hidden_size, b)   # down
+        self.w1 = make_linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, b, "gate")
+        self.w3 = make_linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, b, "up")
+        self.w2 = make_linear(cfg, cfg.ffn_hidden_size, cfg.hidden_size, b, "down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def tp_roles(self) -> dict:
+        return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
 
-#: Submodule names whose weights write into the residual stream; they get the
-#: depth-scaled init std / sqrt(2 * num_layers) (GPT-2 / Megatron).
-OUTPUT_PROJECTIONS = ("wo", "w2")
+    @classmethod
+    def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:
+        if cfg.ffn_hidden_size % tp:
+            return f"parallel.tensor={tp} must divide model.ffn_hidden_size={cfg.ffn_hidden_size}"
+        return None
+
+
+# ---------------------------------------------------------------- the block
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    ``attention`` and ``mlp`` name slot entries, so one architecture may mix layer
+    kinds (a different attention or MLP per layer)."""
+
+    def __init__(self, cfg, layer_idx: int, attention: str, mlp: str):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = ATTENTIONS[attention](cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLPS[mlp](cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), ctx)   # (B, T, d)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def tp_roles(self) -> dict:
+        return {"attention_norm": "sequence", "mlp_norm": "sequence", "attention": "gather", "mlp": "gather"}
+
+
+def block_tp_requirements(cfg, layer_idx: int, tp: int, attention: str, mlp: str) -> Optional[str]:
+    """The first divisibility rule a block of these slot kinds breaks at ``tp``, or None."""
+    for cls in (ATTENTIONS[attention], MLPS[mlp]):
+        check = getattr(cls, "tp_requirements", None)
+        err = check(cfg, layer_idx, tp) if check else None
+        if err:
+            return err
+    return None

@@ -1,45 +1,32 @@
-"""Decoder-only transformer (Llama style), written for one device.
+"""The decoder: a model built from its architecture's spec, written for one device.
 
-Layers sit in a ``ModuleDict`` keyed by their global index, and the embedding,
-final norm and output head may be ``None``: a pipeline stage is this same class
-with the pieces it does not own removed (see :mod:`parallel.pipeline`).
+``Transformer(cfg)`` asks the spec of ``cfg.arch`` (:mod:`model.spec`) for its ordered
+units and builds each one. Top-level units (``tok_embeddings``, ``norm``, ``output``)
+are attributes; ``layers.<key>`` units live in the ``layers`` ModuleDict. A pipeline
+stage is this same class with the units it does not own removed
+(:meth:`Transformer.keep_units`); parameter names stay global, so DCP checkpoints
+reshard across pipeline layouts.
 
 Build on the meta device, then materialize and initialize::
 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
+    model.tie_weights()
     model.init_weights(seed=1234)
 """
 from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.layers import (ATTENTIONS, LINEARS, MLPS, OUTPUT_PROJECTIONS, AttnInputs, RMSNorm,
-                          rope_table, select_rope)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        linear = LINEARS[cfg.linear]
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = ATTENTIONS[cfg.attention](cfg, layer_idx, linear)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLPS[cfg.mlp](cfg, layer_idx, linear)
-
-    def forward(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), inp)   # (B, T, d)
-        return x + self.mlp(self.mlp_norm(x))
+from model.layers import OUTPUT_ROLES, Context, rope_table, select_rope
+from model.spec import Unit, get_spec
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -51,71 +38,148 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """Token embedding -> blocks -> RMSNorm -> output head."""
+    """Embedding -> the spec's units -> norm -> head; any of them may be absent on a stage."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
-        self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output: Optional[nn.Linear] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.spec = get_spec(cfg.arch)
+        self.layers: Optional[nn.ModuleDict] = None
+        self.units: list[Unit] = list(self.spec.units(cfg))
+        for unit in self.units:
+            self._put(unit.name, self.spec.build_unit(cfg, unit))
+        self.carry_in: tuple[str, ...] = ()      # carry names a pipeline stage receives
+        self.carry_out: tuple[str, ...] = ()     # carry names it hands on
+        self.tie_weights()
         self.register_buffer("rope", rope_table(cfg), persistent=False)   # (S, 2, hd)
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, T) int64, or hidden states (B, T, d) on a stage without the embedding.
+    # ------------------------------------------------------------ units
 
-        Returns logits (B, T, V) when this module owns the output head, else hidden (B, T, d).
+    def _put(self, name: str, module: Optional[nn.Module]) -> None:
+        if name.startswith("layers."):
+            key = name[len("layers."):]
+            if self.layers is None:
+                self.layers = nn.ModuleDict()
+            if module is None:
+                del self.layers[key]
+            else:
+                self.layers[key] = module
+        else:
+            setattr(self, name, module)
+
+    def unit_module(self, name: str) -> nn.Module:
+        return self.layers[name[len("layers."):]] if name.startswith("layers.") else getattr(self, name)
+
+    def unit_modules(self) -> list[tuple[Unit, nn.Module]]:
+        """This model's (or stage's) units in order, with their modules."""
+        return [(u, self.unit_module(u.name)) for u in self.units]
+
+    def keep_units(self, names: list[str], carry_in: tuple[str, ...], carry_out: tuple[str, ...]) -> None:
+        """Remove every unit not in ``names`` (a pipeline stage)."""
+        for unit in self.units:
+            if unit.name not in names:
+                self._put(unit.name, None)
+        self.units = [u for u in self.units if u.name in names]
+        self.carry_in, self.carry_out = tuple(carry_in), tuple(carry_out)
+
+    def has_unit(self, kind: str) -> bool:
+        return any(u.kind == kind for u in self.units)
+
+    # ------------------------------------------------------------ forward
+
+    def context(self, seq_len: int, position_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
+                cache=None, start: int = 0) -> Context:
+        cos, sin = select_rope(self.rope, seq_len, position_ids, start)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
+        return Context(cos=cos, sin=sin, mask=mask, cache=cache, start=start)
+
+    def forward(self, x: torch.Tensor, *carry: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, cache=None,
+                start: int = 0) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """tokens (B, T) int64, or hidden states (B, T, d) plus the incoming carry tensors
+        (``self.carry_in``) on a later pipeline stage.
+
+        Returns logits (B, T, V) on the stage with the head; otherwise the hidden state,
+        followed by the carry tensors ``self.carry_out`` when there are any.
         ``position_ids`` (B, T) restart RoPE per document; ``doc_ids`` (B, T) restrict
-        attention to each document.
+        attention to each document; ``cache`` / ``start`` are for generation.
         """
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = select_rope(self.rope, h.shape[1], position_ids)
-        inp = AttnInputs(cos=cos, sin=sin,
-                         mask=document_mask(doc_ids) if doc_ids is not None else None)
-        for layer in self.layers.values():
-            h = layer(h, inp)                                  # (B, T, d)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.output is not None:
-            h = self.output(h)                                 # (B, T, V)
-        return h
+        ctx = self.context(x.shape[1], position_ids, doc_ids, cache, start)
+        ctx.carry.update(zip(self.carry_in, carry))
+        for unit, module in self.unit_modules():
+            out = module(x, ctx) if unit.takes_context else module(x)
+            if isinstance(out, tuple):
+                x, produced = out
+                ctx.carry.update(produced)
+            else:
+                x = out
+        if self.carry_out:
+            return (x, *[ctx.carry[n] for n in self.carry_out])
+        return x
 
-    def full_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> global shape of every tensor of the whole model (also on a pipeline stage)."""
-        return param_shapes(self.cfg)
-
-    # ------------------------------------------------------------ init
+    # ------------------------------------------------------------ init and shapes
 
     def tie_weights(self) -> None:
-        """Re-share embedding and head after ``to_empty`` (which un-shares them)."""
-        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            self.output.weight = self.tok_embeddings.weight
+        """Re-share tied parameters (after construction and after ``to_empty``)."""
+        for name, source in self.spec.tied(self.cfg):
+            try:
+                owner, leaf = self._owner(name)
+                weight = self.get_parameter(source)
+            except AttributeError:          # a pipeline stage without one side
+                continue
+            setattr(owner, leaf, weight)
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        path, _, leaf = name.rpartition(".")
+        return self.get_submodule(path), leaf
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Initialize every parameter reproducibly, independent of sharding.
 
-        Each parameter draws from its own generator seeded by (seed, name), builds
-        the full tensor and keeps the local shard, so TP/FSDP/PP layouts start from
-        exactly the single-device weights.
+        Each parameter draws from its own generator seeded by (seed, name), builds the
+        full tensor and keeps the local shard, so TP/FSDP/PP layouts start from exactly
+        the single-device weights. The rule comes from the module that owns the
+        parameter: ``init_rule(name)`` when it has one ("ones", "zeros", "normal",
+        "output"), else biases zero and weights normal(init_std), with
+        init_std / sqrt(2 * num_layers) for projections whose role writes into the
+        residual stream.
         """
         self.rope = rope_table(self.cfg, device=self.rope.device)
         depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
-        for name, param in self.named_parameters():
-            leaf = name.split(".")[-2] if "." in name else name
-            if name.endswith("norm.weight"):
-                full = torch.ones(param.shape)
-            elif name.endswith(".bias"):
-                full = torch.zeros(param.shape)
-            else:
-                std = depth_std if leaf in OUTPUT_PROJECTIONS else self.cfg.init_std
-                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ (seed * 1000003))
-                full = torch.randn(param.shape, generator=gen) * std
-            copy_full_into(param, full)
+        done = set()
+        for mod_name, module in self.named_modules():
+            for pname, param in module.named_parameters(recurse=False):
+                name = f"{mod_name}.{pname}" if mod_name else pname
+                if id(param) in done:
+                    continue
+                done.add(id(param))
+                rule = _rule(module, pname)
+                if rule == "ones":
+                    full = torch.ones(param.shape)
+                elif rule == "zeros":
+                    full = torch.zeros(param.shape)
+                else:
+                    std = depth_std if rule == "output" else self.cfg.init_std
+                    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ (seed * 1000003))
+                    full = torch.randn(param.shape, generator=gen) * std
+                copy_full_into(param, full)
+            if hasattr(module, "init_buffers"):
+                module.init_buffers()
+
+    def full_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> global shape of every tensor of the whole model (also on a pipeline stage)."""
+        return param_shapes(self.cfg)
+
+
+def _rule(module: nn.Module, pname: str) -> str:
+    if hasattr(module, "init_rule"):
+        rule = module.init_rule(pname)
+        if rule:
+            return rule
+    if pname == "bias":
+        return "zeros"
+    return "output" if getattr(module, "role", None) in OUTPUT_ROLES else "normal"
 
 
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -129,7 +193,7 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+def build_model(cfg, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
     """Meta-device build, materialize on ``device``, initialize."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -139,7 +203,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int 
     return model
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Name -> global shape of every tensor of the full (unsharded) model, built on meta."""
     with torch.device("meta"):
         model = Transformer(cfg)

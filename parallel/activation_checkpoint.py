@@ -7,7 +7,7 @@ Policies (``parallel.activation_checkpoint``):
 
 * ``none``: keep all activations.
 * ``full``: every block saves only its input; the block is recomputed in backward.
-* ``selective``: every other block (global index 0, 2, 4, ...) is recomputed, the
+* ``selective``: every other block unit (global index 0, 2, 4, ...) is recomputed, the
   rest keep their activations: about half the activation memory of ``none`` for
   about half the recompute of ``full``. The choice is by *global* layer index, so a
   pipeline stage checkpoints the same blocks it would in the unsplit model.
@@ -36,26 +36,31 @@ def checkpoint_block(block: nn.Module) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str) -> int:
-    """Apply ``policy`` to the blocks of ``model``; returns how many blocks recompute."""
+    """Apply ``policy`` to the block units of ``model``; returns how many blocks recompute."""
     if policy == "none":
         return 0
     if policy not in ("full", "selective"):
         raise ValueError(f"unknown activation_checkpoint policy {policy!r}")
     count = 0
-    for key, block in model.layers.items():
-        if policy == "full" or int(key) % 2 == 0:
-            checkpoint_block(block)
+    for unit, module in model.unit_modules():
+        if unit.kind == "block" and (policy == "full" or block_index(model, unit) % 2 == 0):
+            checkpoint_block(module)
             count += 1
     return count
 
 
+def block_index(model: nn.Module, unit) -> int:
+    """Position of a block unit among the whole model's blocks (the same on every stage)."""
+    blocks = [u.name for u in model.spec.units(model.cfg) if u.kind == "block"]
+    return blocks.index(unit.name)
+
+
 def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block separately (same graph for every block, compiled once),
-    and the final norm when this part has it."""
-    for block in model.layers.values():
-        block.compile()
-    if getattr(model, "norm", None) is not None:
-        model.norm.compile()
+    """``torch.compile`` each block unit separately (same graph for every block, compiled
+    once), and the final norm when this part has it."""
+    for unit, module in model.unit_modules():
+        if unit.kind in ("block", "norm"):
+            module.compile()
 
 
 def compiled_loss(loss_fn: Callable) -> Callable:

@@ -295,7 +295,7 @@ def parallelize(part: nn.Module, model_cfg: ModelConfig, pcfg: ParallelConfig, d
     """
     if dims.tp > 1:
         from parallel.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(part, mesh["tp"], model_cfg, pcfg.sequence_parallel)
+        apply_tensor_parallel(part, mesh["tp"], pcfg.sequence_parallel)
     apply_activation_checkpointing(part, pcfg.activation_checkpoint)
     if pcfg.compile:
         apply_compile(part)
@@ -322,10 +322,11 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if dims.pp > 1:
-        from parallel.pipeline import cut_stage, split_layers, stage_ids
-        layers = split_layers(model_cfg.num_layers, dims.num_stages, pcfg.pipeline_split or None)
+        from parallel.pipeline import cut_stage, split_layers, stage_ids, stage_units
+        blocks = sum(u.kind == "block" for u in model.units)
+        stages = stage_units(model.units, split_layers(blocks, dims.num_stages, pcfg.pipeline_split or None))
         ids = stage_ids(mesh["pp"].get_local_rank(), dims.pp, dims.virtual_stages)
-        parts = [cut_stage(model, layers[s], s == 0, s == dims.num_stages - 1) for s in ids]
+        parts = [cut_stage(model, stages, s) for s in ids]
     else:
         ids, parts = [0], [model]
     fsdp = False

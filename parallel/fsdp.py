@@ -1,8 +1,9 @@
 """Data parallelism with FSDP2 (``fully_shard``): FSDP over ``dp_shard``, HSDP over
 ``dp_replicate x dp_shard``.
 
-Each transformer block is its own FSDP unit (one all-gather / reduce-scatter per
-block), then the root module (embedding, final norm, head) is one more unit.
+Each unit of the model other than the embedding, final norm and head (transformer
+blocks, and units such as a carry producer) is its own FSDP unit (one all-gather /
+reduce-scatter each), then the root module (embedding, final norm, head) is one more.
 Gradients are averaged over the data-parallel ranks (FSDP2's default), so the
 per-rank loss convention (mean over the rank's tokens) gives the global mean.
 """
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from model.spec import PLAIN_KINDS
 from parallel.mesh import ParallelDims
 
 
@@ -31,7 +33,7 @@ def mixed_precision(param_dtype: torch.dtype, reduce_dtype: torch.dtype):
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
                reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
-    """Wrap each block of ``model`` (a Transformer or a pipeline stage), then the root.
+    """Wrap each inner unit of ``model`` (a Transformer or a pipeline stage), then the root.
 
     ``reshard_after_forward=False`` keeps the blocks' gathered parameters between
     forward and backward: with pipelining each stage runs several micro-batches'
@@ -41,9 +43,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dty
     from torch.distributed.fsdp import fully_shard
     fmesh = dp_mesh(mesh, dims)
     mp = mixed_precision(param_dtype, reduce_dtype)
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
-        # the last block's parameters are needed again at once by backward: keep them
-        keep = reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, mesh=fmesh, mp_policy=mp, reshard_after_forward=keep)
+    inner = [m for u, m in model.unit_modules() if u.kind not in PLAIN_KINDS]
+    for i, module in enumerate(inner):
+        # the last unit's parameters are needed again at once by backward: keep them
+        keep = reshard_after_forward and i < len(inner) - 1
+        fully_shard(module, mesh=fmesh, mp_policy=mp, reshard_after_forward=keep)
     fully_shard(model, mesh=fmesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
-from pretrain.configlib import ConfigError
+from model.configlib import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -70,34 +70,29 @@ class ParallelDims:
         return dims
 
     def _check_model(self, p: ParallelConfig, m: ModelConfig) -> None:
-        tp = self.tp
-        if m.num_heads % tp:
-            raise LayoutError(f"parallel.tensor={tp} must divide model.num_heads={m.num_heads}")
-        if m.num_kv_heads % tp and tp % m.num_kv_heads:
-            raise LayoutError(
-                f"parallel.tensor={tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the "
-                f"other (KV heads are split, or replicated when tensor exceeds their count)")
-        if m.vocab_size % tp:
-            raise LayoutError(f"parallel.tensor={tp} must divide model.vocab_size={m.vocab_size}")
-        if m.ffn_hidden_size % tp:
-            raise LayoutError(f"parallel.tensor={tp} must divide model.ffn_hidden_size={m.ffn_hidden_size}")
-        if self.num_stages > m.num_layers:
+        from model.spec import get_spec, layer_units
+        spec = get_spec(m.arch)
+        err = spec.check_layout(m, self.tp) if self.tp > 1 else None
+        if err:
+            raise LayoutError(err)
+        num_blocks = len(layer_units(spec.units(m)))
+        if self.num_stages > num_blocks:
             raise LayoutError(
                 f"parallel.pipeline={self.pp} x parallel.virtual_stages={self.virtual_stages} = "
-                f"{self.num_stages} stages but model.num_layers={m.num_layers}")
+                f"{self.num_stages} stages but model.num_layers={num_blocks}")
         if p.pipeline_split:
-            if len(p.pipeline_split) != self.num_stages or sum(p.pipeline_split) != m.num_layers \
+            if len(p.pipeline_split) != self.num_stages or sum(p.pipeline_split) != num_blocks \
                     or min(p.pipeline_split) < 1:
                 raise LayoutError(
                     f"parallel.pipeline_split={p.pipeline_split}: need {self.num_stages} positive "
-                    f"layer counts summing to model.num_layers={m.num_layers}")
+                    f"layer counts summing to model.num_layers={num_blocks}")
         if self.virtual_stages > 1 and self.pp == 1:
             raise LayoutError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
         if self.virtual_stages > 1 and p.pipeline_schedule == "gpipe":
             raise LayoutError("parallel.pipeline_schedule=gpipe runs one stage per rank; "
                               "parallel.virtual_stages > 1 needs interleaved_1f1b (or 1f1b, which "
                               "then means interleaved)")
-        if self.pp > 1 and m.tie_embeddings:
+        if self.pp > 1 and spec.tied(m):
             raise LayoutError("model.tie_embeddings=true is not supported with parallel.pipeline > 1 "
                               "(embedding and head live on different stages)")
         if self.cp > 1:

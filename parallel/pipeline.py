@@ -1,20 +1,20 @@
-"""Pipeline parallelism: cut the model into stages by layers and pick a schedule.
+"""Pipeline parallelism: cut the model into stages by its units and pick a schedule.
 
-Stages are contiguous runs of blocks. ``pp * virtual_stages`` stages in all; pipeline
-rank ``r`` owns stages ``r, r + pp, r + 2 pp, ...`` (the looped placement interleaved
-1F1B expects). A stage module is the single-device :class:`Transformer` with the
-blocks it does not own deleted; the first stage keeps ``tok_embeddings``, the last
-keeps ``norm`` and ``output``. Blocks keep their *global* ``ModuleDict`` keys, so
-parameter FQNs (``layers.5.attention.wq.weight``) are the same as in the unsplit
-model and checkpoints reshard across pipeline layouts.
+Stages are contiguous runs of the model's units (:mod:`model.spec`), counted in
+``block`` units. ``pp * virtual_stages`` stages in all; pipeline rank ``r`` owns
+stages ``r, r + pp, r + 2 pp, ...`` (the looped placement interleaved 1F1B expects).
+A stage module is the single-device :class:`~model.transformer.Transformer` with the
+units it does not own removed; units keep their global names, so parameter FQNs
+(``layers.5.attention.wq.weight``) are the same as in the unsplit model and
+checkpoints reshard across pipeline layouts.
 
-Between stages travels the hidden state ``(B, T, d)`` (``(B, T/tp, d)`` with
-sequence parallelism). Per-sample side inputs (``position_ids``, ``doc_ids``) are
-not sent: every pipeline rank of a data-parallel replica reads the same batch, so
-they are given to each stage as keyword arguments and chunked per micro-batch by
-the schedule. A model whose stages must hand on more than the hidden state (e.g.
-YOCO's shared KV cache) returns a tuple from a non-last stage and takes the same
-tuple positionally in the next; ``torch.distributed.pipelining`` sends each tensor.
+Between stages travel the hidden state ``(B, T, d)`` (``(B, T/tp, d)`` with sequence
+parallelism) and the live *carry* tensors: those produced on an earlier stage and
+consumed on a later one (e.g. YOCO's shared key/value), as further positional
+arguments in a fixed (sorted) order; ``torch.distributed.pipelining`` sends each
+tensor. Per-sample side inputs (``position_ids``, ``doc_ids``) are not sent: every
+pipeline rank of a data-parallel replica reads the same batch, so they are given to
+each stage as keyword arguments and chunked per micro-batch by the schedule.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import copy
 
 from torch import nn
 
+from model.spec import Unit
 from parallel.mesh import LayoutError
 
 
@@ -54,18 +55,43 @@ def stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
     return [pp_rank + v * pp for v in range(virtual_stages)]
 
 
-def cut_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
-    """A stage module: deep copy of the (meta) ``model`` keeping only ``layer_ids``."""
+def stage_units(units: list[Unit], layers: list[list[int]]) -> list[list[Unit]]:
+    """Units of each stage. ``layers[s]`` are the block indices (position among the
+    ``block`` units) of stage ``s``; units before the first block go to the first
+    stage, units after the last block to the last stage, and any other non-block unit
+    to the stage of the block that follows it."""
+    stage_of_block = {b: s for s, blocks in enumerate(layers) for b in blocks}
+    out: list[list[Unit]] = [[] for _ in layers]
+    block, pending = 0, []
+    for unit in units:
+        if unit.kind != "block":
+            pending.append(unit)
+            continue
+        s = stage_of_block[block]
+        out[s] += pending + [unit]
+        pending, block = [], block + 1
+    out[-1] += pending
+    return out
+
+
+def stage_carry(stages: list[list[Unit]], s: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(carry names stage ``s`` receives, carry names it hands on)."""
+    def produced(lo: int, hi: int) -> set[str]:
+        return {n for st in stages[lo:hi] for u in st for n in u.produces}
+
+    def consumed(lo: int, hi: int) -> set[str]:
+        return {n for st in stages[lo:hi] for u in st for n in u.consumes}
+    n = len(stages)
+    carry_in = produced(0, s) & consumed(s, n)
+    carry_out = produced(0, s + 1) & consumed(s + 1, n)
+    return tuple(sorted(carry_in)), tuple(sorted(carry_out))
+
+
+def cut_stage(model: nn.Module, stages: list[list[Unit]], s: int) -> nn.Module:
+    """Stage ``s``: a deep copy of the (meta) ``model`` keeping only that stage's units."""
     stage = copy.deepcopy(model)
-    keep = {str(i) for i in layer_ids}
-    for key in list(stage.layers.keys()):
-        if key not in keep:
-            del stage.layers[key]
-    if not first:
-        stage.tok_embeddings = None
-    if not last:
-        stage.norm = None
-        stage.output = None
+    carry_in, carry_out = stage_carry(stages, s)
+    stage.keep_units([u.name for u in stages[s]], carry_in, carry_out)
     return stage
 
 

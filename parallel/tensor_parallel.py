@@ -5,24 +5,27 @@ single-device :class:`~model.transformer.Transformer` (or a pipeline stage of it
 in place with ``parallelize_module``; module names and parameter FQNs do not
 change, so checkpoints reshard across layouts.
 
-Plan (``S`` = sequence-parallel, the residual stream between blocks is a local
+The plan is not written here: every layer declares the role of each child it owns
+(``tp_roles()`` in model/layers.py and the architecture folders), and each unit kind
+has a role (:data:`UNIT_ROLES`). This module only turns roles into ParallelStyles
+(``S`` = sequence-parallel: the residual stream between blocks is a local
 ``(B, T/tp, d)`` shard; without SP it is a replicated ``(B, T, d)`` tensor):
 
-==========================  ===================================================
-tok_embeddings              vocab-parallel rows (RowwiseParallel): Replicate
-                            tokens in, reduce-scatter to Shard(1) (S) or
-                            all-reduce (no S)
-attention_norm, mlp_norm,   SequenceParallel: norm runs on the sequence shard
-norm (S only)
-attention / mlp inputs      PrepareModuleInput: all-gather Shard(1) -> Replicate
-wq, w1, w3                  ColwiseParallel (heads / MLP columns split)
-wk, wv                      ColwiseParallel when tp divides num_kv_heads, else
-                            :class:`ReplicatedKVHeads` (see below)
-wo, w2                      RowwiseParallel: reduce-scatter to Shard(1) (S) or
-                            all-reduce (no S)
-output                      ColwiseParallel to vocab-sharded logits DTensor
-                            (``Shard(-1)``), consumed by ``loss_parallel``
-==========================  ===================================================
+================  ==============================================================
+role              style
+================  ==============================================================
+vocab_rowwise     embedding unit: vocab-parallel rows; Replicate tokens in,
+                  reduce-scatter to Shard(1) (S) or all-reduce (no S)
+sequence          norms (S only): SequenceParallel, the norm runs on the shard
+gather            attention / MLP inputs (S only): all-gather Shard(1) -> Replicate
+colwise           ColwiseParallel (heads / inner columns split)
+("kv", n, hd)     ColwiseParallel when tp divides the n KV heads, else
+                  :class:`ReplicatedKVHeads`
+rowwise           RowwiseParallel: reduce-scatter to Shard(1) (S) or all-reduce
+vocab_colwise     head unit: vocab-sharded logits DTensor (``Shard(-1)``),
+                  consumed by ``loss_parallel``
+replicate         left as plain parameters
+================  ==============================================================
 
 RoPE and document masks need the *global* sequence: with SP the engine always
 passes ``position_ids`` (``arange(T)`` when the batch has none), so the rotary
@@ -31,9 +34,10 @@ table is indexed with full positions even though the embedding output is a shard
 from __future__ import annotations
 
 import functools
+import inspect
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -41,33 +45,20 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from model.config import ModelConfig
-
-
-class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; all-reduce (sum) the gradient over ``group`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
 
 
 class ReplicatedKVHeads(ParallelStyle):
     """K/V projection when the TP degree exceeds the number of KV heads.
 
     Each TP rank's query heads (``num_heads / tp`` consecutive heads) all read the
-    same KV head, ``rank * num_kv_heads // tp``. The weight stays whole and
-    replicated (a ``Replicate`` DTensor on the TP mesh); each rank projects only the
-    rows of its KV head, so its local output holds exactly one head ``(B, T, hd)``.
-    Ranks sharing a head hold partial weight gradients, summed over the TP group in
-    backward; the input gradient is marked ``Partial`` like a column-parallel one.
+    same KV head, ``rank * num_kv_heads // tp``. The projection's parameters stay whole
+    and replicated (``Replicate`` DTensors on the TP mesh); each rank runs the whole
+    projection module (any linear kind: its forward sees the full weight, so a
+    whole-tensor statistic such as BitNet's absmean stays exact) on its local input
+    and keeps the columns of its KV head, ``(B, T, hd)``. The parameters enter the
+    forward as local tensors whose gradients are marked ``Partial``: ranks that share
+    a head hold partial gradients, summed over the TP group when the DTensor gradient
+    is formed. The input gradient is marked ``Partial`` like a column-parallel one.
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int):
@@ -75,76 +66,89 @@ class ReplicatedKVHeads(ParallelStyle):
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"ReplicatedKVHeads expects nn.Linear, got {type(module).__name__}")
-        for name, param in list(module.named_parameters(recurse=False)):
-            dparam = nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()], src_data_rank=None),
-                                  requires_grad=param.requires_grad)
-            module.register_parameter(name, dparam)
+        for sub in module.modules():
+            for name, param in list(sub.named_parameters(recurse=False)):
+                dparam = nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()], src_data_rank=None),
+                                      requires_grad=param.requires_grad)
+                sub.register_parameter(name, dparam)
         head = device_mesh.get_local_rank() * self.num_kv_heads // device_mesh.size()
-        rows = slice(head * self.head_dim, (head + 1) * self.head_dim)
-        module.forward = functools.partial(_kv_head_forward, module, rows, device_mesh)
+        cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        module.forward = functools.partial(_kv_head_forward, module, module.forward, cols, device_mesh)
         return module
 
 
-def _kv_head_forward(module: nn.Linear, rows: slice, mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
+def _kv_head_forward(module: nn.Module, inner_forward, cols: slice, mesh: DeviceMesh,
+                     x: torch.Tensor) -> torch.Tensor:
     """(B, T, d) replicated input -> (B, T, hd) projection onto this rank's KV head."""
+    from torch.nn.utils.stateless import _reparametrize_module
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-    x_local = x.to_local(grad_placements=[Partial()])          # (B, T, d), grad is partial
-    group = mesh.get_group()
-    weight = _SumGradOverGroup.apply(module.weight.to_local(), group)[rows]   # (hd, d)
-    bias = None
-    if module.bias is not None:
-        bias = _SumGradOverGroup.apply(module.bias.to_local(), group)[rows]
-    return F.linear(x_local, weight, bias)
+    x_local = x.to_local(grad_placements=[Partial()])           # (B, T, d), grad is partial
+    local = {name: p.to_local(grad_placements=[Partial()]) for name, p in module.named_parameters()}
+    with _reparametrize_module(module, local):
+        y = inner_forward(x_local)                               # (B, T, Hkv*hd), whole projection
+    return y[..., cols]
 
 
-def kv_projection_style(cfg: ModelConfig, tp: int) -> ParallelStyle:
-    """Column-parallel K/V when tp divides the KV heads, else replicated KV heads."""
-    if cfg.num_kv_heads % tp == 0:
-        return ColwiseParallel()
-    return ReplicatedKVHeads(cfg.num_kv_heads, cfg.head_dim)
+def _gather_style(module: nn.Module) -> ParallelStyle:
+    """All-gather a sequence-sharded first input before ``module`` (its other inputs pass)."""
+    n = len([p for p in inspect.signature(module.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+    return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n - 1),
+                              desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
 
 
-def block_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Plan for one transformer block (attention + MLP), keyed by submodule path."""
+def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Optional[ParallelStyle]:
+    """The ParallelStyle of a declared role (see model/layers.py), or None (leave it alone)."""
     residual = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, ParallelStyle] = {
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": kv_projection_style(cfg, tp),
-        "attention.wv": kv_projection_style(cfg, tp),
-        "attention.wo": RowwiseParallel(output_layouts=residual),
-        "mlp.w1": ColwiseParallel(),
-        "mlp.w3": ColwiseParallel(),
-        "mlp.w2": RowwiseParallel(output_layouts=residual),
-    }
-    if sequence_parallel:
-        plan.update({
-            "attention_norm": SequenceParallel(),
-            "mlp_norm": SequenceParallel(),
-            # all-gather the sequence shard once per sub-layer; AttnInputs passes through
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None),
-                                            desired_input_layouts=(Replicate(), None)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        })
+    if isinstance(role, tuple) and role[0] == "kv":
+        _, num_kv_heads, head_dim = role
+        return ColwiseParallel() if num_kv_heads % tp == 0 else ReplicatedKVHeads(num_kv_heads, head_dim)
+    if role == "colwise":
+        return ColwiseParallel()
+    if role == "rowwise":
+        return RowwiseParallel(output_layouts=residual)
+    if role == "sequence":
+        return SequenceParallel() if sequence_parallel else None
+    if role == "gather":
+        return _gather_style(module) if sequence_parallel else None
+    if role == "vocab_rowwise":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if role == "vocab_colwise":
+        return ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    if role == "replicate":
+        return None
+    raise ValueError(f"unknown tensor-parallel role {role!r} on {type(module).__name__}")
+
+
+#: Roles of whole units by kind (their modules declare nothing themselves).
+UNIT_ROLES = {"embedding": "vocab_rowwise", "head": "vocab_colwise", "norm": "sequence"}
+
+
+def unit_plan(unit_kind: str, unit: nn.Module, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Plan of one unit: its kind's role, then every declared ``tp_roles()`` inside it."""
+    plan: dict[str, ParallelStyle] = {}
+    roles: dict[str, object] = {}
+    if unit_kind in UNIT_ROLES:
+        roles[""] = UNIT_ROLES[unit_kind]
+    for path, module in unit.named_modules():
+        if hasattr(module, "tp_roles"):
+            for child, role in module.tp_roles().items():
+                roles[f"{path}.{child}" if path else child] = role
+    for path, role in roles.items():
+        module = unit.get_submodule(path) if path else unit
+        style = style_for(role, module, tp, sequence_parallel)
+        if style is not None:
+            plan[path] = style
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ModelConfig,
-                          sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard ``model`` (a Transformer or a pipeline stage of one) over ``tp_mesh`` in place."""
     tp = tp_mesh.size()
-    residual = Shard(1) if sequence_parallel else Replicate()
-    top: dict[str, ParallelStyle] = {}
-    if getattr(model, "tok_embeddings", None) is not None:
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-    if getattr(model, "norm", None) is not None and sequence_parallel:
-        top["norm"] = SequenceParallel()
-    if getattr(model, "output", None) is not None:
-        top["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1),
-                                        use_local_output=False)
-    if top:
-        parallelize_module(model, tp_mesh, top)
-    for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(cfg, tp, sequence_parallel))
+    for unit, module in model.unit_modules():
+        plan = unit_plan(unit.kind, module, tp, sequence_parallel)
+        if "" in plan:                       # a whole-unit style goes on the unit itself
+            parallelize_module(module, tp_mesh, plan.pop(""))
+        if plan:
+            parallelize_module(module, tp_mesh, plan)

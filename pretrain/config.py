@@ -16,7 +16,7 @@ import yaml
 from data.config import DataConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
-from pretrain.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
+from model.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
                                 parse_override, to_dict)
 
 

@@ -28,7 +28,7 @@ from model.transformer import param_shapes
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint.discovery import describe_incomplete
 from pretrain.config import RunConfig, check_run_length
-from pretrain.configlib import bad
+from model.configlib import bad
 from pretrain.faults import fault_point
 from pretrain.guards import SPIKE_WINDOW, NumericsGuard, finite
 from pretrain.host import setup_host

@@ -29,7 +29,7 @@ Usage::
         [section.key=value ...]
 
 With ``--layouts tp2,pp2,pp2-vs2,fsdp2,tp2-pp2,hsdp2x2`` each parallel layout runs as
-its own ``torchrun`` job of ``parallel/bench_layout.py`` on the same config and global
+its own ``torchrun`` job of ``tools/bench_layout.py`` on the same config and global
 batch, and tokens/s per layout are reported (see docs/parallelism.md for the names).
 
 Bad config paths or keys print ``error: ...`` and exit with status 2.
@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 from parallel.engine import build_engine  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
-from pretrain.configlib import ConfigError  # noqa: E402
+from model.configlib import ConfigError  # noqa: E402
 from pretrain.host import setup_host  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 
@@ -169,15 +169,10 @@ def polytron_step(cfg: RunConfig, device: torch.device) -> Step:
 def hf_llama(cfg: RunConfig, device: torch.device) -> nn.Module:
     """Hugging Face ``LlamaForCausalLM`` of the same shape, built offline, fp32, sdpa."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    m = cfg.model
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
-        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=m.attention_bias,
-        mlp_bias=m.mlp_bias, attention_dropout=0.0, initializer_range=m.init_std,
-        use_cache=False)
+
+    from model.llama.hf import LlamaAdapter
+    hf_cfg = LlamaConfig(**LlamaAdapter().to_hf_config(cfg.model, None, None, "float32"))
+    hf_cfg.use_cache = False
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(cfg.training.seed)
     return LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
@@ -382,7 +377,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.layouts:
-        from parallel.bench_layout import format_layouts, measure_layouts
+        from tools.bench_layout import format_layouts, measure_layouts
         rows = measure_layouts(args.config, args.layouts.split(","), args.steps, args.warmup, args.overrides)
         print(format_layouts(rows))
         if args.json:

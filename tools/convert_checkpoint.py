@@ -1,5 +1,10 @@
 #!/usr/bin/env python
-"""Convert checkpoints between polytron (DCP) and Hugging Face ``LlamaForCausalLM``.
+"""Convert checkpoints between polytron (DCP) and Hugging Face model directories.
+
+Each architecture's spec carries its Hugging Face adapter (``model/<arch>/hf.py``: config
+writer, tensor name map, reshaping); this tool does the file work around it (safetensors,
+tokenizer, staging, refusals) and dispatches on ``model.arch`` (to-hf) or on
+``config.json``'s ``model_type`` (from-hf).
 
     python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
                                                [--overwrite]
@@ -46,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from model.hf import ConvertError, find_adapter  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -66,143 +72,11 @@ TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs.\n\n  Indented l
                    "trailing spaces   \nünïcödé, 中文, emoji 🎉, symbols <>&{}[]#@~")
 
 
-class ConvertError(ValueError):
-    """Unconvertible input; the message names the file, field or tensor."""
-
-
-# ====================================================================== names
-
-_LAYER_MAP = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-}
-_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}
-_OURS_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def to_hf_name(name: str) -> str:
-    """Our parameter name -> the ``LlamaForCausalLM`` one (q/k need no permutation: both
-    sides use the rotate-half RoPE layout)."""
-    if name in _TOP_MAP:
-        return _TOP_MAP[name]
-    m = _OURS_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
-    raise ConvertError(f"tensor '{name}' has no Hugging Face Llama equivalent")
-
-
-def from_hf_name(name: str) -> str:
-    """A ``LlamaForCausalLM`` parameter name -> ours."""
-    for ours, hf in _TOP_MAP.items():
-        if name == hf:
-            return ours
-    m = _HF_RE.match(name)
-    if m:
-        for ours, hf in _LAYER_MAP.items():
-            if m.group(2) == hf:
-                return f"layers.{m.group(1)}.{ours}.{m.group(3)}"
-    raise ConvertError(f"tensor '{name}' is not part of a Llama model this converter supports")
-
-
 # ====================================================================== configs
 
-def model_to_hf_config(m, bos_id: Optional[int], eos_id: Optional[int], dtype: torch.dtype) -> dict:
-    """``config.json`` of ``LlamaForCausalLM`` for our ModelConfig ``m``.
-
-    RoPE is written both the transformers 5 way (``rope_parameters``) and the 4.x way
-    (``rope_theta`` + ``rope_scaling``)."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
-    sc = m.rope_scaling
-    if sc.type == "linear":
-        rope.update(rope_type="linear", factor=sc.factor)
-    elif sc.type == "llama3":
-        rope.update(rope_type="llama3", factor=sc.factor, low_freq_factor=sc.low_freq_factor,
-                    high_freq_factor=sc.high_freq_factor,
-                    original_max_position_embeddings=sc.original_max_position_embeddings)
-    legacy = None if sc.type == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.head_dim, "max_position_embeddings": m.max_seq_len,
-        "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "initializer_range": m.init_std,
-        "rope_theta": m.rope_theta, "rope_scaling": legacy, "rope_parameters": rope,
-        "attention_bias": m.attention_bias, "mlp_bias": m.mlp_bias, "attention_dropout": 0.0,
-        "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
-        "pretraining_tp": 1, "use_cache": True,
-        "torch_dtype": HF_DTYPE_NAMES[dtype], "dtype": HF_DTYPE_NAMES[dtype],
-    }
-
-
-#: Fields that change the function of a Llama model and that our model cannot express,
-#: with the value it must have (None: the field must be absent or null).
-_MUST_BE = {"hidden_act": "silu", "sliding_window": None, "use_sliding_window": False,
-            "quantization_config": None, "layer_types": None, "no_rope_layers": None,
-            "attn_logit_softcapping": None, "final_logit_softcapping": None}
-_SUPPORTED_TYPES = ("llama", "mistral")
-
-
-def _rope_from_hf(hf: dict, file: str):
-    """(rope_theta, RopeScaling) from either the 5.x or the 4.x RoPE fields."""
-    from model.config import RopeScaling
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or {}
-    field_name = "rope_parameters" if params else "rope_scaling"
-    spec = {**legacy, **params}
-    theta = float(spec.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = spec.get("rope_type", spec.get("type", "default")) or "default"
-    if kind == "default":
-        return theta, RopeScaling()
-    if kind == "linear":
-        return theta, RopeScaling(type="linear", factor=float(spec["factor"]))
-    if kind == "llama3":
-        try:
-            return theta, RopeScaling(
-                type="llama3", factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
-                high_freq_factor=float(spec["high_freq_factor"]),
-                original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConvertError(f"{file}: field '{field_name}' (llama3) lacks {e.args[0]!r}") from None
-    raise ConvertError(f"{file}: field '{field_name}.rope_type'={kind!r} is not supported "
-                       "(supported: default, linear, llama3)")
-
-
 def hf_config_to_model(hf: dict, file: str):
-    """Our ModelConfig for a Llama-family ``config.json``; unsupported fields are named."""
-    from model.config import ModelConfig
-    mtype = hf.get("model_type")
-    if mtype not in _SUPPORTED_TYPES:
-        raise ConvertError(f"{file}: field 'model_type'={mtype!r} is not supported "
-                           f"(supported: {', '.join(_SUPPORTED_TYPES)})")
-    for key, want in _MUST_BE.items():
-        if hf.get(key) not in (want, None):
-            raise ConvertError(f"{file}: field '{key}'={hf[key]!r} is not supported "
-                               f"(must be {want!r}{' or absent' if want is None else ''})")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
-        if not isinstance(hf.get(key), int):
-            raise ConvertError(f"{file}: field '{key}' is missing or not an integer")
-    theta, scaling = _rope_from_hf(hf, file)
-    heads = hf["num_attention_heads"]
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        ffn_hidden_size=hf["intermediate_size"], max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)))
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ConvertError(f"{file}: {e}") from None
-    return cfg
+    """Our ModelConfig for a Hugging Face ``config.json`` (the adapter of its model_type)."""
+    return find_adapter(hf.get("model_type"), file).from_hf_config(hf, file)
 
 
 # ====================================================================== safetensors
@@ -417,8 +291,9 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
 
     DST must be new or empty unless ``overwrite`` (see the module docstring)."""
     from model.config import ModelConfig
+    from model.configlib import ConfigError, from_dict
+    from model.spec import get_spec
     from pretrain import checkpoint as ckpt
-    from pretrain.configlib import ConfigError, from_dict
     path = ckpt.resolve_checkpoint(src)
     check_destination(dst, overwrite, [src, path])
     shard_bytes = parse_size(max_shard_size)
@@ -428,13 +303,13 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
         mcfg.validate()
     except (KeyError, TypeError, ConfigError) as e:
         raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
-    if mcfg.arch != "llama" or mcfg.attention != "gqa" or mcfg.mlp != "swiglu" or mcfg.linear != "linear":
-        raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch} (attention={mcfg.attention}, "
-                           f"mlp={mcfg.mlp}, linear={mcfg.linear}) has no LlamaForCausalLM export")
+    adapter = get_spec(mcfg.arch).hf
+    why = "no Hugging Face adapter" if adapter is None else adapter.exportable(mcfg)
+    if why:
+        raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch}: {why}")
     tensors = ckpt.load_tensors(path)
     out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
-    hf = {to_hf_name(k): v.to(out_dtype) for k, v in tensors.items()
-          if not (mcfg.tie_embeddings and k == "output.weight")}
+    hf = {k: v.to(out_dtype) for k, v in adapter.to_hf_tensors(mcfg, tensors).items()}
     tok_path = resolve_tokenizer(state["config"], tokenizer)
     with staged(dst, TO_HF_OUTPUTS) as tmp:
         bos, eos = write_tokenizer(tok_path, tmp) if tok_path else (None, None)
@@ -442,7 +317,10 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
             print("warning: the run names no tokenizer; pass --tokenizer PATH to include one", file=sys.stderr)
         write_safetensors(hf, tmp, shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model_to_hf_config(mcfg, bos, eos, out_dtype), f, indent=2)
+            json.dump(adapter.to_hf_config(mcfg, bos, eos, HF_DTYPE_NAMES[out_dtype]), f, indent=2)
+        for name, text in (adapter.remote_code(mcfg) if adapter.remote_code else {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
     return path
@@ -458,7 +336,7 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import RunConfig
-    from pretrain.configlib import to_dict
+    from model.configlib import to_dict
     check_destination(dst, overwrite, [src])
     cfg_file = os.path.join(src, "config.json")
     try:
@@ -468,8 +346,9 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
         raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)") from None
     except ValueError as e:
         raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from None
+    adapter = find_adapter(hf_cfg.get("model_type"), cfg_file)
     mcfg = hf_config_to_model(hf_cfg, cfg_file)
-    tensors = _map_from_hf(read_safetensors(src), mcfg, src)
+    tensors = adapter.from_hf_tensors(mcfg, read_safetensors(src), src)
     run = RunConfig(model=mcfg)
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     run.data.tokenizer = src_abs
@@ -493,30 +372,6 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
               "with training.resume=auto it resumes that run instead of starting from the new "
               "checkpoint: move it away to start afresh", file=sys.stderr)
     return out
-
-
-def _map_from_hf(hf: dict[str, torch.Tensor], mcfg, src: str) -> dict[str, torch.Tensor]:
-    """Rename to our names and check against the model's expected shapes, first mismatch named."""
-    from model.transformer import param_shapes
-    expected = param_shapes(mcfg)
-    ours: dict[str, torch.Tensor] = {}
-    for name, t in hf.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        ours[from_hf_name(name)] = t
-    if mcfg.tie_embeddings and "tok_embeddings.weight" in ours:
-        ours["output.weight"] = ours["tok_embeddings.weight"]
-    for name, shape in expected.items():
-        if name not in ours:
-            raise ConvertError(f"{src}: tensor '{to_hf_name(name)}' is missing")
-        if tuple(ours[name].shape) != tuple(shape):
-            raise ConvertError(f"{src}: tensor '{to_hf_name(name)}' has shape {tuple(ours[name].shape)}, "
-                               f"config.json implies {tuple(shape)}")
-    extra = [n for n in ours if n not in expected]
-    if extra:
-        raise ConvertError(f"{src}: tensor '{to_hf_name(extra[0])}' does not fit the config "
-                           f"(e.g. a bias with attention_bias=false)")
-    return {k: ours[k].float().contiguous() for k in expected}
 
 
 # ====================================================================== CLI

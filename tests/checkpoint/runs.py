@@ -5,11 +5,11 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Optional
+from launch.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain.py")
@@ -24,12 +24,6 @@ def env() -> dict:
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     e.pop("WORLD_SIZE", None), e.pop("RANK", None), e.pop("SLURM_PROCID", None), e.pop("SLURM_NTASKS", None)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(out: str, iterations: int, *extra: str, nproc: int = 1) -> list[str]:

@@ -28,7 +28,7 @@ def spm_model(tmp_path_factory) -> str:
 
 def _load_ours(path: str):
     state = ckpt.read_trainer_state(path)
-    from pretrain.configlib import from_dict
+    from model.configlib import from_dict
     from model.config import ModelConfig
     mcfg = from_dict(ModelConfig, state["config"]["model"])
     model = build_model(mcfg)

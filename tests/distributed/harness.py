@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -32,17 +31,11 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+from launch.env import free_port
 
 
 class DistributedTestError(AssertionError):
     """A rank raised, died, or the run timed out."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backends(world_size: int) -> list[str]:

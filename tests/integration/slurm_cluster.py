@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from launch.env import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
@@ -50,13 +51,6 @@ def missing_requirements() -> str | None:
     if not Path("/etc/munge/munge.key").is_file() and _which("mungekey") is None:
         return f"no /etc/munge/munge.key and no mungekey to create one: {INSTALL_HINT}"
     return None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _free_memory_mb() -> int:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pretrain.config import RunConfig, load_config
-from pretrain.configlib import ConfigError
+from model.configlib import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")

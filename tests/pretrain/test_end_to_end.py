@@ -1,19 +1,13 @@
 """A short real pre-training run: 2 gloo ranks under torchrun on the built-in corpus."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from launch.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_jsonl(path):

@@ -3,38 +3,21 @@ import pytest
 import torch
 
 from model.config import ModelConfig
+from model.llama.hf import LlamaAdapter
 from model.transformer import build_model
 
 import transformers  # in the dev extra: a missing install must fail, not skip
 
 
-def name_pairs(num_layers: int) -> list[tuple[str, str]]:
-    """(our parameter name, LlamaForCausalLM name) for every weight (rotate-half RoPE: no permutation)."""
-    pairs = [("tok_embeddings.weight", "model.embed_tokens.weight"),
-             ("norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")]
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
-             "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    for i in range(num_layers):
-        pairs += [(f"layers.{i}.{src}.weight", f"model.layers.{i}.{dst}.weight")
-                  for src, dst in names.items()]
-    return pairs
-
-
-def hf_state_dict(model: torch.nn.Module, num_layers: int) -> dict:
-    """Our state dict under LlamaForCausalLM names."""
-    ours = model.state_dict()
-    return {hf_name: ours[name] for name, hf_name in name_pairs(num_layers)}
+def hf_state_dict(model: torch.nn.Module) -> dict:
+    """Our state dict under LlamaForCausalLM names, through the converter's adapter."""
+    return LlamaAdapter().to_hf_tensors(model.cfg, dict(model.state_dict()))
 
 
 def hf_model(cfg: ModelConfig):
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, use_cache=False)
+    """LlamaForCausalLM from the config the converter writes for ``cfg``."""
+    hf_cfg = transformers.LlamaConfig(**LlamaAdapter().to_hf_config(cfg, None, None, "float32"))
+    hf_cfg.use_cache = False
     hf_cfg._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(hf_cfg).eval()
 
@@ -47,8 +30,9 @@ def test_logits_match_hf(tied, kv_heads):
                       tie_embeddings=tied, rope_theta=500.0)
     ours = build_model(cfg, seed=3).eval()
     hf = hf_model(cfg)
-    missing, unexpected = hf.load_state_dict(hf_state_dict(ours, cfg.num_layers), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours), strict=False)
+    tied_head = ["lm_head.weight"] if tied else []          # the export leaves it to HF's tying
+    assert not unexpected and all("rotary" in k or k in tied_head for k in missing), (missing, unexpected)
     if tied:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -68,7 +52,7 @@ def test_long_sequence_logits_and_gradients_match_hf():
                       ffn_hidden_size=96, max_seq_len=512, rope_theta=500.0)
     ours = build_model(cfg, seed=5)
     hf = hf_model(cfg).train()
-    hf.load_state_dict(hf_state_dict(ours, cfg.num_layers), strict=False)
+    hf.load_state_dict(hf_state_dict(ours), strict=False)
     ids = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(1))
     tokens, labels = ids[:, :-1], ids[:, 1:]
     ref = hf(input_ids=tokens).logits
@@ -77,7 +61,8 @@ def test_long_sequence_logits_and_gradients_match_hf():
     cross_entropy(got, labels).backward()
     cross_entropy(ref, labels).backward()
     ours_params, hf_params = dict(ours.named_parameters()), dict(hf.named_parameters())
-    for name, hf_name in name_pairs(cfg.num_layers):
+    for name in ours_params:
+        hf_name = LlamaAdapter().to_hf_name(cfg, name)
         torch.testing.assert_close(ours_params[name].grad, hf_params[hf_name].grad,
                                    atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 

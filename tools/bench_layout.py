@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of one parallel layout (run under torchrun, one process per rank).
 
-    torchrun --nproc_per_node=4 parallel/bench_layout.py --config launch/configs/tiny.yaml \
+    torchrun --nproc_per_node=4 tools/bench_layout.py --config launch/configs/tiny.yaml \
         --layout tp2-pp2 [--steps 5] [--warmup 2] [section.key=value ...]
 
 Builds the engine and optimizer exactly as the trainer does (``build_engine`` +
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides.")
     args = p.parse_args(argv)
-    from pretrain.configlib import ConfigError
+    from model.configlib import ConfigError
     try:
         res = run(args)
     except (ConfigError, ValueError) as e:

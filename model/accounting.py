@@ -1,0 +1,86 @@
+"""Parameter counts and training FLOPs per token, for any spec (MFU's numerator).
+
+Counted from the model built on the meta device, so every architecture is counted by
+the same rules:
+
+* ``total``: every parameter once (tied ones once);
+* ``matmul``: parameters of dimension >= 2 outside embedding tables: the weights every
+  token multiplies through (the output head included, also when tied);
+* ``active``: ``matmul`` with sparse modules (a module defining ``active_params()``,
+  e.g. an MoE layer) counting only what one token activates.
+
+Training FLOPs per token = 6 x active matmul parameters + the attention score and
+weighted-sum work the attention modules report (``attention_flops(seq_len)``), the
+PaLM appendix-B convention (also torchtitan's): the causal mask's skipped half is
+not subtracted, so MFU stays comparable across codebases.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Counts:
+    total: int
+    embedding: int
+    matmul: int
+    active: int
+    attention_flops_per_pos: float        # attention FLOPs per token per unit of sequence length
+
+
+def _count(model: nn.Module) -> Counts:
+    seen: set[int] = set()
+    total = embedding = matmul = active = 0
+    attn = 0.0
+    sparse_roots: list[str] = []
+    for name, module in model.named_modules():
+        if hasattr(module, "active_params") and not any(name.startswith(r + ".") for r in sparse_roots):
+            sparse_roots.append(name)
+            active += module.active_params()
+        if hasattr(module, "attention_flops"):
+            attn += module.attention_flops(1)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if isinstance(module, nn.Embedding):
+                embedding += p.numel()
+            elif p.dim() >= 2:
+                matmul += p.numel()
+                inside_sparse = any(name == r or name.startswith(r + ".") for r in sparse_roots)
+                if not inside_sparse:
+                    active += p.numel()
+    if _tied_head(model):
+        matmul += model.output.weight.numel()
+        active += model.output.weight.numel()
+    return Counts(total, embedding, matmul, active, attn)
+
+
+def _tied_head(model: nn.Module) -> bool:
+    head, emb = getattr(model, "output", None), getattr(model, "tok_embeddings", None)
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+_CACHE: dict[str, Counts] = {}
+
+
+def counts(cfg) -> Counts:
+    """Counts for model config ``cfg`` (cached per configuration)."""
+    import dataclasses
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key not in _CACHE:
+        from model.transformer import Transformer
+        with torch.device("meta"):
+            _CACHE[key] = _count(Transformer(cfg))
+    return _CACHE[key]
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), attention included."""
+    c = counts(cfg)
+    return 6.0 * c.active + c.attention_flops_per_pos * seq_len

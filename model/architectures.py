@@ -1,0 +1,2 @@
+"""Importing this module registers every built-in architecture spec (model.spec.SPECS)."""
+import model.llama  # noqa: F401

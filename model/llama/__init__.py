@@ -1,0 +1,56 @@
+"""The dense Llama-style decoder: its spec (units, layout rules, tying) and HF adapter.
+
+Units: ``tok_embeddings`` -> ``layers.0 .. layers.{L-1}`` (pre-norm blocks of the
+``model.attention`` and ``model.mlp`` slots) -> ``norm`` -> ``output``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from model.layers import Block, RMSNorm, block_tp_requirements, make_linear
+from model.llama.hf import LlamaAdapter
+from model.spec import ModelSpec, Unit, register_spec
+
+
+def units(cfg) -> list[Unit]:
+    return ([Unit("tok_embeddings", "embedding")]
+            + [Unit(f"layers.{i}", "block") for i in range(cfg.num_layers)]
+            + [Unit("norm", "norm"), Unit("output", "head")])
+
+
+def build_unit(cfg, unit: Unit) -> nn.Module:
+    if unit.kind == "embedding":
+        return nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    if unit.kind == "block":
+        return Block(cfg, int(unit.name.split(".")[1]), cfg.attention, cfg.mlp)
+    if unit.kind == "norm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return make_linear(cfg, cfg.hidden_size, cfg.vocab_size, False, "head")
+
+
+def check_layout(cfg, tp: int) -> Optional[str]:
+    """Tensor-parallel divisibility of the vocabulary and of every block."""
+    for i in range(cfg.num_layers):
+        err = block_tp_requirements(cfg, i, tp, cfg.attention, cfg.mlp)
+        if err:
+            return err
+    if cfg.vocab_size % tp:
+        return f"parallel.tensor={tp} must divide model.vocab_size={cfg.vocab_size}"
+    return None
+
+
+def tied(cfg) -> list[tuple[str, str]]:
+    return [("output.weight", "tok_embeddings.weight")] if cfg.tie_embeddings else []
+
+
+def make_cache(cfg, batch: int, max_len: int, device, dtype):
+    from model.generate import DenseKVCache
+    return DenseKVCache.for_layers(cfg, range(cfg.num_layers), batch, max_len, device, dtype)
+
+
+LLAMA = register_spec(ModelSpec(
+    name="llama", units=units, build_unit=build_unit, check_layout=check_layout,
+    hf=LlamaAdapter(), make_cache=make_cache, tied=tied,
+    doc="Dense Llama-style decoder (GQA + SwiGLU by default; slots configurable)."))
