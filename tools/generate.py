@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Continue a prompt with a trained checkpoint, on one device.
+
+    python tools/generate.py CHECKPOINT --prompt "text" [--max-new-tokens 50] [--temperature 0.8]
+                             [--top-p 0.95] [--seed 0] [--tokenizer PATH] [--no-cache] [--no-bos]
+                             [--device cpu]
+
+CHECKPOINT is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
+run's output directory (its newest complete checkpoint). The model config comes from
+the checkpoint's ``trainer_state.json``, the full weights are read in this one
+process, and the tokenizer is the one the run trained with (``data.tokenizer`` or the
+built-in corpus's) unless ``--tokenizer`` names another. The prompt is encoded with
+the tokenizer's BOS token when it has one (``--no-bos`` leaves it out); generation
+stops at the end-of-sequence token or after ``--max-new-tokens``. Greedy by default
+(``--temperature 0``). Prints the prompt followed by the decoded continuation.
+
+Exit status 0; 2 with one ``error:`` line for bad input (no such checkpoint, a
+corrupt one, no tokenizer, a request longer than the model's ``max_seq_len``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """Input the tool refuses with one error line."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Continue a prompt with a polytron checkpoint.")
+    p.add_argument("checkpoint", help="checkpoint directory, checkpoint root or run directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept when sampling (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    p.add_argument("--tokenizer", help="tokenizer to use instead of the run's (SentencePiece .model "
+                                       "or Hugging Face directory)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model
+
+def model_config(state: dict, path: str):
+    """The validated ModelConfig a checkpoint's trainer state records."""
+    from model.config import ModelConfig
+    from model.configlib import ConfigError, from_dict
+    try:
+        cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
+        cfg.validate()
+    except (KeyError, TypeError, ConfigError) as e:
+        raise BadInput(f"{os.path.join(path, 'trainer_state.json')}: no usable model config ({e})") from None
+    return cfg
+
+
+def load_model(path: str, cfg, device: str):
+    """Meta build, materialize on ``device``, copy the checkpoint's full tensors in."""
+    import torch
+
+    from model.layers import rope_table
+    from model.transformer import Transformer
+    from pretrain import checkpoint as ckpt
+    with warnings.catch_warnings():       # DCP's note that it loads in one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        tensors = ckpt.load_tensors(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _check_names(path, model, tensors)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.rope = rope_table(cfg, device=model.rope.device)       # non-persistent: not in checkpoints
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    model.load_state_dict(tensors, strict=False)                 # names checked above
+    model.tie_weights()
+    return model.eval()
+
+
+def _check_names(path: str, model, tensors: dict) -> None:
+    """The checkpoint holds every model tensor at its shape; a tied parameter may be saved
+    only under the name it shares storage with."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    shared = dict(model.spec.tied(model.cfg))                 # parameter -> its source
+    for name, shape in expected.items():
+        if name not in have and shared.get(name) not in have:
+            raise BadInput(f"checkpoint {path} does not match its model config: tensor '{name}' is missing")
+        if name in have and have[name] != shape:
+            raise BadInput(f"checkpoint {path} does not match its model config: tensor '{name}' has shape "
+                           f"{have[name]}, the config gives {shape}")
+    extra = sorted(set(have) - set(expected))
+    if extra:
+        raise BadInput(f"checkpoint {path} does not match its model config: unexpected tensor '{extra[0]}'")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def load_run_tokenizer(run_cfg: dict, override: Optional[str]):
+    """The tokenizer the run trained with (or ``override``)."""
+    from data.tokenizer import load_tokenizer
+    from tools.convert_checkpoint import resolve_tokenizer
+    path = resolve_tokenizer(run_cfg, override)
+    if not path:
+        raise BadInput("the run names no tokenizer (no data.tokenizer, no built-in corpus); pass --tokenizer PATH")
+    return load_tokenizer(path)
+
+
+def bos_id(tok: Any) -> Optional[int]:
+    """The tokenizer's beginning-of-sequence id, or None when it has none."""
+    sp = getattr(tok, "_sp", None)
+    if sp is not None:
+        return int(sp.bos_id()) if sp.bos_id() >= 0 else None
+    hf = getattr(tok, "_tok", None)
+    return getattr(hf, "bos_token_id", None)
+
+
+def continuation_text(tok: Any, prompt: str, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The prompt as typed plus the decoded new tokens (decoded in context, so word-initial
+    spaces survive)."""
+    before = tok.decode(prompt_ids)
+    after = tok.decode(prompt_ids + new_ids)
+    return prompt + (after[len(before):] if after.startswith(before) else tok.decode(new_ids))
+
+
+# ---------------------------------------------------------------- main
+
+def run(args: argparse.Namespace) -> str:
+    """Everything after argument parsing; returns the text to print."""
+    import torch
+
+    from model.generate import check_length, generate
+    from pretrain import checkpoint as ckpt
+    path = ckpt.resolve_checkpoint(args.checkpoint)
+    state = ckpt.read_trainer_state(path)
+    cfg = model_config(state, path)
+    tok = load_run_tokenizer(state.get("config", {}), args.tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise BadInput(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only {cfg.vocab_size} "
+                       "embeddings: not the tokenizer this model was trained with")
+    bos = None if args.no_bos else bos_id(tok)
+    text_ids = tok.encode(args.prompt)
+    ids = ([bos] if bos is not None else []) + text_ids
+    if not ids:
+        raise BadInput("the prompt encodes to no tokens and the tokenizer has no BOS token to start from")
+    check_length(len(ids), args.max_new_tokens, cfg.max_seq_len)             # before loading weights
+    device = _device(args.device)
+    model = load_model(path, cfg, device)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)          # (1, T0)
+    use_cache = not args.no_cache
+    if use_cache and model.spec.make_cache is None:
+        print(f"note: architecture {cfg.arch!r} declares no inference cache; recomputing every step",
+              file=sys.stderr)
+        use_cache = False
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                   use_cache=use_cache, eos_id=tok.eod_id)
+    new = [t for t in out[0, len(ids):].tolist() if t != tok.eod_id]
+    return continuation_text(tok, args.prompt, text_ids, new)
+
+
+def _device(name: str) -> str:
+    """``name`` if torch can allocate there, else a BadInput naming it."""
+    import torch
+    try:
+        torch.empty(1, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise BadInput(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
+    return name
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        text = run(args)
+    except Exception as e:
+        if not _is_bad_input(e):
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(text)
+    return 0
+
+
+def _is_bad_input(e: Exception) -> bool:
+    """Errors the tool reports in one line: its own, checkpoint, config, tokenizer, generation."""
+    mods = sys.modules
+    kinds = [BadInput]
+    for mod, name in (("pretrain.checkpoint.common", "CheckpointError"), ("data.errors", "DataError"),
+                      ("model.generate", "GenerationError"), ("model.configlib", "ConfigError")):
+        if mod in mods:
+            kinds.append(getattr(mods[mod], name))
+    return isinstance(e, tuple(kinds))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
