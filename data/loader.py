@@ -42,15 +42,16 @@ STATE_VERSION = 1
 def collate(samples: list[dict], eod_id: int, position_ids: bool, doc_ids: bool) -> Batch:
     """Stack GPTDataset samples into one micro batch.
 
-    ``labels`` is -100 where the loss is masked (padding, and EOD inputs with
-    ``eod_mask_loss``). ``doc_ids`` numbers the documents inside each packed sample;
-    an EOD token belongs to the document it ends.
+    ``loss_mask`` (B, T) is the per-token loss-mask channel: 0 where the loss is masked
+    (padding, EOD inputs with ``eod_mask_loss``, or any token a data source masks); the
+    training step folds it into the labels and counts only unmasked tokens. ``doc_ids``
+    numbers the documents inside each packed sample; an EOD token belongs to the
+    document it ends.
     """
     tokens = torch.stack([s["tokens"] for s in samples]).long()          # (B, T)
     labels = torch.stack([s["labels"] for s in samples]).long()          # (B, T)
-    loss_mask = torch.stack([s["loss_mask"] for s in samples])           # (B, T)
-    labels = labels.masked_fill(loss_mask == 0, -100)
-    out: Batch = {"tokens": tokens, "labels": labels}
+    loss_mask = torch.stack([s["loss_mask"] for s in samples]).to(torch.uint8)   # (B, T)
+    out: Batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
     if position_ids:
         out["position_ids"] = torch.stack([s["position_ids"] for s in samples]).long()  # (B, T)
     if doc_ids:

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from model.bitnet.config import BitNetConfig
 from model.configlib import ConfigError, bad, doc
+from model.dha.config import DHAConfig
+from model.moe.config import MoEConfig
+from model.yoco.config import YOCOConfig
 
 
 @dataclass
@@ -29,6 +33,10 @@ class ModelConfig:
     """Shape and layer choices of a decoder-only transformer."""
     arch: str = field(default="llama", metadata=doc(
         "Architecture: a registered model spec (model/spec.py), e.g. llama."))
+    plugins: list[str] = field(default_factory=list, metadata=doc(
+        "Python modules imported before the model is built, e.g. [my_lab.my_arch]: an "
+        "architecture or layer kind kept outside this repository registers itself on import "
+        "(like torchtitan's custom_import); the module must be importable by every rank."))
     vocab_size: int = field(default=4096, metadata=doc(
         "Embedding rows; must be >= the tokenizer's vocabulary."))
     hidden_size: int = field(default=256, metadata=doc("Model width d."))
@@ -56,6 +64,12 @@ class ModelConfig:
         "architecture registers."))
     attention_bias: bool = field(default=False, metadata=doc("Bias on q/k/v/o projections."))
     mlp_bias: bool = field(default=False, metadata=doc("Bias on MLP projections."))
+    bitnet: BitNetConfig = field(default_factory=BitNetConfig, metadata=doc(
+        "BitNet b1.58 settings (model/bitnet)."))
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata=doc("Mixture-of-experts settings (model/moe)."))
+    dha: DHAConfig = field(default_factory=DHAConfig, metadata=doc(
+        "Decoupled-head attention settings (model/dha)."))
+    yoco: YOCOConfig = field(default_factory=YOCOConfig, metadata=doc("YOCO settings (model/yoco)."))
 
     def __post_init__(self):
         if self.num_kv_heads == 0:
@@ -69,11 +83,14 @@ class ModelConfig:
         """Reject impossible shapes and unknown slot kinds with a message naming the key."""
         from model.layers import ATTENTIONS, LINEARS, MLPS
         from model.spec import get_spec
+        load_plugins(self.plugins)
         get_spec(self.arch)
         for key, registry in (("attention", ATTENTIONS), ("mlp", MLPS), ("linear", LINEARS)):
             if getattr(self, key) not in registry:
                 raise bad(f"model.{key}", getattr(self, key),
                           "one of " + ", ".join(repr(k) for k in sorted(registry)))
+        for section in (self.bitnet, self.moe, self.dha, self.yoco):
+            section.validate(self)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_hidden_size", "max_seq_len"):
             if getattr(self, key) <= 0:
@@ -101,10 +118,20 @@ class ModelConfig:
         return flops_per_token(self, seq_len)
 
 
+def load_plugins(modules: list[str]) -> None:
+    """Import ``model.plugins``; a module that fails to import is one ConfigError line."""
+    import importlib
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - reported as one line naming the module
+            raise bad(f"model.plugins[{i}]", name, f"an importable module ({type(e).__name__}: {e})") from None
+
+
 #: Model settings a resumed run may change: they alter how weights are used at the
 #: margins (context length, RoPE base and scaling, norm epsilon) or only matter at
 #: initialization. Every other model setting fixes what the saved weights mean.
-FREE_ON_RESUME = ("max_seq_len", "rope_theta", "rope_scaling", "norm_eps", "init_std")
+FREE_ON_RESUME = ("max_seq_len", "rope_theta", "rope_scaling", "norm_eps", "init_std", "plugins")
 
 
 def weight_meaning_change(saved: dict, current: dict, prefix: str = "model") -> Optional[tuple[str, object, object]]:

@@ -258,6 +258,23 @@ class Block(nn.Module):
         return {"attention_norm": "sequence", "mlp_norm": "sequence", "attention": "gather", "mlp": "gather"}
 
 
+def layer_attention(cfg, layer_idx: int) -> str:
+    """The attention kind of layer ``layer_idx`` (the ``model.attention`` slot; an
+    architecture with per-layer choices decides in its own spec)."""
+    return cfg.attention
+
+
+def layer_mlp(cfg, layer_idx: int) -> str:
+    """The MLP kind of layer ``layer_idx``: ``model.mlp``, except where an MLP kind's
+    placement rule (e.g. MoE every N layers, dense first K) keeps a layer dense."""
+    placement = MLP_PLACEMENT.get(cfg.mlp)
+    return placement(cfg, layer_idx) if placement else cfg.mlp
+
+
+#: MLP kind -> rule(cfg, layer_idx) -> the kind that layer actually uses.
+MLP_PLACEMENT: dict[str, Callable[[Any, int], str]] = {}
+
+
 def block_tp_requirements(cfg, layer_idx: int, tp: int, attention: str, mlp: str) -> Optional[str]:
     """The first divisibility rule a block of these slot kinds breaks at ``tp``, or None."""
     for cls in (ATTENTIONS[attention], MLPS[mlp]):

@@ -213,3 +213,10 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32 over labels != -100. logits (B, T, V), labels (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss in fp32 over labels != -100 (the step divides by its global
+    token count). logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="sum")

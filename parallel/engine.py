@@ -1,8 +1,9 @@
-"""The training engine: a model with its parallelism applied, and one training step.
+"""The training engine: a model with its parallelism applied, forward/backward of a step.
 
-The trainer sees only the :class:`TrainEngine` interface: ``model_parts`` (the
-modules this rank owns, for the optimizer and checkpoints), ``forward_backward`` over
-the micro-batches of one optimizer step, ``eval_loss`` and ``clip_grad_norm_``.
+The step (:mod:`pretrain.step`) sees only the :class:`TrainEngine` interface:
+``model_parts`` (the modules this rank owns, for the optimizer and checkpoints),
+``forward_backward`` over the micro-batches of one optimizer step, ``eval_loss``,
+``clip_grad_norm_`` and the step statistics (``stats`` / ``reduce_stats``).
 
 ``build_engine`` builds the single-device model on the meta device, cuts pipeline
 stages when ``pp > 1``, then applies parallelism to each part in the fixed order
@@ -12,10 +13,17 @@ stages when ``pp > 1``, then applies parallelism to each part in the fixed order
 and only then materializes and initializes the weights (each parameter from its
 own (seed, name) generator, so every layout starts from the single-device weights).
 
-Loss convention, identical in every layout: each micro-batch's loss is the mean
-token cross-entropy; a step's loss is the mean over its micro-batches (gradients are
-those of that mean) and over the data-parallel ranks. With pipelining the last stage
-computes it and every rank returns it.
+Loss convention, identical in every layout: the loss of a step is the mean token
+cross-entropy over every loss token of the step (all micro-batches, all data-parallel
+ranks; labels of -100 and ``loss_mask == 0`` excluded). Each micro-batch contributes
+its token *sum* divided by the step's global token count, counted on the device and
+all-reduced over the data-parallel group before the first forward (no host wait), so a
+loss mask with uneven counts per micro-batch or rank gives exactly the single-process
+loss and gradients. FSDP averages gradients over the dp ranks, so each rank's sum is
+multiplied by the dp size. Auxiliary losses that modules attach
+(:func:`model.hooks.add_aux_loss`) are averaged over the micro-batches of the step and
+the dp ranks with the same mechanics. With pipelining the last stage computes the
+main loss and every rank returns it. Nothing here reads a value back to the host.
 """
 from __future__ import annotations
 
@@ -27,21 +35,23 @@ import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import Transformer, cross_entropy
+from model.hooks import StatsCollector, step_scope
+from model.transformer import Transformer, cross_entropy_sum
 from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
 from parallel.config import ParallelConfig
 from parallel.mesh import LayoutError, ParallelDims
+from parallel.runtime import autocast_context
 
 Batch = dict[str, torch.Tensor]
 SIDE_INPUTS = ("position_ids", "doc_ids")
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype,
-                     enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Autocast for reduced precision; a no-op in fp32 or when FSDP casts parameters."""
-    if dtype == torch.float32 or not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def labels_of(mb: Batch) -> torch.Tensor:
+    """The micro-batch's labels with ``loss_mask == 0`` positions set to -100 (B, T)."""
+    labels = mb["labels"]
+    if "loss_mask" in mb:
+        labels = labels.masked_fill(mb["loss_mask"] == 0, -100)
+    return labels
 
 
 def model_inputs(mb: Batch, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -93,8 +103,9 @@ class TrainEngine:
         self.sequence_parallel = sequence_parallel and dims.tp > 1
         self.fsdp = fsdp
         self.is_last_stage = True
+        self.stats = StatsCollector()
         # logits are plain tensors unless tp shards the vocabulary (then loss_parallel, eager)
-        self.loss_fn = compiled_loss(cross_entropy) if compile_loss and dims.tp == 1 else cross_entropy
+        self.loss_fn = compiled_loss(cross_entropy_sum) if compile_loss and dims.tp == 1 else cross_entropy_sum
 
     # ------------------------------------------------------------ helpers
 
@@ -120,9 +131,9 @@ class TrainEngine:
             if "position_ids" not in kwargs:
                 # RoPE must index the global positions; the embedding output is a sequence shard
                 kwargs["position_ids"] = torch.arange(T, device=self.device).expand(B, T)
-        return tokens, kwargs, mb["labels"].to(self.device, non_blocking=True)
+        return tokens, kwargs, labels_of(mb).to(self.device, non_blocking=True)
 
-    def _loss(self, mb: Batch) -> torch.Tensor:
+    def _loss_sum(self, mb: Batch) -> torch.Tensor:
         tokens, kwargs, labels = self._inputs(mb)
         with self._amp():
             logits = self.model(tokens, **kwargs)                      # (B, T, V), maybe vocab-sharded
@@ -132,57 +143,100 @@ class TrainEngine:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(enabled)
 
+    def global_tokens(self, microbatches: list[Batch]) -> torch.Tensor:
+        """Loss tokens of the whole step over the dp ranks (device scalar, >= 1; counted and
+        all-reduced on the device, so the host never waits)."""
+        count = torch.zeros((), device=self.device)
+        for mb in microbatches:
+            count += (labels_of(mb).to(self.device, non_blocking=True) != -100).sum()
+        return self.reduce_sum(count).clamp_min(1.0)
+
     # ------------------------------------------------------------ interface
 
     def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
-        """Accumulate gradients over the step's micro-batches; mean loss over the dp group."""
+        """Accumulate the step's gradients; returns the step's token-mean loss (device scalar)."""
         n = len(microbatches)
+        tokens = self.global_tokens(microbatches)
+        scale = self.dims.dp / tokens                  # FSDP then averages over the dp ranks
         total = torch.zeros((), device=self.device)
-        for i, mb in enumerate(microbatches):
-            self._set_grad_sync(i == n - 1)     # reduce-scatter only after the last micro-batch
-            with self._loss_ctx():
-                loss = self._loss(mb)
-                (loss / n).backward()
-            total += plain(loss.detach())
-        return self.reduce_mean(total / n)
+        with step_scope(aux_scale=1.0 / n, stats=self.stats):
+            for i, mb in enumerate(microbatches):
+                self._set_grad_sync(i == n - 1)     # reduce-scatter only after the last micro-batch
+                with self._loss_ctx():
+                    loss = self._loss_sum(mb)
+                    (loss * scale).backward()
+                total += plain(loss.detach()).float()
+        return self.reduce_sum(total) / tokens
 
     @torch.no_grad()
-    def eval_loss(self, microbatches: list[Batch]) -> float:
-        """Mean validation loss over the given micro-batches and the dp group."""
+    def eval_loss(self, microbatches: list[Batch]) -> torch.Tensor:
+        """Token-mean validation loss over the given micro-batches and the dp group (device)."""
         for m in self.model_parts:
             m.eval()
+        tokens = self.global_tokens(microbatches)
         total = torch.zeros((), device=self.device)
         for mb in microbatches:
             with self._loss_ctx():
-                total += plain(self._loss(mb))
+                total += plain(self._loss_sum(mb)).float()
         for m in self.model_parts:
             m.train()
-        return self.reduce_mean(total / max(len(microbatches), 1)).item()
+        return self.reduce_sum(total) / tokens
 
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a scalar over the data-parallel ranks."""
+    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a device scalar over the data-parallel ranks (asynchronous to the host)."""
         if self.mesh is not None and self.dims.dp > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh["dp"].get_group())
-            value = value / self.dims.dp
         return value
 
     def _pp_group(self):
         return None
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip the global gradient norm (all shards, all stages); returns the norm before clipping."""
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (all shards, all stages) on the device; returns the
+        norm before clipping as a device scalar (nothing is read back)."""
         params = [p for m in self.model_parts for p in m.parameters() if p.grad is not None]
         norm = total_grad_norm(params, self._pp_group())
         if max_norm > 0:
-            coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             groups: dict = {}
             for p in params:
                 groups.setdefault((type(p.grad), getattr(p.grad, "device_mesh", None),
                                    tuple(getattr(p.grad, "placements", ()))), []).append(p.grad)
             for grads in groups.values():
                 torch._foreach_mul_(grads, coef)
-        return float(norm)
+        return norm
+
+    def reduce_stats(self) -> dict[str, float]:
+        """The statistics modules reported since the last call, reduced over micro-batches,
+        steps, data-parallel ranks and pipeline stages (a host synchronization: call it at
+        log intervals only). ``mean`` averages over every report, ``sum`` adds them, ``max``
+        takes the largest. Values are the same on tensor-parallel peers (model.hooks)."""
+        local = dict(self.stats.values)
+        self.stats.clear()
+        kinds = _gather_kinds({n: v[0] for n, v in local.items()})
+        if not kinds:
+            return {}
+        names = sorted(kinds)
+        sums = torch.zeros(len(names), 2, device=self.device)           # (names, [sum, count])
+        maxes = torch.full((len(names),), float("-inf"), device=self.device)
+        for i, n in enumerate(names):
+            if n in local:
+                kind, value, count = local[n]
+                sums[i, 1] = count
+                if kind == "max":
+                    maxes[i] = value
+                else:
+                    sums[i, 0] = value
+        if self.mesh is not None:
+            group = self.mesh["pp_dp"].get_group()
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+        out = {}
+        for n, (total, count), top in zip(names, sums.tolist(), maxes.tolist()):
+            kind = kinds[n]
+            out[n] = top if kind == "max" else (total / count if kind == "mean" else total)
+        return out
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Unsharded copies of this rank's parameters by global FQN (a collective over the
@@ -192,6 +246,15 @@ class TrainEngine:
             for name, p in part.named_parameters():
                 out[name] = plain(p.detach()).clone().cpu()
         return out
+
+
+def _gather_kinds(mine: dict[str, str]) -> dict[str, str]:
+    """Statistic name -> reduction, over the names reported on any rank."""
+    everyone = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    return {n: k for d in everyone for n, k in (d or {}).items()}
 
 
 class PipelineEngine(TrainEngine):
@@ -208,6 +271,7 @@ class PipelineEngine(TrainEngine):
         self.is_first_stage = 0 in stage_indices
         self.is_last_stage = dims.num_stages - 1 in stage_indices
         self._schedules: dict[tuple[int, bool], object] = {}
+        self._scale = torch.ones((), device=device)     # this step's loss scale (dp / tokens)
         if dtype != torch.float32 and not fsdp:
             for part in model_parts:      # autocast each stage's forward only, not the backward
                 part.forward = _autocast_forward(part.forward, device, dtype)
@@ -223,10 +287,12 @@ class PipelineEngine(TrainEngine):
             from parallel.pipeline import schedule_class
             stages = [PipelineStage(part, idx, self.dims.num_stages, self.device, group=self.pp_group)
                       for part, idx in zip(self.model_parts, self.stage_indices)]
+            for stage in stages:
+                _quiet_metadata_inference(stage)
 
             def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                # the schedule sums micro-batch losses: divide so the sum is their mean
-                return self.loss_fn(logits, labels) / n
+                # token sum x (dp / global tokens): the schedule's sum over micro-batches is the mean
+                return self.loss_fn(logits, labels) * self._scale
 
             cls = schedule_class(self.schedule_name, self.dims.virtual_stages)
             single = self.dims.virtual_stages == 1 and cls.__name__ != "ScheduleInterleaved1F1B"
@@ -239,8 +305,10 @@ class PipelineEngine(TrainEngine):
         return self._schedules[key]
 
     def _run(self, microbatches: list[Batch], train: bool) -> torch.Tensor:
-        """Run the schedule over the concatenated micro-batches; mean loss on every rank."""
+        """Run the schedule over the concatenated micro-batches; token-mean loss on every rank."""
         n = len(microbatches)
+        tokens_total = self.global_tokens(microbatches)
+        self._scale = self.dims.dp / tokens_total
         parts = [self._inputs(mb) for mb in microbatches]
         tokens = torch.cat([p[0] for p in parts])                    # (n*B, T)
         labels = torch.cat([p[2] for p in parts])
@@ -249,32 +317,46 @@ class PipelineEngine(TrainEngine):
         target = labels if self.is_last_stage else None
         losses: list[torch.Tensor] = []
         schedule = self._schedule(n, train)
-        with self._loss_ctx():
+        with self._loss_ctx(), step_scope(aux_scale=1.0 / n, stats=self.stats if train else None):
             if train:
                 schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
             else:
                 schedule.eval(*args, target=target, losses=losses, **kwargs)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         if self.is_last_stage:
-            total = sum(plain(l.detach()).float() for l in losses) + total
+            total = sum(plain(l.detach()).float() for l in losses) / self.dims.dp + total
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pp_group)   # from the last stage
-        return self.reduce_mean(total)
+        return self.reduce_sum(total)
 
     def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
         """One pipelined step; FSDP gradient sync is left to the schedule (last backward only)."""
         return self._run(microbatches, train=True)
 
     @torch.no_grad()
-    def eval_loss(self, microbatches: list[Batch]) -> float:
-        if not microbatches:
-            return float("nan")
+    def eval_loss(self, microbatches: list[Batch]) -> torch.Tensor:
         for m in self.model_parts:
             m.eval()
         try:
-            return self._run(microbatches, train=False).item()
+            return self._run(microbatches, train=False)
         finally:
             for m in self.model_parts:
                 m.train()
+
+
+def _quiet_metadata_inference(stage) -> None:
+    """The schedule's first step runs each stage once on placeholder inputs to learn the
+    shapes it sends; nothing of that forward may reach the step statistics."""
+    for name in ("_forward_metadata_inference", "_shape_inference"):   # torch >= 2.12 / older
+        inner = getattr(stage, name, None)
+        if inner is not None:
+            setattr(stage, name, _without_stats(inner))
+
+
+def _without_stats(fn):
+    def wrapped(*args, **kwargs):
+        with step_scope(aux_scale=0.0, stats=None):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def _autocast_forward(forward, device: torch.device, dtype: torch.dtype):

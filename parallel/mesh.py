@@ -5,7 +5,8 @@ any process group exists (so an impossible layout fails on every rank at once
 with the same one-line message, and no rank waits for peers). ``build_mesh``
 then creates a :class:`DeviceMesh` with named dimensions
 ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` plus the flattened ``"dp"``
-(replicate x shard) used for loss averaging and data sharding. The mesh is passed
+(replicate x shard) used for loss averaging and data sharding, and ``"pp_dp"`` over
+which per-step statistics are reduced. The mesh is passed
 explicitly to everything that communicates; there are no process-group globals.
 """
 from __future__ import annotations
@@ -108,6 +109,7 @@ class ParallelDims:
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["pp", "dp_replicate", "dp_shard"]._flatten("pp_dp")      # step statistics
         # torch 2.11+ warns that slicing the flattened "dp" from the root mesh will be
         # deprecated; it still works in 2.13 and is the documented way to reach the
         # group. Silence only that message (moving to the bookkept flattened mesh is

@@ -17,6 +17,8 @@ role              style
 vocab_rowwise     embedding unit: vocab-parallel rows; Replicate tokens in,
                   reduce-scatter to Shard(1) (S) or all-reduce (no S)
 sequence          norms (S only): SequenceParallel, the norm runs on the shard
+sequence_local    any module on the residual stream (S only): as sequence, output
+                  handed on as a local shard
 gather            attention / MLP inputs (S only): all-gather Shard(1) -> Replicate
 colwise           ColwiseParallel (heads / inner columns split)
 ("kv", n, hd)     ColwiseParallel when tp divides the n KV heads, else
@@ -110,6 +112,8 @@ def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Opti
         return RowwiseParallel(output_layouts=residual)
     if role == "sequence":
         return SequenceParallel() if sequence_parallel else None
+    if role == "sequence_local":
+        return SequenceParallel(use_local_output=True) if sequence_parallel else None
     if role == "gather":
         return _gather_style(module) if sequence_parallel else None
     if role == "vocab_rowwise":

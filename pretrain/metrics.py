@@ -20,7 +20,7 @@ from pretrain.config import LoggingConfig, RunConfig
 #: dense bf16 / fp32 (non-tensor-core) figures.
 DEFAULT_PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}
 #: CPU fp32 matmul peak per thread, measured on the 2-core CI machine (about 0.3
-#: TFLOP/s on 2 threads, shared/DESIGN.md); a process's peak scales with its threads.
+#: TFLOP/s on 2 threads, measured for the design notes); a process's peak scales with its threads.
 CPU_PEAK_TFLOPS_PER_THREAD = 0.15
 
 
@@ -168,11 +168,17 @@ def _wandb_id(run_dir: str) -> str:
 
 
 def format_line(rec: dict[str, Any]) -> str:
-    """The per-interval console line."""
-    return (f"iter {rec['iteration']:>6}/{rec['total_iterations']} | tokens {rec['consumed_tokens']:.3e}"
+    """The per-interval console line; step statistics modules reported (names with a
+    ``/``, e.g. ``aux/load_balance``) and skipped steps follow when present."""
+    line = (f"iter {rec['iteration']:>6}/{rec['total_iterations']} | tokens {rec['consumed_tokens']:.3e}"
             f" | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | grad_norm {rec['grad_norm']:.3f}"
             f" | {rec['tokens_per_s']:.0f} tok/s | mfu {100 * rec['mfu']:.2f}%"
             f" | step {1000 * rec['step_time_s']:.0f} ms | mem {rec['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if rec.get("skipped_steps"):
+        line += f" | skipped {rec['skipped_steps']}"
+    for key in sorted(k for k in rec if "/" in k):
+        line += f" | {key} {rec[key]:.4g}"
+    return line
 
 
 def perplexity(loss: float) -> float:

@@ -11,16 +11,21 @@ from pretrain.config import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two AdamW groups: >= 2-D weights decay; norms, biases and other 1-D params do not."""
-    decay, no_decay, seen = [], [], set()
+    """AdamW groups: >= 2-D weights decay; norms, biases and other 1-D params do not.
+
+    Plain tensors and DTensors go into separate groups (the foreach kernels cannot mix
+    them, and a layer may keep some parameters plain under tensor parallelism)."""
+    from torch.distributed.tensor import DTensor
+    groups: dict[tuple[bool, bool], list] = {}
+    seen: set[int] = set()
     for module in modules:
         for _, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimizerConfig) -> torch.optim.AdamW:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from data import build_data
 from parallel.engine import build_engine
+from parallel.runtime import pick_device, pick_dtype
 from parallel.mesh import ParallelDims
 from model.config import weight_meaning_change
 from model.transformer import param_shapes
@@ -30,10 +31,11 @@ from pretrain.checkpoint.discovery import describe_incomplete
 from pretrain.config import RunConfig, check_run_length
 from model.configlib import bad
 from pretrain.faults import fault_point
-from pretrain.guards import SPIKE_WINDOW, NumericsGuard, finite
+from pretrain.guards import SPIKE_WINDOW, NumericsGuard
 from pretrain.host import setup_host
 from pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
-from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.optim import build_optimizer, lr_at
+from pretrain.step import TrainStep, host_sync
 from pretrain.runlock import RunLock, RunLockError
 
 #: Exit status after a signal-triggered save: "state saved, please requeue" (sysexits EX_TEMPFAIL).
@@ -59,27 +61,6 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank got a signal (one small all-reduce)."""
-        flag = torch.tensor([1 if self.received else 0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
-    if cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def pick_dtype(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, str]:
-    name = cfg.precision.dtype
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name], name
 
 
 def seed_everything(seed: int) -> None:
@@ -124,12 +105,14 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
-        self.device = pick_device(cfg, local_rank)
-        self.dtype, self.dtype_name = pick_dtype(cfg, self.device)
+        self.device = pick_device(cfg.training.device, local_rank)
+        self.dtype, self.dtype_name = pick_dtype(cfg.precision.dtype, self.device)
         setup_host(self.device, cfg.training)
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
         self.mesh = self.dims.build_mesh(self.device.type) if world_size > 1 else None
+        # CPU flags (signals, background saves) are agreed on a gloo group: no device wait
+        self.ctrl_group = dist.new_group(backend="gloo") if world_size > 1 and backend != "gloo" else None
         self.run_dir = cfg.training.output_dir
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.state = TrainState()
@@ -216,6 +199,8 @@ class Trainer:
         self.engine = build_engine(cfg.model, cfg.parallel, self.dims, self.mesh, self.device,
                                    self.dtype, t.seed)
         self.optimizer = build_optimizer(self.engine.model_parts, cfg.optimizer)
+        self.step = TrainStep(self.engine, self.optimizer, cfg.optimizer, cfg.schedule, t.iterations,
+                              t.nonfinite)
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         self.peak = peak_flops(cfg.logging, self.device, self.dtype_name)
         self._maybe_resume()
@@ -318,7 +303,7 @@ class Trainer:
         try:
             while self.state.iteration < t.iterations:
                 step_start = time.perf_counter()
-                loss, grad_norm, lr = self._train_step()
+                result = self._train_step()
                 step_times.append(time.perf_counter() - step_start)
                 interval_tokens += self.global_batch * self.cfg.data.seq_len
                 self.log.step()
@@ -326,12 +311,14 @@ class Trainer:
                 if it % t.log_interval == 0 or it == t.iterations:
                     self._check_numerics()
                     elapsed = time.perf_counter() - interval_start
-                    self._log_interval(loss, grad_norm, lr, interval_tokens / elapsed, step_times)
+                    self._log_interval(result, interval_tokens / elapsed, step_times)
                     interval_start, interval_tokens, step_times = time.perf_counter(), 0, []
                 if t.eval_interval and (it % t.eval_interval == 0 or it == t.iterations):
                     self._evaluate()
-                self._poll_pending_save()
-                if self.stop.agreed(self.device):
+                stop, saved = self._control_flags()
+                if saved:
+                    self._finish_pending_save()
+                if stop:
                     self._save()
                     self.log.print(f"signal {self.stop.received or 'on another rank'}: saved at iteration "
                                    f"{it}, exiting with status {EXIT_REQUEUE} for requeue")
@@ -347,51 +334,61 @@ class Trainer:
             self.log.close()
             self.release()
 
-    def _train_step(self) -> tuple[torch.Tensor, float, float]:
-        lr = lr_at(self.state.iteration, self.cfg.training.iterations, self.cfg.optimizer, self.cfg.schedule)
-        set_lr(self.optimizer, lr)
+    def _control_flags(self) -> tuple[bool, bool]:
+        """(a rank got SIGTERM/SIGUSR1, every rank's background save is written): one small
+        all-reduce of CPU integers per step, on a gloo group, so the device never waits."""
+        pending = self._pending_save
+        not_done = pending is not None and not pending.local_done()
+        flags = torch.tensor([1 if self.stop.received else 0, 1 if not_done else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ctrl_group)
+        with host_sync("control flags (CPU tensor)"):
+            stop, any_not_done = flags.tolist()
+        return bool(stop), pending is not None and not any_not_done
+
+    def _train_step(self):
         microbatches = self.data.train.next_step()
-        loss = self.engine.forward_backward(microbatches)
-        grad_norm = self.engine.clip_grad_norm_(self.cfg.optimizer.grad_clip)
-        norm_t = torch.as_tensor(grad_norm, device=loss.device)
-        if self.guard.policy == "skip" and not bool(finite(loss, norm_t)):
+        result = self.step(microbatches, self.state.iteration)
+        if result.skipped:
             self.state.extra["skipped_steps"] = self.state.extra.get("skipped_steps", 0) + 1
             self._print0(f"skipped iteration {self.state.iteration + 1}: non-finite loss or gradient "
-                         f"norm (loss {float(loss)}, grad norm {grad_norm}; training.nonfinite=skip)")
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                         f"norm (training.nonfinite=skip)")
         fault_point("step")
         self.state.iteration += 1
         self.state.consumed_samples += self.global_batch
         self.state.consumed_tokens += self.global_batch * self.cfg.data.seq_len
-        self.guard.record(self.state.iteration, loss, norm_t)
-        return loss, grad_norm, lr
+        self.guard.record(self.state.iteration, result.loss, result.grad_norm)
+        return result
 
     def _check_numerics(self) -> None:
         """Judge the steps since the last check: stop on a non-finite one (policy stop),
         log loss spikes."""
-        for it, loss, median in self.guard.check():
+        with host_sync("numerics check at a log interval or before a save"):
+            spikes = self.guard.check()
+        for it, loss, median in spikes:
             self.log.log({"iteration": it, "loss_spike": loss, "spike_reference": median},
                          f"loss spike at iteration {it}: {loss:.4f} vs median {median:.4f} of the "
                          f"previous {SPIKE_WINDOW} steps")
 
-    def _log_interval(self, loss: torch.Tensor, grad_norm: float, lr: float, tok_s: float,
-                      step_times: list[float]) -> None:
+    def _log_interval(self, result, tok_s: float, step_times: list[float]) -> None:
+        with host_sync("log line"):
+            loss, grad_norm = float(result.loss), float(result.grad_norm)
+            stats = self.engine.reduce_stats()
         rec = {"iteration": self.state.iteration, "total_iterations": self.cfg.training.iterations,
-               "consumed_tokens": self.state.consumed_tokens, "loss": float(loss), "lr": lr,
+               "consumed_tokens": self.state.consumed_tokens, "loss": loss, "lr": result.lr,
                "grad_norm": grad_norm, "tokens_per_s": tok_s,
                "mfu": tok_s * self.flops_per_token / (self.peak * self.world_size),
                "step_time_s": sum(step_times) / len(step_times),
                "peak_memory_bytes": peak_memory_bytes(self.device),
-               "skipped_steps": self.state.extra.get("skipped_steps", 0)}
+               "skipped_steps": self.state.extra.get("skipped_steps", 0), **stats}
         self.log.log(rec, format_line(rec))
 
     def _evaluate(self) -> None:
         batches = list(self.data.valid_batches(self.cfg.training.eval_iters))
         if not batches:
             return
-        loss = self.engine.eval_loss(batches)
+        with host_sync("evaluation"):
+            loss = float(self.engine.eval_loss(batches))
         rec = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": perplexity(loss)}
         self.log.log(rec, f"eval at iter {self.state.iteration} | loss {loss:.4f} | ppl {perplexity(loss):.2f}")
 
@@ -429,11 +426,6 @@ class Trainer:
         else:
             path = pending.finalize()
             self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f} s")
-
-    def _poll_pending_save(self) -> None:
-        """Finalize a background save once every rank's write is done (one all-reduce/step)."""
-        if self._pending_save is not None and self._pending_save.ready(self.device):
-            self._finish_pending_save()
 
     def _finish_pending_save(self) -> None:
         """Wait for the background save (if any), then verify, rename and move ``latest``."""

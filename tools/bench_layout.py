@@ -5,8 +5,9 @@
         --layout tp2-pp2 [--steps 5] [--warmup 2] [section.key=value ...]
 
 Builds the engine and optimizer exactly as the trainer does (``build_engine`` +
-``build_optimizer``) and times full optimizer steps (forward/backward over the
-step's micro-batches, gradient clipping, AdamW) on random tokens of the config's
+``build_optimizer``) and times full optimizer steps of the trainer's own
+:class:`pretrain.step.TrainStep` (forward/backward over the step's micro-batches,
+gradient clipping, AdamW) on random tokens of the config's
 ``data.seq_len``; no data files are read. Every layout processes the same global
 batch per step (``training.global_batch_size``, default ``micro_batch_size``), so
 tokens/s compare across layouts. Rank 0 prints one JSON line prefixed ``RESULT``.
@@ -76,32 +77,30 @@ def run(args: argparse.Namespace) -> dict:
     from parallel.mesh import ParallelDims
     from pretrain.config import load_config
     from pretrain.host import setup_host
+    from parallel.runtime import pick_device, pick_dtype
     from pretrain.optim import build_optimizer
+    from pretrain.step import TrainStep
 
     over, _ = layout_overrides(args.layout)
     cfg = load_config(args.config, list(args.overrides) + over)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.resolve(cfg.parallel, cfg.model, world)
-    cuda = torch.cuda.is_available() and cfg.training.device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device = pick_device(cfg.training.device, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     setup_host(device, cfg.training)           # as the trainer does
     if world > 1:
-        if cuda:
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     mesh = dims.build_mesh(device.type) if world > 1 else None
-    dtype = torch.bfloat16 if cuda and cfg.precision.dtype != "fp32" else torch.float32
+    dtype = pick_dtype(cfg.precision.dtype, device)[0]
     engine = build_engine(cfg.model, cfg.parallel, dims, mesh, device, dtype, cfg.training.seed)
-    opt = build_optimizer(engine.model_parts, cfg.optimizer)
+    train_step = TrainStep(engine, build_optimizer(engine.model_parts, cfg.optimizer), cfg.optimizer,
+                           cfg.schedule, cfg.training.iterations)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
 
     def step(i: int) -> None:
-        engine.forward_backward(_batches(cfg, dp_rank, dims.dp, i, device))
-        engine.clip_grad_norm_(cfg.optimizer.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(_batches(cfg, dp_rank, dims.dp, i, device), i)
 
     for i in range(args.warmup):
         step(i)

@@ -37,7 +37,6 @@ Bad config paths or keys print ``error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -58,34 +57,18 @@ from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from model.configlib import ConfigError  # noqa: E402
 from pretrain.host import setup_host  # noqa: E402
+from parallel.runtime import autocast_context, pick_device, pick_dtype  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
+from pretrain.step import TrainStep  # noqa: E402
 
 Step = Callable[[], None]
 
 
 # ---------------------------------------------------------------- environment
 
-def pick_device(cfg: RunConfig) -> torch.device:
-    """``training.device``, with ``auto`` resolved to cuda when available."""
-    name = cfg.training.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """Autocast dtype of the forward/backward (``precision.dtype``; auto = bf16 on GPU)."""
-    kind = cfg.precision.dtype
-    if kind == "auto":
-        kind = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if kind == "bf16" else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Autocast context for bf16; a no-op for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    """Compute dtype of the forward/backward (``precision.dtype``), as the trainer picks it."""
+    return pick_dtype(cfg.precision.dtype, device)[0]
 
 
 def sync(device: torch.device) -> None:
@@ -135,7 +118,7 @@ def make_step(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], 
     clip = cfg.optimizer.grad_clip
 
     def step() -> None:
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             loss = loss_of(tokens, labels)
         loss.backward()
         if clip > 0:
@@ -148,20 +131,20 @@ def make_step(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], 
 
 def polytron_step(cfg: RunConfig, device: torch.device) -> Step:
     """The trainer's own step, single process: ``build_engine`` (so ``parallel.compile`` and
-    ``parallel.activation_checkpoint`` apply), ``forward_backward``, ``clip_grad_norm_``,
-    AdamW ``step``, ``zero_grad(set_to_none=True)``."""
+    ``parallel.activation_checkpoint`` apply) and :class:`pretrain.step.TrainStep` (forward,
+    loss, backward, clipping, AdamW, hooks, ``zero_grad(set_to_none=True)``)."""
     dims = ParallelDims.resolve(cfg.parallel, cfg.model, 1)
     engine = build_engine(cfg.model, cfg.parallel, dims, None, device, compute_dtype(cfg, device),
                           cfg.training.seed)
-    optimizer = build_optimizer(engine.model_parts, cfg.optimizer)
+    train_step = TrainStep(engine, build_optimizer(engine.model_parts, cfg.optimizer), cfg.optimizer,
+                           cfg.schedule, cfg.training.iterations)
     tokens, labels = random_batch(cfg, device, cfg.training.seed)
     batch = [{"tokens": tokens, "labels": labels}]
+    calls = [0]
 
     def step() -> None:
-        engine.forward_backward(batch)
-        engine.clip_grad_norm_(cfg.optimizer.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(batch, calls[0])
+        calls[0] += 1
 
     return step
 
@@ -275,7 +258,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int = 1,
 
     This is the unit a per-layout benchmark calls once per parallel layout.
     """
-    device = pick_device(cfg)
+    device = pick_device(cfg.training.device)
     kept = setup_host(device, cfg.training)
     peak_flops, source = peak or resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)
@@ -289,7 +272,7 @@ def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int = 1,
 def compare_hf(cfg: RunConfig, steps: int, warmup: int, repeats: int,
                hf_compile: bool = False) -> dict:
     """Ours and Hugging Face alternating ``repeats`` times; medians and their ratio."""
-    device = pick_device(cfg)
+    device = pick_device(cfg.training.device)
     kept = setup_host(device, cfg.training)  # process-wide: the HF side runs under it too
     peak_flops, source = resolve_peak(cfg, device)
     ours = Runner("polytron", polytron_step, cfg, device)

@@ -1,7 +1,8 @@
 """The dense Llama-style decoder: its spec (units, layout rules, tying) and HF adapter.
 
 Units: ``tok_embeddings`` -> ``layers.0 .. layers.{L-1}`` (pre-norm blocks of the
-``model.attention`` and ``model.mlp`` slots) -> ``norm`` -> ``output``.
+``model.attention`` and ``model.mlp`` slots, per layer through ``layer_attention`` /
+``layer_mlp``) -> ``norm`` -> ``output``.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 
 from torch import nn
 
-from model.layers import Block, RMSNorm, block_tp_requirements, make_linear
+from model.layers import Block, RMSNorm, block_tp_requirements, layer_attention, layer_mlp, make_linear
 from model.llama.hf import LlamaAdapter
 from model.spec import ModelSpec, Unit, register_spec
 
@@ -24,7 +25,8 @@ def build_unit(cfg, unit: Unit) -> nn.Module:
     if unit.kind == "embedding":
         return nn.Embedding(cfg.vocab_size, cfg.hidden_size)
     if unit.kind == "block":
-        return Block(cfg, int(unit.name.split(".")[1]), cfg.attention, cfg.mlp)
+        i = int(unit.name.split(".")[1])
+        return Block(cfg, i, layer_attention(cfg, i), layer_mlp(cfg, i))
     if unit.kind == "norm":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
     return make_linear(cfg, cfg.hidden_size, cfg.vocab_size, False, "head")
@@ -33,7 +35,7 @@ def build_unit(cfg, unit: Unit) -> nn.Module:
 def check_layout(cfg, tp: int) -> Optional[str]:
     """Tensor-parallel divisibility of the vocabulary and of every block."""
     for i in range(cfg.num_layers):
-        err = block_tp_requirements(cfg, i, tp, cfg.attention, cfg.mlp)
+        err = block_tp_requirements(cfg, i, tp, layer_attention(cfg, i), layer_mlp(cfg, i))
         if err:
             return err
     if cfg.vocab_size % tp:

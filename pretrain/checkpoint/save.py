@@ -87,14 +87,9 @@ class PendingSave:
             self.checksums = pool.submit(job)
             pool.shutdown(wait=False)
 
-    def ready(self, device: torch.device = torch.device("cpu")) -> bool:
-        """True on every rank once every rank's background write has finished (collective)."""
-        local = self.checksums is None or self.checksums.done()
-        if not is_dist():
-            return local
-        flag = torch.tensor([1 if local else 0], device=device)   # default group: the writer thread owns the other
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def local_done(self) -> bool:
+        """True once this rank's background write and checksums have finished (no waiting)."""
+        return self.checksums is None or self.checksums.done()
 
     def finalize(self) -> str:
         """Wait for the write, verify on rank 0, rename, move ``latest``, apply retention."""

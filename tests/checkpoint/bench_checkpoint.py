@@ -67,7 +67,7 @@ def main() -> None:
     pending = ckpt.save(args.dir, 2, [model], opt, state, keep_last=5, async_save=True)
     staged = time.perf_counter() - t0
     during = []
-    while not pending.ready():
+    while not pending.local_done():
         during.append(step(model, opt, gen))
     t1 = time.perf_counter()
     pending.finalize()

@@ -43,8 +43,9 @@ def test_batch_shapes_labels_and_sharding(corpus, tmp_path):
     step = b.train.next_step()
     assert len(step) == G // (MICRO * 2)
     mb = step[0]
-    assert set(mb) == {"tokens", "labels"}
-    assert mb["tokens"].shape == mb["labels"].shape == (MICRO, 32) and mb["tokens"].dtype == torch.int64
+    assert set(mb) == {"tokens", "labels", "loss_mask"}             # loss_mask: the loss-mask channel
+    assert mb["tokens"].shape == mb["labels"].shape == mb["loss_mask"].shape == (MICRO, 32)
+    assert mb["tokens"].dtype == torch.int64
     assert torch.equal(mb["tokens"][:, 1:], mb["labels"][:, :-1])  # labels = tokens shifted by one
     assert b.train.consumed_samples == G and b.tokenizer.vocab_size == 512
 
@@ -82,12 +83,13 @@ def test_blend_weights_and_seed(corpus, tmp_path):
 
 
 def test_document_masking_position_reset_and_eod_loss(corpus, tmp_path):
+    from parallel.engine import labels_of         # the loss-mask channel as the step applies it
     b = _bundle(corpus, tmp_path, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
     eod = b.tokenizer.eod_id
     seen_boundary = False
     for _ in range(20):
         for mb in b.train.next_step():
-            tok, pos, doc, lab = mb["tokens"], mb["position_ids"], mb["doc_ids"], mb["labels"]
+            tok, pos, doc, lab = mb["tokens"], mb["position_ids"], mb["doc_ids"], labels_of(mb)
             for i in range(tok.shape[0]):
                 ends = (tok[i] == eod).nonzero().flatten().tolist()
                 for e in ends:

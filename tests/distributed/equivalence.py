@@ -10,18 +10,20 @@ micro-batches of the same size, so both average the same per-micro-batch losses.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from model.config import ModelConfig
+from model.configlib import from_dict
 from parallel.config import ParallelConfig
 from parallel.engine import build_engine
 from parallel.mesh import ParallelDims
-from pretrain.config import OptimizerConfig
+from pretrain.config import OptimizerConfig, ScheduleConfig
 from pretrain.optim import build_optimizer
+from pretrain.step import TrainStep
+from tests.distributed import hetero_spec  # noqa: F401  (registers arch "test_hetero")
 from tests.distributed.harness import device_for
 
 STEPS = 3
@@ -32,7 +34,9 @@ SEED = 1234
 #: small enough that clipping is active at every step (exercises the global-norm path)
 GRAD_CLIP = 0.5
 
-#: name -> (world size, parallel overrides, model overrides, data variant)
+#: name -> (world size, parallel overrides, model overrides, data variant); model
+#: overrides may set "arch" (and "plugins") and any model.<arch> sub-config as a dict.
+#: Architectures add theirs in tests/distributed/layouts_<arch>.py (see _collect_layouts).
 LAYOUTS: dict[str, tuple[int, dict, dict, str]] = {
     "tp2": (2, {"tensor": 2}, {}, "plain"),
     "tp2_kv1_replicated": (2, {"tensor": 2}, {"num_kv_heads": 1}, "plain"),
@@ -51,14 +55,42 @@ LAYOUTS: dict[str, tuple[int, dict, dict, str]] = {
     "fsdp2_tp2_selective_ac_kv1": (4, {"tensor": 2, "activation_checkpoint": "selective"},
                                    {"num_kv_heads": 1}, "docs"),
     "pp2_fsdp2": (4, {"pipeline": 2, "virtual_stages": 2}, {}, "plain"),
+    # a second architecture (tests/distributed/hetero_spec.py): two block kinds and a carry
+    # tensor produced by layer 1 and consumed by layers 2-3; PP2 puts the border between them
+    # (it also adds auxiliary losses and reports step statistics); "masked" = uneven loss masks
+    "hetero_pp2": (2, {"pipeline": 2}, {"arch": "test_hetero"}, "masked"),
+    "hetero_tp2": (2, {"tensor": 2}, {"arch": "test_hetero"}, "docs"),
+    "hetero_fsdp2": (2, {}, {"arch": "test_hetero"}, "masked"),
+    "hetero_tp2_pp2": (4, {"tensor": 2, "pipeline": 2}, {"arch": "test_hetero"}, "masked"),
+    "fsdp2_masked": (2, {}, {}, "masked"),
 }
 
 
+def _collect_layouts() -> None:
+    """Merge the LAYOUTS of every ``tests/distributed/layouts_<name>.py`` (one file per
+    architecture, so each adds its layouts without editing this one); all layouts of one
+    world size still run in a single spawn."""
+    import importlib
+    import pkgutil
+
+    import tests.distributed as package
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("layouts_"):
+            module = importlib.import_module(f"tests.distributed.{info.name}")
+            clash = set(module.LAYOUTS) & set(LAYOUTS)
+            assert not clash, f"{info.name} redefines layouts {sorted(clash)}"
+            LAYOUTS.update(module.LAYOUTS)
+
+
+_collect_layouts()
+
+
 def model_config(**overrides: Any) -> ModelConfig:
-    """Tiny Llama: 4 layers, d=64, 4 heads / 2 KV heads, vocab 128 (all divisible by 2)."""
-    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                      ffn_hidden_size=128, max_seq_len=32)
-    cfg = replace(cfg, **overrides)
+    """Tiny Llama: 4 layers, d=64, 4 heads / 2 KV heads, vocab 128 (all divisible by 2),
+    with ``overrides`` (nested sections as dicts) applied through the config loader."""
+    base = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=128, max_seq_len=32)
+    cfg = from_dict(ModelConfig, {**base, **overrides}, prefix="model.")
     cfg.validate()
     return cfg
 
@@ -69,6 +101,9 @@ def global_batch(step: int, variant: str, vocab: int) -> dict[str, torch.Tensor]
     gen = torch.Generator().manual_seed(SEED + step)
     seq = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
     batch = {"tokens": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous()}
+    if variant == "masked":     # loss masks of uneven density; samples 0-1 have no loss token
+        density = torch.linspace(-0.2, 1.0, GLOBAL_BATCH)[:, None]
+        batch["loss_mask"] = (torch.rand(GLOBAL_BATCH, SEQ, generator=gen) < density).long()
     if variant == "docs":
         starts = torch.rand(GLOBAL_BATCH, SEQ, generator=gen) < 0.2
         starts[:, 0] = True
@@ -87,24 +122,24 @@ def microbatches(batch: dict, dp_rank: int, dp_size: int) -> list[dict]:
 
 
 def train(pcfg: ParallelConfig, mcfg: ModelConfig, variant: str, world_size: int) -> dict:
-    """Run STEPS optimizer steps; returns per-step losses and grad norms and this rank's
-    final parameters (unsharded, by global name)."""
+    """Run STEPS optimizer steps of the project's TrainStep; returns per-step losses and grad
+    norms and this rank's final parameters (unsharded, by global name)."""
     dims = ParallelDims.resolve(pcfg, mcfg, world_size)
     device = device_for(dist.get_backend()) if world_size > 1 else torch.device("cpu")
     mesh = dims.build_mesh(device.type) if world_size > 1 else None
     engine = build_engine(mcfg, pcfg, dims, mesh, device, torch.float32, SEED)
-    opt = build_optimizer(engine.model_parts, OptimizerConfig())
+    opt_cfg = OptimizerConfig(grad_clip=GRAD_CLIP)
+    step = TrainStep(engine, build_optimizer(engine.model_parts, opt_cfg), opt_cfg,
+                     ScheduleConfig(kind="constant", warmup_iters=0), STEPS)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     losses, norms = [], []
-    for step in range(STEPS):
-        mbs = microbatches(global_batch(step, variant, mcfg.vocab_size), dp_rank, dims.dp)
-        losses.append(float(engine.forward_backward(mbs)))
-        norms.append(engine.clip_grad_norm_(GRAD_CLIP))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    for i in range(STEPS):
+        result = step(microbatches(global_batch(i, variant, mcfg.vocab_size), dp_rank, dims.dp), i)
+        losses.append(float(result.loss))
+        norms.append(float(result.grad_norm))
     eval_mbs = microbatches(global_batch(STEPS, variant, mcfg.vocab_size), dp_rank, dims.dp)
-    return {"losses": losses, "grad_norms": norms, "eval_loss": engine.eval_loss(eval_mbs),
-            "params": engine.full_parameters()}
+    return {"losses": losses, "grad_norms": norms, "eval_loss": float(engine.eval_loss(eval_mbs)),
+            "stats": engine.reduce_stats(), "params": engine.full_parameters()}
 
 
 def reference(model_overrides: dict, variant: str) -> dict:

@@ -13,6 +13,7 @@ start dominates on a 2-core CI machine); each layout is still its own test.
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def _results(world_size: int, backend: str) -> dict[str, list[dict]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(model_key: tuple, variant: str) -> dict:
-    return eq.reference(dict(model_key), variant)
+def _reference(model_key: str, variant: str) -> dict:
+    return eq.reference(json.loads(model_key), variant)
 
 
 def _rel(a: float, b: float) -> float:
@@ -54,7 +55,7 @@ def _cases() -> list:
 def test_layout_matches_single_process(name: str, backend: str) -> None:
     world, _par, model_over, variant = eq.LAYOUTS[name]
     ranks = _results(world, backend)[name]
-    ref = _reference(tuple(sorted(model_over.items())), variant)
+    ref = _reference(json.dumps(model_over, sort_keys=True), variant)
 
     for r, res in enumerate(ranks):   # every rank reports the same loss and norm
         for step, (got, want) in enumerate(zip(res["losses"], ref["losses"])):
@@ -62,6 +63,11 @@ def test_layout_matches_single_process(name: str, backend: str) -> None:
         for step, (got, want) in enumerate(zip(res["grad_norms"], ref["grad_norms"])):
             assert _rel(got, want) <= REL, f"rank {r} step {step}: grad norm {got} vs {want}"
         assert _rel(res["eval_loss"], ref["eval_loss"]) <= REL, f"rank {r}: eval loss"
+
+    for r, res in enumerate(ranks):   # statistics reduced over dp ranks and pp stages
+        assert sorted(res["stats"]) == sorted(ref["stats"]), f"rank {r}: statistics names"
+        for key, want in ref["stats"].items():
+            assert _rel(res["stats"][key], want) <= REL, f"rank {r}: statistic {key}"
 
     params: dict[str, torch.Tensor] = {}
     for res in ranks:                 # pipeline ranks each hold their stages' parameters
