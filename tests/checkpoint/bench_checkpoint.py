@@ -23,19 +23,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
-from model.transformer import build_model, cross_entropy  # noqa: E402
+from parallel.config import ParallelConfig  # noqa: E402
+from parallel.engine import build_engine  # noqa: E402
+from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain import checkpoint as ckpt  # noqa: E402
+from pretrain.config import OptimizerConfig, ScheduleConfig  # noqa: E402
+from pretrain.optim import build_optimizer  # noqa: E402
+from pretrain.step import TrainStep  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                   ffn_hidden_size=2048, max_seq_len=128)
 
 
-def step(model, opt, gen) -> float:
+def step(train_step, gen) -> float:
+    """One training step of the project's TrainStep on a random sequence; its seconds."""
     t0 = time.perf_counter()
     tokens = torch.randint(0, CFG.vocab_size, (1, 129), generator=gen)
-    cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    train_step([{"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}], 0)
     return time.perf_counter() - t0
 
 
@@ -49,11 +53,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
-    model = build_model(CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dims = ParallelDims.resolve(ParallelConfig(), CFG, 1)
+    engine = build_engine(CFG, ParallelConfig(), dims, None, torch.device("cpu"), torch.float32, 0)
+    model, opt_cfg = engine.model, OptimizerConfig(lr=1e-4)
+    opt = build_optimizer([model], opt_cfg)
+    train_step = TrainStep(engine, opt, opt_cfg, ScheduleConfig(kind="constant", warmup_iters=0), 1)
     gen = torch.Generator().manual_seed(0)
-    step(model, opt, gen)
-    base = [step(model, opt, gen) for _ in range(args.steps)]
+    step(train_step, gen)
+    base = [step(train_step, gen) for _ in range(args.steps)]
     state = {"iteration": 1, "consumed_samples": 0, "consumed_tokens": 0}
     res: dict = {"params": sum(p.numel() for p in model.parameters()),
                  "step_s": sum(base) / len(base), "threads": torch.get_num_threads()}
@@ -68,7 +75,7 @@ def main() -> None:
     staged = time.perf_counter() - t0
     during = []
     while not pending.local_done():
-        during.append(step(model, opt, gen))
+        during.append(step(train_step, gen))
     t1 = time.perf_counter()
     pending.finalize()
     fin = time.perf_counter() - t1
@@ -76,11 +83,12 @@ def main() -> None:
                async_total_s=time.perf_counter() - t0, steps_during_write=len(during),
                step_s_during_write=sum(during) / len(during) if during else None)
 
-    fresh = build_model(CFG, seed=1)
-    fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-4)
-    step(fresh, fopt, torch.Generator().manual_seed(1))
+    fresh_engine = build_engine(CFG, ParallelConfig(), dims, None, torch.device("cpu"), torch.float32, 1)
+    fopt = build_optimizer([fresh_engine.model], opt_cfg)
+    step(TrainStep(fresh_engine, fopt, opt_cfg, ScheduleConfig(kind="constant", warmup_iters=0), 1),
+         torch.Generator().manual_seed(1))                # optimizer state exists, as in a run
     t0 = time.perf_counter()
-    ckpt.load(path, [fresh], fopt)
+    ckpt.load(path, [fresh_engine.model], fopt)
     res["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ckpt.load_tensors(path)
