@@ -18,6 +18,7 @@ setup(
         "pyyaml>=6.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "zstandard>=0.19",  # .zst inputs of tools/preprocess_data.py
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],

@@ -1,11 +1,17 @@
-"""Text / JSONL (optionally gzip-compressed) -> Megatron ``.bin/.idx`` indexed datasets.
+"""Text / JSONL (plain, ``.gz`` or ``.zst``) -> Megatron ``.bin/.idx`` indexed datasets.
 
 Pipeline: the main process reads each input file as bytes and cuts it into chunks of
 whole documents (about ``chunk_bytes`` each); worker processes decode, parse, validate
-and tokenize a chunk, returning one flat token array plus document lengths; the main
-process writes results strictly in input order through megatron-core's
-``IndexedDatasetBuilder``, so the output is byte-identical for any number of workers.
-Every document ends with the tokenizer's end-of-document token.
+and tokenize a chunk (:mod:`data.segment_cache`), returning the token ids of all its
+documents as one byte block plus their lengths; the main process writes blocks strictly
+in input order (:mod:`data.indexed`, numpy only), so the output is byte-identical for
+any number of workers and to megatron-core's own writer. Every document ends with the
+tokenizer's end-of-document token. Nothing here imports torch or megatron-core.
+
+Output is one dataset ``PREFIX.{bin,idx}`` or shards ``PREFIX_00000.{bin,idx}, ...`` cut
+by size (``shard_mb``) or one per input file (``shard_by_file``); concatenating the shards
+(``tools/merge_datasets.py``) gives the unsharded dataset byte for byte.
+``PREFIX.summary.json`` records documents, tokens and skipped lines per input file.
 
 Malformed input (invalid JSON, a missing or non-string text field, non-UTF-8 bytes,
 empty documents) is skipped and recorded with file, line and reason -- or, with
@@ -17,48 +23,39 @@ from __future__ import annotations
 
 import collections
 import gc
-import gzip
-import io
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from data.errors import DataError
-from data.files import (check_input_files, ensure_writable_dir, missing_dirs, name_inputs,
-                        os_reason, remove_empty_dirs, writing)
+from data.files import check_input_files, ensure_writable_dir, missing_dirs, name_inputs, remove_empty_dirs, writing
+from data.indexed import DatasetWriter, optimal_dtype
+from data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
+from data.segment_cache import build_encoder
 from data.tokenizer import Tokenizer, load_tokenizer
 
 TEXT_UNITS = ("paragraph", "line", "file")
+ENCODERS = ("auto", "plain")
 MAX_LISTED_SKIPS = 10_000
-
-
-@dataclass
-class Chunk:
-    """Whole documents of one input file as one raw byte block (cut at a line end)."""
-    file_idx: int
-    fmt: str                 # "jsonl" or "text"
-    first_line: int          # 1-based line number of the block's first line
-    data: bytes
-    disk_bytes: int          # on-disk (possibly compressed) bytes this chunk advanced
-
-    @property
-    def lines(self) -> list[bytes]:
-        """The block's lines, newline kept (split on b"\\n" only)."""
-        return io.BytesIO(self.data).readlines()
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() removes
+#: A paragraph: one or more lines holding something besides ASCII whitespace.
+#: Anchored at line starts and possessive, so long whitespace runs cost linear time.
+_PARAGRAPH = re.compile("(?m)^(?:[ \t\r\x0b\x0c]*+[^ \t\r\x0b\x0c\n][^\n]*+(?:\n|\\Z))+")
 
 
 @dataclass
 class ChunkResult:
     """Tokens of a chunk's valid documents and the reasons for skipped ones."""
     file_idx: int
-    tokens: np.ndarray        # (sum(lengths),) all documents concatenated, EOD included
-    lengths: list[int]        # tokens per document
+    tokens: bytes             # ids of all documents back to back in the output dtype, EOD included
+    lengths: np.ndarray       # (documents,) int32 tokens per document
     skips: list[tuple[int, str]]  # (line number, reason)
     text_bytes: int
     disk_bytes: int
@@ -77,11 +74,17 @@ class Summary:
     input_bytes: int = 0
     seconds: float = 0.0
     mb_per_s: float = 0.0
+    docs_per_s: float = 0.0
     workers: int = 1
     tokenizer: str = ""
     vocab_size: int = 0
     eod_id: int = 0
     dtype: str = ""
+    encoder: str = ""
+    #: per input file: path, documents, tokens, skipped, disk_bytes, text_bytes
+    files: list[dict] = field(default_factory=list)
+    #: when sharded: prefix, documents, tokens of each shard (empty: one dataset at output_prefix)
+    shards: list[dict] = field(default_factory=list)
 
     def record_skip(self, path: str, line: int, reason: str) -> None:
         self.skipped += 1
@@ -95,9 +98,15 @@ class Summary:
                f"skipped: {self.skipped}" + (" (" + ", ".join(
                    f"{r}: {n}" for r, n in sorted(self.skipped_by_reason.items())) + ")"
                    if self.skipped else ""),
-               f"input: {self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
-               f"({self.mb_per_s:.2f} MB/s, {self.workers} worker{'s' if self.workers > 1 else ''})",
-               f"output: {self.output_prefix}.bin / .idx ({self.dtype})"]
+               f"input: {self.input_bytes / 1e6:.2f} MB in {len(self.input_files)} file"
+               f"{'s' if len(self.input_files) != 1 else ''}, {self.seconds:.2f} s "
+               f"({self.mb_per_s:.2f} MB/s, {self.docs_per_s:.0f} docs/s, {self.workers} worker"
+               f"{'s' if self.workers > 1 else ''}, {self.encoder} encoder)"]
+        if self.shards:
+            out.append(f"output: {len(self.shards)} shards {self.shards[0]['prefix']} .. "
+                       f"{self.shards[-1]['prefix']} .bin / .idx ({self.dtype})")
+        else:
+            out.append(f"output: {self.output_prefix}.bin / .idx ({self.dtype})")
         for s in self.skipped_lines[:max_lines]:
             out.append(f"  skipped {s['file']}:{s['line']}: {s['reason']}")
         if self.skipped > max_lines:
@@ -105,111 +114,71 @@ class Summary:
         return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- reading
-
-def detect_format(path: str) -> str:
-    """``jsonl`` for ``.jsonl``/``.json`` (optionally ``.gz``), else ``text``."""
-    name = path[:-3] if path.endswith(".gz") else path
-    return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
-
-
-class _CountingReader:
-    """Opens a plain or gzip file; ``disk_pos()`` is the on-disk byte position."""
-
-    def __init__(self, path: str) -> None:
-        self.raw: BinaryIO = open(path, "rb")
-        self.stream: BinaryIO = gzip.GzipFile(fileobj=self.raw) if path.endswith(".gz") else self.raw
-
-    def disk_pos(self) -> int:
-        return self.raw.tell()
-
-    def close(self) -> None:
-        self.stream.close()
-        self.raw.close()
-
-
-def _cut(buf: bytes, fmt: str, text_unit: str) -> int:
-    """Length of the longest prefix of ``buf`` made of whole documents (0: none yet)."""
-    if fmt == "text" and text_unit == "file":
-        return 0
-    if fmt == "text" and text_unit == "paragraph":  # after a blank line
-        a, b = buf.rfind(b"\n\n"), buf.rfind(b"\n\r\n")
-        return max(a + 2 if a >= 0 else 0, b + 3 if b >= 0 else 0)
-    return buf.rfind(b"\n") + 1
-
-
-def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str,
-                chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
-    """Cut one input file into byte blocks of whole documents, about ``chunk_bytes`` each.
-
-    The main process only moves bytes (no per-line Python objects); parsing happens in
-    the workers.
-    """
-    try:
-        reader = _CountingReader(path)
-    except OSError as e:
-        raise DataError(f"input {path}: cannot read ({os_reason(e)})") from None
-    try:
-        line_no, last_pos = 1, 0
-        parts: list[bytes] = []  # bytes read but not yet handed out (no boundary in them)
-        while True:
-            try:
-                data = reader.stream.read(chunk_bytes)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise DataError(f"{path}: cannot read (corrupt or truncated compressed file?): {e}") from None
-            if data:
-                tail = parts[-1][-2:] if parts else b""  # a boundary may straddle two reads
-                cut = _cut(tail + data, fmt, text_unit) - len(tail)
-                parts.append(data)
-                if cut <= 0:
-                    continue
-                block = b"".join(parts[:-1]) + data[:cut]
-                parts = [data[cut:]] if cut < len(data) else []
-            else:
-                block, parts = b"".join(parts), []
-            pos = reader.disk_pos()
-            if block or pos > last_pos:
-                yield Chunk(file_idx, fmt, line_no, block, pos - last_pos)
-            line_no += block.count(b"\n")
-            last_pos = pos
-            if not data:
-                return
-    finally:
-        reader.close()
-
-
 # ----------------------------------------------------------------------------- parsing
+
+def _split_lines(text: str) -> list[str]:
+    """Lines of a decoded chunk without their ``\\n`` (split on ``\\n`` only, as bytes.readlines)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _check_record(line: str, json_key: str) -> tuple[str | None, str]:
+    """(text, "") of one JSONL line, or (None, reason it is skipped)."""
+    if not line.strip(_ASCII_SPACE):
+        return None, "empty line"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "invalid JSON"
+    if not isinstance(obj, dict) or json_key not in obj:
+        return None, f"missing field '{json_key}'"
+    text = obj[json_key]
+    if not isinstance(text, str):
+        return None, f"field '{json_key}' is not a string"
+    if not text.strip():
+        return None, "empty document"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "invalid Unicode (lone surrogate escape)"
+    return text, ""
+
 
 def _jsonl_docs(chunk: Chunk, json_key: str, skips: list) -> tuple[list[str], int]:
     """Valid texts of a JSONL chunk; appends (line, reason) for the others."""
+    try:
+        decoded = chunk.data.decode("utf-8")
+    except UnicodeDecodeError:  # some line is not UTF-8: find which, line by line
+        return _jsonl_docs_by_line(chunk, json_key, skips), len(chunk.data)
+    texts = []
+    for i, line in enumerate(_split_lines(decoded)):
+        text, reason = _check_record(line, json_key)
+        if text is None:
+            skips.append((chunk.first_line + i, reason))
+        else:
+            texts.append(text)
+    return texts, len(chunk.data)
+
+
+def _jsonl_docs_by_line(chunk: Chunk, json_key: str, skips: list) -> list[str]:
+    """Valid texts of a JSONL chunk holding invalid UTF-8, decoded line by line."""
     texts = []
     for i, raw in enumerate(chunk.lines):
-        line = chunk.first_line + i
-        if not raw.strip():
-            skips.append((line, "empty line"))
-            continue
         try:
-            s = raw.decode("utf-8")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            skips.append((line, "invalid UTF-8"))
+            reason = "empty line" if not raw.strip() else "invalid UTF-8"
+            skips.append((chunk.first_line + i, reason))
             continue
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError:
-            skips.append((line, "invalid JSON"))
-            continue
-        if not isinstance(obj, dict) or json_key not in obj:
-            skips.append((line, f"missing field '{json_key}'"))
-            continue
-        text = obj[json_key]
-        if not isinstance(text, str):
-            skips.append((line, f"field '{json_key}' is not a string"))
-            continue
-        if not text.strip():
-            skips.append((line, "empty document"))
-            continue
-        texts.append(text)
-    return texts, len(chunk.data)
+        text, reason = _check_record(line, json_key)
+        if text is None:
+            skips.append((chunk.first_line + i, reason))
+        else:
+            texts.append(text)
+    return texts
 
 
 def _text_units(chunk: Chunk, unit: str) -> Iterator[tuple[int, list[bytes]]]:
@@ -234,8 +203,39 @@ def _text_units(chunk: Chunk, unit: str) -> Iterator[tuple[int, list[bytes]]]:
         yield start, para
 
 
+def _decoded_units(chunk: Chunk, text: str, unit: str) -> Iterator[tuple[int, str]]:
+    """(first line, text) of each document of a chunk that decoded as a whole."""
+    if unit == "file":
+        yield chunk.first_line, text
+    elif unit == "line":
+        for i, line in enumerate(_split_lines(text)):
+            yield chunk.first_line + i, line
+    else:
+        line, pos = chunk.first_line, 0
+        for m in _PARAGRAPH.finditer(text):
+            line += text.count("\n", pos, m.start())
+            pos = m.start()
+            yield line, m.group()
+
+
 def _text_docs(chunk: Chunk, unit: str, skips: list) -> tuple[list[str], int]:
     """Valid texts of a plain-text chunk; appends (line, reason) for the others."""
+    try:
+        decoded = chunk.data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _text_docs_by_unit(chunk, unit, skips), len(chunk.data)
+    texts = []
+    for line, text in _decoded_units(chunk, decoded, unit):
+        text = text.rstrip("\r\n") if unit != "file" else text
+        if not text.strip():
+            skips.append((line, "empty document"))
+            continue
+        texts.append(text)
+    return texts, len(chunk.data)
+
+
+def _text_docs_by_unit(chunk: Chunk, unit: str, skips: list) -> list[str]:
+    """Valid texts of a plain-text chunk holding invalid UTF-8, decoded document by document."""
     texts = []
     for line, parts in _text_units(chunk, unit):
         raw = b"".join(parts)
@@ -250,7 +250,7 @@ def _text_docs(chunk: Chunk, unit: str, skips: list) -> tuple[list[str], int]:
             skips.append((line, "empty document"))
             continue
         texts.append(text)
-    return texts, len(chunk.data)
+    return texts
 
 
 # ----------------------------------------------------------------------------- workers
@@ -258,41 +258,35 @@ def _text_docs(chunk: Chunk, unit: str, skips: list) -> tuple[list[str], int]:
 _W: dict = {}
 
 
-def _init_worker(tokenizer_path: str, json_key: str, text_unit: str, dtype: str) -> None:
-    """Load the tokenizer once per worker process."""
-    _W.update(tok=load_tokenizer(tokenizer_path), key=json_key, unit=text_unit, dtype=np.dtype(dtype))
+def _init_worker(tokenizer_path: str, json_key: str, text_unit: str, dtype: str, encoder: str,
+                 *file_stamp: int) -> None:
+    """Load the tokenizer and build the encoder once per process (a forked worker inherits it).
+
+    ``file_stamp`` (size, mtime of the tokenizer) makes a changed file load again.
+    """
+    args = (tokenizer_path, json_key, text_unit, dtype, encoder, *file_stamp)
+    if _W.get("args") != args:
+        _prepare_worker(load_tokenizer(tokenizer_path), args)
+
+
+def _prepare_worker(tok: Tokenizer, args: tuple) -> None:
+    """Set this process's encoder for ``args`` (the arguments of :func:`_init_worker`) from ``tok``."""
+    _, json_key, text_unit, dtype, encoder, *_ = args
+    _W.update(args=args, enc=build_encoder(tok, np.dtype(dtype), encoder), key=json_key, unit=text_unit)
 
 
 def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, validate and tokenize one chunk (runs in a worker process)."""
-    tok: Tokenizer = _W["tok"]
     skips: list[tuple[int, str]] = []
     if chunk.fmt == "jsonl":
         texts, nbytes = _jsonl_docs(chunk, _W["key"], skips)
     else:
         texts, nbytes = _text_docs(chunk, _W["unit"], skips)
-    ids = tok.encode_batch(texts)
-    eod = tok.eod_id
-    flat: list[int] = []
-    lengths = []
-    for doc in ids:
-        flat.extend(doc)
-        flat.append(eod)
-        lengths.append(len(doc) + 1)
-    return ChunkResult(chunk.file_idx, np.asarray(flat, dtype=_W["dtype"]), lengths,
-                       skips, nbytes, chunk.disk_bytes)
-
-
-# ----------------------------------------------------------------------------- driver
-
-def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int) -> None:
-    check_input_files(inputs)
-    if text_unit not in TEXT_UNITS:
-        raise DataError(f"text unit {text_unit!r}: allowed: {', '.join(TEXT_UNITS)}")
-    if workers < 1:
-        raise DataError(f"workers {workers}: must be >= 1")
-    if not json_key:
-        raise DataError("json key must not be empty")
+    if texts:
+        tokens, lengths = _W["enc"].encode_docs(texts)
+    else:
+        tokens, lengths = b"", np.zeros(0, np.int32)
+    return ChunkResult(chunk.file_idx, tokens, lengths, skips, nbytes, chunk.disk_bytes)
 
 
 def encode_chunks(chunks: list[Chunk]) -> list[ChunkResult]:
@@ -317,8 +311,8 @@ def _batched(chunks: Iterator[Chunk], nbytes: int) -> Iterator[list[Chunk]]:
 def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple,
              task_bytes: int) -> Iterator[ChunkResult]:
     """Encode chunks in order: in-process for 1 worker, else a bounded process pool."""
+    _init_worker(*init_args)  # forked workers inherit the tokenizer and the encoder
     if workers == 1:
-        _init_worker(*init_args)
         for c in chunks:
             yield encode_chunk(c)
         return
@@ -335,71 +329,188 @@ def _results(chunks: Iterator[Chunk], workers: int, init_args: tuple,
             yield from pending.popleft().get()
 
 
+# ----------------------------------------------------------------------------- output
+
+class _Output:
+    """Writes results in order to one dataset or to shards, all under temporary names.
+
+    ``shard_bytes`` > 0 starts a new shard once a shard's ``.bin`` reaches that size (at a
+    document boundary); ``by_file`` gives each input file with documents its own shard.
+    Neither: one dataset at ``prefix``. :meth:`publish` renames everything into place.
+    """
+
+    def __init__(self, prefix: str, dtype: np.dtype, shard_bytes: int, by_file: bool) -> None:
+        self.prefix, self.dtype = prefix, np.dtype(dtype)
+        self.shard_bytes, self.by_file = shard_bytes, by_file
+        self.sharded = shard_bytes > 0 or by_file
+        self.done: list[tuple[str, DatasetWriter]] = []   # (final prefix, finished writer)
+        self.current: DatasetWriter | None = None
+        self.current_name = ""
+        self.current_file = -1
+        self.tag = f".tmp{os.getpid()}"
+
+    def _open(self) -> DatasetWriter:
+        """Start the next shard (or the only dataset)."""
+        name = f"{self.prefix}_{len(self.done):05d}" if self.sharded else self.prefix
+        with writing(f"output {name}"):
+            self.current = DatasetWriter(name + ".bin" + self.tag, self.dtype)
+        self.current_name = name
+        return self.current
+
+    def _close(self) -> None:
+        """Finish the current shard's index."""
+        w, name, self.current = self.current, self.current_name, None
+        with writing(f"output {name}"):
+            w.finish(name + ".idx" + self.tag)
+        self.done.append((name, w))
+
+    def add(self, file_idx: int, tokens: bytes, lengths: np.ndarray) -> None:
+        """Append documents of input ``file_idx`` (cutting shards where they fill up)."""
+        if self.by_file and self.current is not None and file_idx != self.current_file:
+            self._close()
+        self.current_file = file_idx
+        tokens = memoryview(tokens)  # slices below without copies
+        while lengths.size:
+            w = self.current or self._open()
+            if self.shard_bytes <= 0:
+                take = lengths.size
+            else:  # documents until this shard reaches shard_bytes (at least one)
+                ends = np.cumsum(lengths, dtype=np.int64) * self.dtype.itemsize
+                take = int(np.searchsorted(ends, self.shard_bytes - w.nbytes, side="left")) + 1
+                take = min(take, lengths.size)
+            nbytes = int(lengths[:take].sum(dtype=np.int64)) * self.dtype.itemsize
+            with writing(f"output {self.current_name}"):
+                w.add(tokens[:nbytes], lengths[:take])
+            tokens, lengths = tokens[nbytes:], lengths[take:]
+            if self.shard_bytes > 0 and w.nbytes >= self.shard_bytes:
+                self._close()
+
+    def finish(self) -> list[dict]:
+        """Close the last shard; (prefix, documents, tokens) of every one written."""
+        if self.current is not None:
+            self._close()
+        return [{"prefix": name, "documents": w.documents, "tokens": w.tokens} for name, w in self.done]
+
+    def temp_files(self) -> list[str]:
+        """Every temporary file this output may have created."""
+        names = [name for name, _ in self.done] + ([self.current_name] if self.current else [])
+        return [n + ext + self.tag for n in names for ext in (".bin", ".idx")]
+
+    def publish(self) -> None:
+        """Rename every finished shard into place (``.bin`` then ``.idx``)."""
+        for name, _ in self.done:
+            os.replace(name + ".bin" + self.tag, name + ".bin")
+            os.replace(name + ".idx" + self.tag, name + ".idx")
+
+    def abort(self) -> None:
+        """Close and remove every temporary file."""
+        if self.current is not None:
+            self.current.abort()
+        _remove_files(*self.temp_files())
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int, encoder: str,
+                  shard_mb: float) -> None:
+    check_input_files(inputs)
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text unit {text_unit!r}: allowed: {', '.join(TEXT_UNITS)}")
+    if encoder not in ENCODERS:
+        raise DataError(f"encoder {encoder!r}: allowed: {', '.join(ENCODERS)}")
+    if workers < 1:
+        raise DataError(f"workers {workers}: must be >= 1")
+    if shard_mb < 0:
+        raise DataError(f"shard size {shard_mb} MB: must be >= 0 (0: no size limit)")
+    if not json_key:
+        raise DataError("json key must not be empty")
+
+
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, workers: int = 1,
                json_key: str = "text", text_unit: str = "paragraph", strict: bool = False,
-               show_progress: bool = False, chunk_bytes: int = 1 << 18) -> Summary:
-    """Tokenize ``inputs`` into ``output_prefix.{bin,idx,summary.json}``; return the summary.
+               show_progress: bool = False, chunk_bytes: int = 1 << 18, shard_mb: float = 0,
+               shard_by_file: bool = False, encoder: str = "auto", allow_empty: bool = False) -> Summary:
+    """Tokenize ``inputs`` into ``output_prefix`` (``.bin/.idx`` or shards, and ``.summary.json``).
 
-    Outputs are written to temporary names and renamed at the end, so a failed run
-    leaves no partial dataset behind (nor the directories it created). An unwritable
-    output location, or inputs without a single valid document, raise :class:`DataError`.
+    ``inputs`` may hold globs. Outputs are written to temporary names and renamed at the
+    end (the summary last), so a failed run leaves no partial dataset behind (nor the
+    directories it created). An unwritable output location, or inputs without a single
+    valid document, raise :class:`DataError` -- unless ``allow_empty``, where such a run
+    writes only its summary (used for per-file shards that are merged later).
     """
-    _check_inputs(inputs, json_key, text_unit, workers)
+    inputs = expand_inputs(inputs)
+    _check_inputs(inputs, json_key, text_unit, workers, encoder, shard_mb)
+    t_start = time.time()
     tok = load_tokenizer(tokenizer_path)
     out = os.path.abspath(os.path.expanduser(output_prefix))
     summ = Summary(output_prefix=out, input_files=[os.path.abspath(p) for p in inputs],
-                   workers=workers, tokenizer=tok.path, vocab_size=tok.vocab_size, eod_id=tok.eod_id)
+                   workers=workers, tokenizer=tok.path, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
+                   dtype=optimal_dtype(tok.vocab_size).name)
     created = missing_dirs(os.path.dirname(out))
     try:
         ensure_writable_dir(os.path.dirname(out), f"output {out}")
-        t0 = time.time()
-        tmp = _write_dataset(inputs, tok, summ, workers=workers, json_key=json_key,
-                             text_unit=text_unit, strict=strict, show_progress=show_progress,
-                             chunk_bytes=chunk_bytes)
-        summ.seconds = time.time() - t0
+        output = _Output(out, optimal_dtype(tok.vocab_size), int(shard_mb * 1e6), shard_by_file)
+        _write_all(inputs, output, summ, tok, workers=workers, json_key=json_key, text_unit=text_unit,
+                   strict=strict, show_progress=show_progress, chunk_bytes=chunk_bytes,
+                   encoder=encoder, allow_empty=allow_empty)
+        summ.seconds = time.time() - t_start
         summ.mb_per_s = summ.input_bytes / 1e6 / max(summ.seconds, 1e-9)
-        _publish(out, tmp, summ)
+        summ.docs_per_s = summ.documents / max(summ.seconds, 1e-9)
+        _publish(out, output, summ)
     except BaseException:
         remove_empty_dirs(created)
         raise
     return summ
 
 
-def _write_dataset(inputs: list[str], tok: Tokenizer, summ: Summary, *, workers: int, json_key: str,
-                   text_unit: str, strict: bool, show_progress: bool, chunk_bytes: int) -> tuple[str, str]:
-    """Tokenize all inputs into temporary ``.bin``/``.idx`` files; return their paths.
-
-    The temporary files are removed again if anything fails, including a run that
-    found no valid document at all.
-    """
-    from data._megatron import DType, IndexedDatasetBuilder
-
-    out = summ.output_prefix
-    dtype = DType.optimal_dtype(tok.vocab_size)
-    summ.dtype = np.dtype(dtype).name
-    tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
-    with writing(f"output {out}"):
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    bar = _progress_bar(inputs, show_progress)
+def _write_all(inputs: list[str], output: _Output, summ: Summary, tok: Tokenizer, *, workers: int, json_key: str,
+               text_unit: str, strict: bool, show_progress: bool, chunk_bytes: int, encoder: str,
+               allow_empty: bool) -> None:
+    """Tokenize all inputs into ``output`` (temporary files, removed again if anything fails)."""
+    summ.files = [{"path": p, "documents": 0, "tokens": 0, "skipped": 0, "disk_bytes": 0, "text_bytes": 0}
+                  for p in summ.input_files]
+    bar = _Progress(inputs, show_progress)
     try:
         chunks = (c for i, p in enumerate(inputs)
                   for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes))
-        init = (tok.path, json_key, text_unit, summ.dtype)
+        st = os.stat(summ.tokenizer)  # part of the key: a worker reuses a tokenizer only if unchanged
+        init = (summ.tokenizer, json_key, text_unit, summ.dtype, encoder, st.st_size, st.st_mtime_ns)
+        if _W.get("args") != init:
+            _prepare_worker(tok, init)  # the tokenizer loaded above: no second load here
         for res in _results(chunks, workers, init, chunk_bytes):
-            _write_result(res, builder, summ, inputs, strict)
-            if bar is not None:
-                bar.update(res.disk_bytes)
-        _require_documents(inputs, summ)
-        with writing(f"output {out}"):
-            builder.finalize(tmp_idx)
+            _record(res, summ, inputs, strict)
+            output.add(res.file_idx, res.tokens, res.lengths)
+            bar.update(res.disk_bytes, summ.documents)
+        summ.encoder = _W["enc"].description
+        if not allow_empty:
+            _require_documents(inputs, summ)
+        shards = output.finish()
+        summ.shards = shards if output.sharded else []
     except BaseException:
-        builder.data_file.close()
-        _remove_files(tmp_bin, tmp_idx)
+        output.abort()
         raise
     finally:
-        if bar is not None:
-            bar.close()
-    return tmp_bin, tmp_idx
+        bar.close()
+
+
+def _record(res: ChunkResult, summ: Summary, inputs: list[str], strict: bool) -> None:
+    """Count one chunk's documents, tokens and skips (overall and for its file)."""
+    path = inputs[res.file_idx]
+    if res.skips and strict:
+        line, reason = res.skips[0]
+        raise DataError(f"{path}:{line}: {reason} (--strict stops at the first malformed document)")
+    for line, reason in res.skips:
+        summ.record_skip(path, line, reason)
+    ntok = int(res.lengths.sum(dtype=np.int64))
+    f = summ.files[res.file_idx]
+    f["documents"] += int(res.lengths.size)
+    f["tokens"] += ntok
+    f["skipped"] += len(res.skips)
+    f["disk_bytes"] += res.disk_bytes
+    f["text_bytes"] += res.text_bytes
+    summ.documents += int(res.lengths.size)
+    summ.tokens += ntok
+    summ.input_bytes += res.text_bytes
 
 
 def _require_documents(inputs: list[str], summ: Summary) -> None:
@@ -419,49 +530,54 @@ def _remove_files(*paths: str) -> None:
             os.remove(p)
 
 
-def _publish(out: str, tmp: tuple[str, str], summ: Summary) -> None:
-    """Rename the temporary files into place, the summary written (to a temp name) first."""
+def _publish(out: str, output: _Output, summ: Summary) -> None:
+    """Rename the datasets into place, then the summary (written to a temp name first)."""
     tmp_summary = f"{out}.summary.json.tmp{os.getpid()}"
     try:
         with writing(f"output {out}"):
             _dump_summary(summ, tmp_summary)
-            os.replace(tmp[0], out + ".bin")
-            os.replace(tmp[1], out + ".idx")
+            output.publish()
             os.replace(tmp_summary, out + ".summary.json")
     except BaseException:
-        _remove_files(*tmp, tmp_summary)
+        _remove_files(*output.temp_files(), tmp_summary)
         raise
 
 
-def _write_result(res: ChunkResult, builder, summ: Summary, inputs: list[str], strict: bool) -> None:
-    """Append one chunk's documents to the dataset and its skips to the summary."""
-    path = inputs[res.file_idx]
-    if res.skips and strict:
-        line, reason = res.skips[0]
-        raise DataError(f"{path}:{line}: {reason} (--strict stops at the first malformed document)")
-    for line, reason in res.skips:
-        summ.record_skip(path, line, reason)
-    if res.lengths:
-        # One write per chunk: the builder records one sequence per document; then mark each
-        # sequence as its own document (the same index as one add_document call per document).
-        n0 = len(builder.sequence_lengths)
-        builder.add_document(res.tokens, res.lengths)
-        del builder.document_indices[-1]
-        builder.document_indices.extend(range(n0 + 1, n0 + len(res.lengths) + 1))
-    summ.documents += len(res.lengths)
-    summ.tokens += int(res.tokens.size)
-    summ.input_bytes += res.text_bytes
+class _Progress:
+    """A tqdm bar over on-disk input bytes showing MB/s, with documents/s as its postfix."""
 
+    def __init__(self, inputs: list[str], show: bool) -> None:
+        self.bar = None
+        if not show:
+            return
+        from tqdm import tqdm
 
-def _progress_bar(inputs: list[str], show: bool):
-    """A tqdm bar over on-disk input bytes (shows MB/s), or None."""
-    if not show:
-        return None
-    from tqdm import tqdm
+        total = sum(os.path.getsize(p) for p in inputs)
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.1)
+        self.t0 = self.last = time.time()
+        self.documents = 0
 
-    total = sum(os.path.getsize(p) for p in inputs)
-    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+    def update(self, nbytes: int, documents: int) -> None:
+        """Advance by ``nbytes`` of input; refresh the documents/s figure twice a second."""
+        if self.bar is None:
+            return
+        self.bar.update(nbytes)
+        self.documents = documents
+        now = time.time()
+        if now - self.last >= 0.5:
+            self._postfix(now)
+            self.last = now
+
+    def _postfix(self, now: float) -> None:
+        rate = self.documents / max(now - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} docs/s", refresh=False)
+
+    def close(self) -> None:
+        """Final figures, then the bar's last line."""
+        if self.bar is not None:
+            self._postfix(time.time())
+            self.bar.close()
 
 
 def _dump_summary(summ: Summary, path: str) -> None:

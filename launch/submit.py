@@ -4,6 +4,8 @@
     python -m launch.submit --config launch/configs/tiny.yaml --nodes 2 --gpus-per-node 8 \\
         --partition gpu --account proj --time 24:00:00 [section.key=value ...]
     python -m launch.submit ... --dry-run        # print the batch script, submit nothing
+    python -m launch.submit preprocess --input 'corpus/*.jsonl' --output-prefix data/x --tokenizer t.model \\
+        --tasks 16 --cpus-per-task 8     # tokenize as an array job + merge (launch/slurm/preprocess_job.py)
 
 The job starts one node agent (torchrun) per node through ``srun``; the rendezvous
 comes from the allocation; logs go to ``<log-dir>/<job-name>-<job id>.out`` (one file
@@ -261,7 +263,12 @@ def submit(job: Job, script: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, render, then print (--dry-run) or submit."""
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["preprocess"]:
+        from launch.slurm.preprocess_job import main as preprocess_main
+
+        return preprocess_main(argv[1:])
+    a = parse_args(argv)
     try:
         job = build_job(a)
         script = render(job)

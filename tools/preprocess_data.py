@@ -1,32 +1,79 @@
 #!/usr/bin/env python3
-"""Tokenize text / JSONL (optionally .gz) into a Megatron ``.bin/.idx`` indexed dataset.
+"""Tokenize text / JSONL (plain, .gz or .zst) into Megatron ``.bin/.idx`` indexed datasets.
 
-    python tools/preprocess_data.py --input a.jsonl b.txt.gz --output-prefix data/mydata \
-        --tokenizer tok.model|hf_tokenizer_dir [--workers N] [--json-key text] [--strict]
+    python tools/preprocess_data.py --input 'corpus/*.jsonl.zst' b.txt.gz --output-prefix data/mydata \\
+        --tokenizer tok.model|hf_tokenizer_dir [--workers N] [--shard-size-mb 4096 | --shard-by-file]
 
 Each JSONL line is one document (its ``--json-key`` field); in plain-text files a
 document is a paragraph (``--text-unit``). An end-of-document token is appended to
 every document. Malformed lines are skipped and reported with file and line (or stop
-the run with ``--strict``). Writes PREFIX.bin, PREFIX.idx and PREFIX.summary.json.
+the run with ``--strict``). Writes PREFIX.bin, PREFIX.idx (or shards PREFIX_00000.*, ...)
+and PREFIX.summary.json. ``--plan PLAN --task-index I`` runs one task of a SLURM array
+(``python -m launch.submit preprocess``). Neither torch nor megatron-core is imported.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+class _DeferredPackage(types.ModuleType):
+    """A package whose ``__init__`` runs on the first access to a name it defines."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self.__class__ = types.ModuleType  # from now on an ordinary module
+        self.__spec__.loader.exec_module(self)
+        return getattr(self, name)
+
+
+def deferred_package(name: str, directory: str) -> None:
+    """Register package ``name`` (in ``directory``) so its submodules import without its ``__init__``.
+
+    The ``__init__`` still runs, on demand, the first time anything asks the package for a
+    name it defines. A package already imported is left alone.
+    """
+    if name in sys.modules:
+        return
+    init = os.path.join(directory, "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[directory])
+    pkg = importlib.util.module_from_spec(spec)
+    pkg.__class__ = _DeferredPackage
+    sys.modules[name] = pkg
+
+
+def light_data_package() -> None:
+    """Import ``data.*`` submodules without running ``data/__init__.py`` first.
+
+    The package's ``__init__`` imports the training loader (torch and megatron-core,
+    about 9 s); tokenizing and merging need none of it. ``from data import build_data``
+    later in the same process still works (the ``__init__`` runs then).
+    """
+    deferred_package("data", os.path.join(REPO, "data"))
+
+
+light_data_package()
 
 from data.errors import DataError  # noqa: E402
-from data.preprocess import TEXT_UNITS, preprocess  # noqa: E402
+from data.inputs import read_input_list  # noqa: E402
+from data.preprocess import ENCODERS, TEXT_UNITS, preprocess  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="text, JSONL or .gz files")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin / .idx / .summary.json")
-    p.add_argument("--tokenizer", required=True,
-                   help="SentencePiece .model file or Hugging Face tokenizer directory")
+    p.add_argument("--input", nargs="+", default=[],
+                   help="text, JSONL, .gz or .zst files, or globs (quoted; ** recurses)")
+    p.add_argument("--input-list", default="", help="file naming one input (or glob) per line")
+    p.add_argument("--output-prefix", default="", help="writes PREFIX.bin / .idx / .summary.json")
+    p.add_argument("--tokenizer", default="", help="SentencePiece .model file or Hugging Face tokenizer directory")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                    help="tokenizing processes (default: CPU count)")
     p.add_argument("--json-key", default="text", help="text field of JSONL records")
@@ -34,18 +81,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one document of a plain-text file: a blank-line separated paragraph, a line, "
                         "or the whole file")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed document")
+    p.add_argument("--shard-size-mb", type=float, default=0,
+                   help="write shards PREFIX_00000.* of about this many MB of tokens each (0: one dataset)")
+    p.add_argument("--shard-by-file", action="store_true", help="one shard per input file")
+    p.add_argument("--encoder", choices=ENCODERS, default="auto",
+                   help="auto: cached exact SentencePiece encoding where the model allows it; plain: never")
     p.add_argument("--chunk-mb", type=float, default=0.25, help="input MB handed to a worker at once")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", default="", help="SLURM array plan (written by python -m launch.submit preprocess)")
+    p.add_argument("--task-index", type=int, default=-1,
+                   help="with --plan: this task's index (default: $SLURM_ARRAY_TASK_ID)")
     return p.parse_args(argv)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """One SLURM array task: its files of the plan, each to its own shard, finished ones skipped."""
+    from data.shard_plan import run_plan_task
+
+    index = args.task_index if args.task_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "-1"))
+    if index < 0:
+        raise DataError("--plan needs --task-index (or SLURM_ARRAY_TASK_ID)")
+    run_plan_task(args.plan, index, workers=args.workers, chunk_bytes=_chunk_bytes(args))
+    return 0
+
+
+def _chunk_bytes(args: argparse.Namespace) -> int:
+    return max(1, int(args.chunk_mb * (1 << 20)))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        summ = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
+        if args.plan:
+            return run_task(args)
+        inputs = args.input + (read_input_list(args.input_list) if args.input_list else [])
+        if not args.output_prefix or not args.tokenizer:
+            raise DataError("--output-prefix and --tokenizer are required (or --plan)")
+        if args.shard_by_file and args.shard_size_mb:
+            raise DataError("--shard-size-mb and --shard-by-file exclude each other")
+        summ = preprocess(inputs, args.output_prefix, args.tokenizer, workers=args.workers,
                           json_key=args.json_key, text_unit=args.text_unit, strict=args.strict,
-                          show_progress=not args.no_progress,
-                          chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))))
+                          show_progress=not args.no_progress, chunk_bytes=_chunk_bytes(args),
+                          shard_mb=args.shard_size_mb, shard_by_file=args.shard_by_file,
+                          encoder=args.encoder)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,131 @@
+"""Concatenate indexed datasets (shards) into one, with a combined summary.
+
+``merge_datasets(prefixes, out)`` writes ``out.bin/.idx`` (temporary names, renamed when
+complete, summary last) holding the documents of ``prefixes`` in order: byte for byte
+what one preprocessing pass over their inputs in that order writes. Numpy only.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import time
+
+from data.errors import DataError
+from data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
+from data.indexed import merge
+from data.preprocess import MAX_LISTED_SKIPS
+
+
+def resolve_inputs(patterns: list[str]) -> tuple[list[str], list[dict]]:
+    """Dataset prefixes to merge, in order, and the preprocessing summaries that describe them.
+
+    Each pattern is a dataset prefix (``PREFIX`` or ``PREFIX.idx``), a sharded run's prefix
+    (its ``PREFIX.summary.json`` lists the shards), or a glob over prefixes (sorted).
+    """
+    prefixes: list[str] = []
+    summaries: list[dict] = []
+    runs: set[str] = set()  # sharded runs whose summary is already in summaries
+    for p in patterns:
+        p = p[:-4] if p.endswith((".idx", ".bin")) else p
+        if os.path.isfile(p + ".idx"):
+            found = [p]
+        elif (run := read_summary(p)) and run.get("shards"):
+            prefixes += [s["prefix"] for s in run["shards"]]
+            summaries.append(run)
+            runs.add(os.path.abspath(p))
+            continue
+        elif glob.has_magic(p):
+            found = sorted(f[:-4] for f in glob.glob(os.path.expanduser(p) + ".idx", recursive=True))
+            if not found:
+                raise DataError(f"input {p}: matches no dataset (no {p}.idx)")
+        else:
+            raise DataError(f"input {p}: no such dataset ({p}.idx is missing)")
+        prefixes += found
+        summaries += [s for s in map(read_summary, found) if s]
+    return prefixes, summaries + _run_summaries(prefixes, runs)
+
+
+def _run_summaries(prefixes: list[str], known: set[str]) -> list[dict]:
+    """Summaries of sharded runs (``RUN_00000`` ...) not in ``known`` whose shards are all merged here."""
+    runs: dict[str, dict | None] = {}
+    for p in prefixes:
+        m = re.fullmatch(r"(.+)_\d{5}", os.path.abspath(p))
+        if m and m.group(1) not in known and m.group(1) not in runs and not os.path.isfile(p + ".summary.json"):
+            runs[m.group(1)] = read_summary(m.group(1))
+    chosen = set(os.path.abspath(p) for p in prefixes)
+    return [s for s in runs.values()
+            if s and s.get("shards") and {os.path.abspath(x["prefix"]) for x in s["shards"]} <= chosen]
+
+
+def read_summary(prefix: str) -> dict | None:
+    """``PREFIX.summary.json`` as a dict, or None when there is none (or it is unreadable)."""
+    try:
+        with open(prefix + ".summary.json", encoding="utf-8") as f:
+            s = json.load(f)
+        return s if isinstance(s, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def combine_summaries(parts: list[dict], output_prefix: str) -> dict:
+    """One summary for datasets merged from ``parts`` (preprocessing summaries, in merge order)."""
+    out = {"output_prefix": output_prefix, "documents": 0, "tokens": 0, "skipped": 0,
+           "skipped_by_reason": {}, "skipped_lines": [], "input_files": [], "input_bytes": 0,
+           "seconds": 0.0, "mb_per_s": 0.0, "docs_per_s": 0.0, "files": [], "shards": [],
+           "merged_from": len(parts)}
+    for s in parts:
+        for key in ("documents", "tokens", "skipped", "input_bytes"):
+            out[key] += int(s.get(key, 0))
+        out["seconds"] += float(s.get("seconds", 0.0))
+        for reason, n in s.get("skipped_by_reason", {}).items():
+            out["skipped_by_reason"][reason] = out["skipped_by_reason"].get(reason, 0) + n
+        room = MAX_LISTED_SKIPS - len(out["skipped_lines"])
+        out["skipped_lines"] += s.get("skipped_lines", [])[:max(room, 0)]
+        out["input_files"] += s.get("input_files", [])
+        out["files"] += s.get("files", [])
+        for key in ("workers", "tokenizer", "vocab_size", "eod_id", "dtype", "encoder"):
+            if key in s:
+                out.setdefault(key, s[key])
+    if out["seconds"] > 0:  # summed over the parts: processing time, not the wall time of a job
+        out["mb_per_s"] = out["input_bytes"] / 1e6 / out["seconds"]
+        out["docs_per_s"] = out["documents"] / out["seconds"]
+    return out
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str, summaries: list[dict] | None = None) -> dict:
+    """Merge ``prefixes`` (in order) into ``output_prefix``; return the written summary.
+
+    ``summaries`` (preprocessing summaries of the inputs, in order) default to the prefixes'
+    own ``.summary.json`` files; without any, the summary holds documents, tokens and dtype.
+    """
+    t0 = time.time()
+    out = os.path.abspath(os.path.expanduser(output_prefix))
+    if any(os.path.abspath(p) == out for p in prefixes):
+        raise DataError(f"output {out}: is also an input; choose another --output-prefix")
+    created = missing_dirs(os.path.dirname(out))
+    tag = f".tmp{os.getpid()}"
+    tmp = [out + ".bin" + tag, out + ".idx" + tag, out + ".summary.json" + tag]
+    try:
+        ensure_writable_dir(os.path.dirname(out), f"output {out}")
+        with writing(f"output {out}"):
+            index = merge(prefixes, tmp[0], tmp[1])
+        if summaries is None:
+            summaries = [read_summary(p) for p in prefixes]
+        summ = combine_summaries([s for s in summaries if s], out)
+        summ.update(documents=int(index.lengths.size), tokens=index.tokens, dtype=index.dtype.name,
+                    merged_from=len(prefixes), merge_seconds=round(time.time() - t0, 3))
+        with writing(f"output {out}"):
+            with open(tmp[2], "w", encoding="utf-8") as f:
+                json.dump(summ, f, indent=1)
+            os.replace(tmp[0], out + ".bin")
+            os.replace(tmp[1], out + ".idx")
+            os.replace(tmp[2], out + ".summary.json")
+    except BaseException:
+        for p in tmp:
+            if os.path.exists(p):
+                os.remove(p)
+        remove_empty_dirs(created)
+        raise
+    return summ
