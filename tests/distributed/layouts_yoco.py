@@ -1,0 +1,32 @@
+"""YOCO layouts of the equivalence suite (collected by tests/distributed/equivalence.py).
+
+The suite's tiny model (4 layers, d=64, 4 heads / 2 KV heads) as YOCO: layers 0-1 form
+the self-decoder, ``shared_kv`` produces the shared key/value, layers 2-3 the
+cross-decoder. The sliding window (5) and the retention chunk (4) are shorter than the
+suite's 16 positions, so the blocked window kernel, the chunk recurrence and document
+resets across chunks all run.
+
+* TP2 (sequence parallel, packed documents): the shared K/V heads split with the cross
+  layers' query heads; with one KV head they are replicated (ReplicatedKVHeads).
+* PP2 with the border inside the self-decoder ([1, 3]: nothing crosses but the hidden
+  state) and inside the cross-decoder ([3, 1]: ``yoco_k`` / ``yoco_v`` cross), also
+  with TP2 x PP2, where each TP rank sends its own heads.
+* FSDP2, also tied with full activation checkpointing (the carry read inside a
+  recomputed block).
+"""
+SWA = {"arch": "yoco", "yoco": {"self_decoder": "swa", "sliding_window": 5}}
+RETENTION = {"arch": "yoco", "yoco": {"self_decoder": "retention", "retention_chunk": 4}}
+
+LAYOUTS = {
+    "yoco_swa_tp2_docs": (2, {"tensor": 2}, SWA, "docs"),
+    "yoco_retention_tp2_kv1_docs": (2, {"tensor": 2}, {**RETENTION, "num_kv_heads": 1}, "docs"),
+    "yoco_swa_pp2_border_in_self": (2, {"pipeline": 2, "pipeline_split": [1, 3]}, SWA, "plain"),
+    "yoco_swa_pp2_border_in_cross": (2, {"pipeline": 2, "pipeline_split": [3, 1]}, SWA, "masked"),
+    "yoco_retention_pp2_border_in_cross": (2, {"pipeline": 2, "pipeline_split": [3, 1],
+                                               "pipeline_schedule": "gpipe"}, RETENTION, "docs"),
+    "yoco_swa_fsdp2": (2, {}, SWA, "masked"),
+    "yoco_retention_fsdp2_tied_full_ac": (2, {"activation_checkpoint": "full"},
+                                          {**RETENTION, "tie_embeddings": True}, "plain"),
+    "yoco_retention_tp2_pp2_border_in_cross": (4, {"tensor": 2, "pipeline": 2, "pipeline_split": [3, 1]},
+                                               RETENTION, "plain"),
+}
