@@ -255,7 +255,9 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def tp_roles(self) -> dict:
-        return {"attention_norm": "sequence", "mlp_norm": "sequence", "attention": "gather", "mlp": "gather"}
+        # an MLP kind may declare its own role (an MoE layer: "replicated")
+        return {"attention_norm": "sequence", "mlp_norm": "sequence", "attention": "gather",
+                "mlp": getattr(self.mlp, "tp_role", "gather")}
 
 
 def layer_attention(cfg, layer_idx: int) -> str:

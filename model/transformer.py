@@ -141,9 +141,9 @@ class Transformer(nn.Module):
         full tensor and keeps the local shard, so TP/FSDP/PP layouts start from exactly
         the single-device weights. The rule comes from the module that owns the
         parameter: ``init_rule(name)`` when it has one ("ones", "zeros", "normal",
-        "output"), else biases zero and weights normal(init_std), with
-        init_std / sqrt(2 * num_layers) for projections whose role writes into the
-        residual stream.
+        "output", or ``("uniform", bound)``: U(-bound, bound), e.g. Xavier), else biases
+        zero and weights normal(init_std), with init_std / sqrt(2 * num_layers) for
+        projections whose role writes into the residual stream.
         """
         self.rope = rope_table(self.cfg, device=self.rope.device)
         depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
@@ -162,7 +162,10 @@ class Transformer(nn.Module):
                 else:
                     std = depth_std if rule == "output" else self.cfg.init_std
                     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ (seed * 1000003))
-                    full = torch.randn(param.shape, generator=gen) * std
+                    if isinstance(rule, tuple) and rule[0] == "uniform":     # ("uniform", bound)
+                        full = (torch.rand(param.shape, generator=gen) * 2 - 1) * rule[1]
+                    else:
+                        full = torch.randn(param.shape, generator=gen) * std
                 copy_full_into(param, full)
             if hasattr(module, "init_buffers"):
                 module.init_buffers()

@@ -24,7 +24,11 @@ class ParallelConfig:
         "Pipeline schedule; virtual_stages > 1 implies interleaved_1f1b."))
     pipeline_split: list[int] = field(default_factory=list, metadata=doc(
         "Layers per stage (pipeline * virtual_stages numbers summing to num_layers); empty splits evenly."))
-    expert: int = field(default=1, metadata=doc("Expert-parallel degree (MoE layers)."))
+    expert: int = field(default=1, metadata=doc(
+        "Expert-parallel degree: each MoE layer's routed experts are split over this many "
+        "neighbouring data-parallel ranks (carved from data_parallel_shard, which it must divide; "
+        "tokens reach their experts by all-to-all) and FSDP-sharded over the remaining "
+        "data-parallel ranks; must divide model.moe.num_experts (parallel/expert_parallel.py)."))
     context: int = field(default=1, metadata=doc("Context-parallel degree."))
     activation_checkpoint: Literal["none", "selective", "full"] = field(default="none", metadata=doc(
         "Recompute activations in backward: none, selective (every other block), or full (all blocks)."))

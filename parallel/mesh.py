@@ -8,6 +8,13 @@ then creates a :class:`DeviceMesh` with named dimensions
 (replicate x shard) used for loss averaging and data sharding, and ``"pp_dp"`` over
 which per-step statistics are reduced. The mesh is passed
 explicitly to everything that communicates; there are no process-group globals.
+
+Expert parallelism (``parallel.expert = ep > 1``, torchtitan's layout) is carved from
+the data-parallel shard ranks: ``dp_shard`` is built as ``efsdp x ep`` (``ep`` inner, so
+an expert group is ``ep`` neighbouring data-parallel ranks) and flattened back to
+``"dp_shard"``, so data sharding, ``"dp"`` and everything that is not an expert see the
+same ranks as without it. Experts are sharded over ``"ep"`` and FSDP-sharded over
+``"efsdp"`` (with ``dp_replicate``: HSDP over ``("dp_replicate", "efsdp")``).
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from parallel.config import ParallelConfig
 from model.configlib import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+#: The mesh with expert parallelism: dp_shard = efsdp x ep (flattened back to "dp_shard").
+EP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
 
 
 class LayoutError(ConfigError):
@@ -100,16 +109,36 @@ class ParallelDims:
             raise LayoutError("parallel.context > 1 is not available yet (context parallelism "
                               "arrives with the long-context work)")
         if self.ep > 1:
-            raise LayoutError("parallel.expert > 1 needs an MoE model (model.mlp=moe), which no "
-                              "architecture provides yet")
+            self._check_experts(m)
+
+    def _check_experts(self, m: ModelConfig) -> None:
+        """Expert parallelism needs routed experts that ep divides, carved from dp_shard."""
+        from model.layers import MLPS
+        experts = getattr(MLPS.get(m.mlp), "num_experts_of", None)
+        if experts is None:
+            raise LayoutError(f"parallel.expert={self.ep} needs a mixture-of-experts model "
+                              f"(model.mlp=moe or mh_moe); model.mlp={m.mlp} has no experts")
+        if experts(m) % self.ep:
+            raise LayoutError(f"parallel.expert={self.ep} must divide model.moe.num_experts={experts(m)}")
+        if self.dp_shard % self.ep:
+            raise LayoutError(f"parallel.expert={self.ep} must divide the data-parallel shard degree "
+                              f"{self.dp_shard} (experts are sharded over data-parallel ranks: "
+                              f"parallel.data_parallel_shard)")
 
     def build_mesh(self, device_type: str):
         """DeviceMesh over all ranks with named dims and a flattened 'dp' dim."""
         from torch.distributed.device_mesh import init_device_mesh
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["pp", "dp_replicate", "dp_shard"]._flatten("pp_dp")      # step statistics
+        if self.ep > 1:
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_MESH_DIMS)
+            mesh["efsdp", "ep"]._flatten("dp_shard")
+            shard: tuple[str, ...] = ("efsdp", "ep")
+        else:
+            shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+            shard = ("dp_shard",)
+        mesh["dp_replicate", *shard]._flatten("dp")
+        mesh["pp", "dp_replicate", *shard]._flatten("pp_dp")          # step statistics
         # torch 2.11+ warns that slicing the flattened "dp" from the root mesh will be
         # deprecated; it still works in 2.13 and is the documented way to reach the
         # group. Silence only that message (moving to the bookkept flattened mesh is
@@ -120,4 +149,5 @@ class ParallelDims:
     def describe(self) -> str:
         """One line for the run log."""
         return (f"world={self.world_size} pp={self.pp}(x{self.virtual_stages} virtual) "
-                f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} tp={self.tp}")
+                f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} tp={self.tp}"
+                + (f" ep={self.ep}" if self.ep > 1 else ""))

@@ -27,6 +27,11 @@ rowwise           RowwiseParallel: reduce-scatter to Shard(1) (S) or all-reduce
 vocab_colwise     head unit: vocab-sharded logits DTensor (``Shard(-1)``),
                   consumed by ``loss_parallel``
 replicate         left as plain parameters
+replicated        a module run whole on every TP rank with plain parameters (an
+                  MoE layer, model/moe/layer.py); S only: input all-gathered
+                  Shard(1) -> Replicate and handed in as a local tensor, its
+                  output (identical on the TP peers) handed back as the local
+                  Shard(1) slice (backward: all-gather of the gradient)
 ================  ==============================================================
 
 RoPE and document masks need the *global* sequence: with SP the engine always
@@ -100,6 +105,15 @@ def _gather_style(module: nn.Module) -> ParallelStyle:
                               desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
 
 
+def _replicated_style() -> ParallelStyle:
+    """Role ``replicated``: sequence shard in, the whole sequence through the module as a
+    local tensor, the sequence shard out."""
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+    return PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                    use_local_input=True, output_layouts=(Replicate(),),
+                                    desired_output_layouts=(Shard(1),), use_local_output=True)
+
+
 def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Optional[ParallelStyle]:
     """The ParallelStyle of a declared role (see model/layers.py), or None (leave it alone)."""
     residual = Shard(1) if sequence_parallel else Replicate()
@@ -122,6 +136,8 @@ def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Opti
         return ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     if role == "replicate":
         return None
+    if role == "replicated":
+        return _replicated_style() if sequence_parallel else None
     raise ValueError(f"unknown tensor-parallel role {role!r} on {type(module).__name__}")
 
 

@@ -6,6 +6,12 @@ Reads the metrics JSONL a run writes (one JSON object per line with
 evaluation lines may carry ``eval_loss``) and renders a PNG with matplotlib's
 Agg backend (no display needed).
 
+Mixture-of-experts runs (model/moe) add two panels: each MoE layer's largest expert
+load over the mean load (``moe/load_max_l<i>``; 1 is balanced) with the dropped
+fraction (``moe/dropped_l<i>``) when capacity routing drops, and a layer x expert map
+of each expert's share of the assignments (``moe_load.l<i>.e<j>``), averaged over the
+logged intervals.
+
 Usage::
 
     python tools/plot_metrics.py runs/my-run                # -> runs/my-run/metrics.png
@@ -87,7 +93,9 @@ def plot(records: list[dict], png: str, title: str = "") -> list[str]:
     import matplotlib.pyplot as plt
 
     panels = [("loss", "Loss", "loss")] + [p for p in PANELS if series(records, p[0])[0]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True,
+    moe = expert_load(records)
+    extra = int(bool(moe[0])) + int(moe[2] is not None)
+    fig, axes = plt.subplots(len(panels) + extra, 1, figsize=(8, 2.6 * (len(panels) + extra)),
                              squeeze=False)
     plotted = []
     for ax, (key, name, ylabel) in zip(axes[:, 0], panels):
@@ -107,13 +115,72 @@ def plot(records: list[dict], png: str, title: str = "") -> list[str]:
         ax.set_title(name, fontsize=10, loc="left")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("iteration")
+    for ax in axes[1:len(panels), 0]:
+        ax.sharex(axes[0, 0])
+    axes[len(panels) - 1, 0].set_xlabel("iteration")
+    plotted += plot_expert_load(records, moe, axes[len(panels):, 0])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    return plotted
+
+
+def _layer_keys(records: list[dict], prefix: str) -> list[str]:
+    keys = {k for r in records for k in r if k.startswith(prefix)}
+    return sorted(keys, key=lambda k: int(k[len(prefix):]))
+
+
+def expert_load(records: list[dict]) -> tuple[list[str], list[str], Optional[list[list[float]]]]:
+    """(load_max keys, dropped keys, layer x expert mean shares or None) of an MoE run."""
+    shares: dict[tuple[int, int], list[float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("moe_load.l") and _is_number(v):
+                layer, expert = k[len("moe_load.l"):].split(".e")
+                shares.setdefault((int(layer), int(expert)), []).append(v)
+    grid = None
+    if shares:
+        layers = sorted({lay for lay, _ in shares})
+        experts = 1 + max(e for _, e in shares)
+        grid = [[sum(shares.get((lay, e), [0.0])) / max(1, len(shares.get((lay, e), [])))
+                 for e in range(experts)] for lay in layers]
+    return _layer_keys(records, "moe/load_max_l"), _layer_keys(records, "moe/dropped_l"), grid
+
+
+def plot_expert_load(records: list[dict], moe, axes) -> list[str]:
+    """Draw the MoE panels on ``axes``; returns the keys plotted."""
+    load_keys, drop_keys, grid = moe
+    plotted, i = [], 0
+    if load_keys:
+        ax = axes[i]
+        for key in load_keys:
+            x, y = series(records, key)
+            ax.plot(x, y, lw=1.2, label=f"layer {key.rsplit('_l', 1)[1]}")
+            plotted.append(key)
+        for key in drop_keys:
+            x, y = series(records, key)
+            ax.plot(x, y, "--", lw=1.0, label=f"dropped, layer {key.rsplit('_l', 1)[1]}")
+            plotted.append(key)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_title("Expert load: largest / mean (dashed: dropped fraction)", fontsize=10, loc="left")
+        ax.set_xlabel("iteration")
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        i += 1
+    if grid is not None:
+        ax = axes[i]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title("Expert share of assignments (mean over the run)", fontsize=10, loc="left")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        layers = sorted({int(k[len("moe_load.l"):].split(".e")[0]) for r in records for k in r
+                         if k.startswith("moe_load.l")})
+        ax.set_yticks(range(len(layers)), [str(lay) for lay in layers])
+        ax.figure.colorbar(im, ax=ax)
+        plotted.append("moe_load")
     return plotted
 
 

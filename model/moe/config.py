@@ -1,12 +1,103 @@
-"""``model.moe``: settings of the mixture-of-experts MLPs (``model.mlp=moe`` or ``mh_moe``)."""
+"""``model.moe``: settings of the mixture-of-experts MLPs (``model.mlp=moe`` or ``mh_moe``).
+
+One router/dispatch/expert core serves both kinds (model/moe/layer.py): ``moe`` routes
+tokens, ``mh_moe`` (multi-head MoE) first splits each token into ``heads`` sub-tokens of
+width ``hidden_size / heads`` and routes those. Layers that are not MoE layers (see
+``every`` and ``first_dense``) keep the dense ``swiglu`` MLP of ``model.ffn_hidden_size``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.configlib import ConfigError, bad, doc
+
+MOE_KINDS = ("moe", "mh_moe")
 
 
 @dataclass
 class MoEConfig:
     """Mixture-of-experts settings (used when ``model.mlp`` is ``moe`` or ``mh_moe``)."""
+    num_experts: int = field(default=8, metadata=doc(
+        "Routed experts per MoE layer (fine-grained experts: many small ones, DeepSeekMoE)."))
+    top_k: int = field(default=2, metadata=doc("Routed experts each token (sub-token for mh_moe) uses."))
+    expert_ffn_hidden_size: int = field(default=0, metadata=doc(
+        "Inner width of each routed (and each shared) expert's SwiGLU; 0 means model.ffn_hidden_size."))
+    shared_experts: int = field(default=0, metadata=doc(
+        "Always-on shared experts (DeepSeekMoE), each of expert_ffn_hidden_size, run as one SwiGLU "
+        "of shared_experts x expert_ffn_hidden_size; their output is added to the routed output."))
+    score: Literal["softmax", "sigmoid"] = field(default="softmax", metadata=doc(
+        "Router score: softmax over experts (Switch, Mixtral) or per-expert sigmoid (DeepSeek-V3)."))
+    normalize_top_k: bool = field(default=True, metadata=doc(
+        "Divide the top-k scores of a token by their sum (Mixtral, DeepSeek-V3); false keeps the raw "
+        "scores as combine weights."))
+    route_scale: float = field(default=1.0, metadata=doc(
+        "Factor on the combine weights of the routed experts (DeepSeek-V3's routed_scaling_factor)."))
+    aux_loss_coeff: float = field(default=0.01, metadata=doc(
+        "Load-balancing loss coefficient (Switch/GShard: num_experts x sum_i f_i P_i, f_i the "
+        "fraction of assignments to expert i, P_i its mean normalized score); 0 turns it off."))
+    z_loss_coeff: float = field(default=0.0, metadata=doc(
+        "Router z-loss coefficient (ST-MoE: mean of logsumexp(router logits)^2); 0 turns it off."))
+    bias_update_rate: float = field(default=0.0, metadata=doc(
+        "Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the "
+        "top-k choice only, moved by this rate times sign(mean load - load) after every optimizer "
+        "step from the load observed over the step (all data-parallel ranks); 0 turns it off."))
+    capacity_factor: float = field(default=0.0, metadata=doc(
+        "Capacity-factor routing: each expert takes at most ceil(capacity_factor x assignments / "
+        "num_experts) assignments of a micro-batch in training, first choices first, then by "
+        "position; the rest are dropped (their routed output is zero). 0 means dropless. "
+        "Evaluation and generation are always dropless."))
+    every: int = field(default=1, metadata=doc(
+        "MoE in every N-th layer: layer i is an MoE layer when i >= first_dense and i % every == 0 "
+        "(DeepSeek-V3's moe_layer_freq); other layers keep the dense SwiGLU."))
+    first_dense: int = field(default=0, metadata=doc(
+        "The first K layers keep the dense SwiGLU (DeepSeek-V3's first_k_dense_replace)."))
+    heads: int = field(default=1, metadata=doc(
+        "mh_moe only: sub-tokens per token (MH-MoE heads h); hidden_size / h is the width of the "
+        "router and the experts. h = 1 is the plain MoE (no split and merge projections)."))
+    gemm: Literal["auto", "grouped", "batched", "looped"] = field(default="auto", metadata=doc(
+        "Expert matmuls: grouped (torch grouped_mm over the expert-sorted tokens, no host sync), "
+        "batched (bmm over tokens padded per expert; reads the largest expert load back to the "
+        "host), looped (one matmul per expert; for benchmarks), auto (grouped where torch provides "
+        "it for the device and dtype, else batched)."))
+    log_expert_load: bool = field(default=True, metadata=doc(
+        "Report each expert's load fraction per MoE layer (moe_load.l<i>.e<j> in metrics.jsonl and "
+        "wandb; the log line shows only the per-layer moe/load_max_l<i>)."))
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
+        if model.arch == "moe" and model.mlp not in MOE_KINDS:
+            raise bad("model.mlp", model.mlp, "moe or mh_moe (model.arch=moe is the MoE decoder)")
+        for key in ("num_experts", "top_k", "every", "heads"):
+            if getattr(self, key) < 1:
+                raise bad(f"model.moe.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("expert_ffn_hidden_size", "shared_experts", "first_dense"):
+            if getattr(self, key) < 0:
+                raise bad(f"model.moe.{key}", getattr(self, key), "an integer >= 0")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "capacity_factor"):
+            if getattr(self, key) < 0:
+                raise bad(f"model.moe.{key}", getattr(self, key), "a number >= 0")
+        if self.route_scale <= 0:
+            raise bad("model.moe.route_scale", self.route_scale, "a positive number")
+        if self.top_k > self.num_experts:
+            raise bad("model.moe.top_k", self.top_k, f"at most model.moe.num_experts={self.num_experts}")
+        if model.mlp not in MOE_KINDS:
+            return
+        if self.heads > 1 and model.mlp != "mh_moe":
+            raise ConfigError(f"config key 'model.moe.heads': got {self.heads}; sub-token heads need "
+                              "model.mlp=mh_moe (model.mlp=moe routes whole tokens)")
+        if model.hidden_size % self.heads:
+            raise bad("model.moe.heads", self.heads, f"a divisor of model.hidden_size={model.hidden_size}")
+        if not any(is_moe_layer(self, i) for i in range(model.num_layers)):
+            raise bad("model.moe.first_dense", self.first_dense,
+                      f"fewer than model.num_layers={model.num_layers} with model.moe.every={self.every} "
+                      "(no layer would be an MoE layer)")
+
+    def ffn(self, model) -> int:
+        """Inner width of one expert."""
+        return self.expert_ffn_hidden_size or model.ffn_hidden_size
+
+
+def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` is an MoE layer (the rest keep the dense SwiGLU)."""
+    return layer_idx >= moe.first_dense and layer_idx % moe.every == 0

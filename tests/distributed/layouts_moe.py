@@ -1,0 +1,33 @@
+"""Equivalence layouts of the mixture-of-experts decoder (model/moe), merged into
+tests/distributed/equivalence.LAYOUTS: expert parallel alone, with tensor parallel,
+with pipeline parallel, and with FSDP over the ranks outside the expert group.
+
+MOE: sigmoid routing (DeepSeek-V3 style) with a shared expert, the auxiliary-loss-free
+bias (post-optimizer hook, load summed over data-parallel ranks), load-balancing and
+z losses, capacity-factor dropping (1.0, so micro-batches drop assignments), first layer
+dense. MHMOE: MH-MoE with 4 sub-tokens per token, softmax routing, dropless. SKEWED: a
+routing that sends nothing to the second expert-parallel rank (forced imbalance).
+"""
+from __future__ import annotations
+
+MOE = {"arch": "moe", "mlp": "moe",
+       "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_experts": 1,
+               "score": "sigmoid", "bias_update_rate": 1e-3, "z_loss_coeff": 1e-3,
+               "capacity_factor": 1.0, "first_dense": 1}}
+MHMOE = {"arch": "moe", "mlp": "mh_moe",
+         "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "heads": 4}}
+#: every choice lands on experts 0-1 (tests/distributed/moe_skew.py): EP rank 1 receives no rows
+SKEWED = {"plugins": ["tests.distributed.moe_skew"], "mlp": "test_moe_skewed",
+          "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_experts": 1,
+                  "bias_update_rate": 1e-9}}
+
+LAYOUTS = {
+    "moe_ep2": (2, {"expert": 2}, MOE, "masked"),
+    "mhmoe_ep2": (2, {"expert": 2}, MHMOE, "plain"),
+    "moe_ep2_idle_rank": (2, {"expert": 2}, SKEWED, "plain"),
+    "moe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MOE, "docs"),
+    "moe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MOE, "plain"),
+    "moe_ep2_efsdp2": (4, {"expert": 2}, MOE, "plain"),
+    "mhmoe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MHMOE, "plain"),
+    "mhmoe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MHMOE, "plain"),
+}
