@@ -370,11 +370,14 @@ def _autocast_forward(forward, device: torch.device, dtype: torch.dtype):
 # ---------------------------------------------------------------- building
 
 def parallelize(part: nn.Module, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims,
-                mesh, dtype: torch.dtype) -> bool:
-    """Apply TP/SP -> activation checkpointing -> compile -> FSDP to one model part.
+                mesh, dtype: torch.dtype, fp8=None) -> bool:
+    """Apply FP8 -> TP/SP -> activation checkpointing -> compile -> FSDP to one model part.
 
-    Returns whether FSDP was applied.
+    ``fp8`` (a :class:`parallel.fp8.FP8` plan) converts the selected projections first:
+    the tensor-parallel styles then see the FP8 modules. Returns whether FSDP was applied.
     """
+    if fp8 is not None:
+        fp8.convert(part)
     if dims.tp > 1:
         from parallel.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(part, mesh["tp"], pcfg.sequence_parallel)
@@ -399,8 +402,13 @@ def materialize(part: nn.Module, device: torch.device, seed: int) -> None:
 
 
 def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, mesh,
-                 device: torch.device, dtype: torch.dtype, seed: int) -> TrainEngine:
-    """Build the model on meta, apply parallelism, materialize on ``device`` and initialize."""
+                 device: torch.device, dtype: torch.dtype, seed: int, fp8_cfg=None) -> TrainEngine:
+    """Build the model on meta, apply parallelism, materialize on ``device`` and initialize.
+
+    ``fp8_cfg`` (``precision.fp8``) makes the engine's ``fp8`` plan; its post-optimizer
+    hooks are the engine's ``post_optimizer_hooks`` (run by :class:`pretrain.step.TrainStep`)."""
+    from parallel.fp8 import build_fp8
+    fp8 = build_fp8(fp8_cfg, dims, mesh, device)
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if dims.pp > 1:
@@ -413,11 +421,15 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
         ids, parts = [0], [model]
     fsdp = False
     for part in parts:
-        fsdp = parallelize(part, model_cfg, pcfg, dims, mesh, dtype)
+        fsdp = parallelize(part, model_cfg, pcfg, dims, mesh, dtype, fp8)
     for part in parts:
         materialize(part, device, seed)
     sp = pcfg.sequence_parallel
     if dims.pp > 1:
-        return PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp,
-                              pcfg.compile)
-    return TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile)
+        engine = PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp,
+                                pcfg.compile)
+    else:
+        engine = TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile)
+    engine.fp8 = fp8
+    engine.post_optimizer_hooks = fp8.post_optimizer_hooks() if fp8 is not None else []
+    return engine

@@ -34,6 +34,14 @@ replicated        a module run whole on every TP rank with plain parameters (an
                   Shard(1) slice (backward: all-gather of the gradient)
 ================  ==============================================================
 
+FP8 (``precision.fp8``, :mod:`parallel.fp8`): a ``colwise``, split ``kv`` or
+``rowwise`` projection that is a tensor-wise torchao ``Float8Linear`` gets torchao's
+``Float8ColwiseParallel`` / ``Float8RowwiseParallel`` (inputs cast before the
+all-gather, output gradients cast to FP8 on the DTensor, so scales are global), and
+a ``gather`` whose readers are all such projections gets ``PrepareFloat8ModuleInput``
+(one FP8 all-gather shared by q/k/v or gate/up). Other FP8 modules (row-wise
+recipes, Transformer Engine's :class:`parallel.fp8.TELinear`) take the plain styles.
+
 RoPE and document masks need the *global* sequence: with SP the engine always
 passes ``position_ids`` (``arange(T)`` when the batch has none), so the rotary
 table is indexed with full positions even though the embedding output is a shard.
@@ -117,6 +125,12 @@ def _replicated_style() -> ParallelStyle:
 def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Optional[ParallelStyle]:
     """The ParallelStyle of a declared role (see model/layers.py), or None (leave it alone)."""
     residual = Shard(1) if sequence_parallel else Replicate()
+    fp8_role = "kv" if isinstance(role, tuple) and role[0] == "kv" and role[1] % tp == 0 else role
+    if fp8_role in ("colwise", "kv", "rowwise", "gather"):
+        from parallel.fp8 import float8_tp_style
+        style = float8_tp_style(fp8_role, module, tp, sequence_parallel)
+        if style is not None:            # a tensor-wise torchao Float8Linear (or its input gather)
+            return style
     if isinstance(role, tuple) and role[0] == "kv":
         _, num_kv_heads, head_dim = role
         return ColwiseParallel() if num_kv_heads % tp == 0 else ReplicatedKVHeads(num_kv_heads, head_dim)

@@ -16,6 +16,7 @@ import yaml
 from data.config import DataConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
+from parallel.fp8 import FP8Config
 from model.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
                                 parse_override, to_dict)
 
@@ -177,9 +178,12 @@ class PrecisionConfig:
     """Numerics of the forward/backward pass. Master weights and optimizer state stay fp32."""
     dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=doc(
         "Compute dtype via autocast; auto is bf16 on GPU and fp32 on CPU."))
+    fp8: FP8Config = field(default_factory=FP8Config, metadata=doc(
+        "FP8 projections (torchao or Transformer Engine; docs/fp8.md). The rest of the model "
+        "computes in ``dtype``."))
 
     def validate(self) -> None:
-        pass
+        self.fp8.validate()
 
 
 @dataclass
@@ -200,6 +204,7 @@ class RunConfig:
         for name in ("model", "parallel", "data", "optimizer", "schedule", "training",
                      "checkpoint", "logging", "precision"):
             getattr(self, name).validate()
+        self.precision.fp8.check_run(self.model, self.training.device)
         if self.data.seq_len > self.model.max_seq_len:
             raise bad("data.seq_len", self.data.seq_len,
                       f"at most model.max_seq_len={self.model.max_seq_len}")

@@ -15,8 +15,9 @@ must decide before the update); a test counts every other read and expects none.
 Post-optimizer hooks: any module of the model with a ``post_optimizer_step()`` method
 (e.g. an aux-loss-free MoE router updating its bias from the observed load) is called
 after each optimizer update, in module order; features that are not modules add
-callables with :meth:`TrainStep.add_hook`. State such hooks keep belongs in persistent
-buffers (or ``get_extra_state``) so that checkpoints carry it.
+callables with :meth:`TrainStep.add_hook`; the engine's own (``engine.post_optimizer_hooks``,
+e.g. the FP8 weight-scale precompute under FSDP2) are added that way. State such hooks
+keep belongs in persistent buffers (or ``get_extra_state``) so that checkpoints carry it.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ class TrainStep:
         self.hooks: list[Callable[[], None]] = [
             m.post_optimizer_step for part in engine.model_parts for m in part.modules()
             if hasattr(m, "post_optimizer_step")]
+        for fn in getattr(engine, "post_optimizer_hooks", ()):   # the engine's features (FP8 scales)
+            self.add_hook(fn)
 
     def add_hook(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` after every optimizer update (after the modules' own hooks)."""

@@ -197,7 +197,7 @@ class Trainer:
                                dp_rank=dp_rank, dp_size=dp_size, train_iterations=t.iterations,
                                eval_iterations=t.eval_iters, eval_interval=t.eval_interval)
         self.engine = build_engine(cfg.model, cfg.parallel, self.dims, self.mesh, self.device,
-                                   self.dtype, t.seed)
+                                   self.dtype, t.seed, fp8_cfg=cfg.precision.fp8)
         self.optimizer = build_optimizer(self.engine.model_parts, cfg.optimizer)
         self.step = TrainStep(self.engine, self.optimizer, cfg.optimizer, cfg.schedule, t.iterations,
                               t.nonfinite)
@@ -209,6 +209,8 @@ class Trainer:
         self.log.print(f"polytron | {self.dims.describe()} | device {self.device} {self.dtype_name} | "
                        f"params {n_params / 1e6:.1f}M | global batch {self.global_batch} "
                        f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
+        if self.engine.fp8 is not None:
+            self.log.print(self.engine.fp8.describe())
 
     def _print0(self, text: str) -> None:
         if self.rank == 0:
@@ -237,6 +239,7 @@ class Trainer:
             self._check_same_model(path)
             st = ckpt.load(path, self.engine.model_parts, self.optimizer, expected_shapes=shapes)
             self._restore_state(path, st)
+            self._restore_fp8(path, st.get("world_size", 0))
             self.resumed_from = path
             self._print0(f"resumed from checkpoint {path} at iteration {self.state.iteration}"
                          f" (saved with {st.get('layout', '?')})")
@@ -244,6 +247,7 @@ class Trainer:
             load = ckpt.resolve_checkpoint(cfg.checkpoint.load)
             self._check_same_model(load)
             ckpt.load(load, self.engine.model_parts, optimizer=None, expected_shapes=shapes)
+            self._restore_fp8(None, 0)
             self._print0(f"initialized model weights from {load}")
         if resume != "auto":
             self._rank0_then_agree(lambda: self._start_lineage(path))
@@ -293,6 +297,23 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"checkpoint file {os.path.join(path, name)}: bad RNG state "
                                        f"({type(e).__name__})") from None
+
+    def _restore_fp8(self, path: Optional[str], saved_world_size: int) -> None:
+        """FP8 scaling state after a load: the rank's saved file (TE delayed scaling; same
+        world size, like the RNG), then scales derived from the loaded weights refreshed."""
+        fp8 = self.engine.fp8
+        if fp8 is None:
+            return
+        name = f"fp8_rank{self.rank}.pt"
+        state = ckpt.load_rank_file(path, name) if path and saved_world_size == self.world_size else None
+        if state:
+            fp8.load_state_dict(state)
+        fp8.after_load()
+
+    def _fp8_files(self) -> dict:
+        """This rank's FP8 scaling state as a per-rank checkpoint file (none when stateless)."""
+        state = self.engine.fp8.state_dict() if self.engine.fp8 is not None else {}
+        return {f"fp8_rank{self.rank}.pt": state} if state else {}
 
     # ---------------------------------------------------------------- loop
 
@@ -417,7 +438,8 @@ class Trainer:
         protect = (self.resumed_from,) if self.resumed_from else ()
         pending = ckpt.save(self.ckpt_root, st.iteration, self.engine.model_parts, self.optimizer,
                             trainer_state, cfg.checkpoint.keep_last,
-                            rank_files={f"rng_rank{self.rank}.pt": rng_state()}, async_save=use_async,
+                            rank_files={f"rng_rank{self.rank}.pt": rng_state(), **self._fp8_files()},
+                            async_save=use_async,
                             protect=protect)
         if use_async:
             self._pending_save = pending

@@ -135,7 +135,7 @@ def polytron_step(cfg: RunConfig, device: torch.device) -> Step:
     loss, backward, clipping, AdamW, hooks, ``zero_grad(set_to_none=True)``)."""
     dims = ParallelDims.resolve(cfg.parallel, cfg.model, 1)
     engine = build_engine(cfg.model, cfg.parallel, dims, None, device, compute_dtype(cfg, device),
-                          cfg.training.seed)
+                          cfg.training.seed, fp8_cfg=cfg.precision.fp8)
     train_step = TrainStep(engine, build_optimizer(engine.model_parts, cfg.optimizer), cfg.optimizer,
                            cfg.schedule, cfg.training.iterations)
     tokens, labels = random_batch(cfg, device, cfg.training.seed)
