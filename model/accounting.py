@@ -13,6 +13,9 @@ Training FLOPs per token = 6 x active matmul parameters + the attention score an
 weighted-sum work the attention modules report (``attention_flops(seq_len)``), the
 PaLM appendix-B convention (also torchtitan's): the causal mask's skipped half is
 not subtracted, so MFU stays comparable across codebases.
+
+KV-cache bytes per token (:func:`kv_cache_bytes_per_token`) come from the spec's own
+inference cache, so every architecture reports its figure (the trainer logs it at start).
 """
 from __future__ import annotations
 
@@ -84,3 +87,22 @@ def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), attention included."""
     c = counts(cfg)
     return 6.0 * c.active + c.attention_flops_per_pos * seq_len
+
+
+def kv_cache_bytes_per_token(cfg, dtype: torch.dtype = torch.bfloat16):
+    """Bytes the architecture's inference cache (``spec.make_cache``) grows by per token of one
+    sequence, at ``dtype`` (None when the spec declares no cache). Measured on the meta device as
+    the difference between caches of 2 and 1 positions, so it is the per-token part only."""
+    from model.spec import get_spec
+    make = get_spec(cfg.arch).make_cache
+    if make is None:
+        return None
+    size = lambda n: make(cfg, 1, n, "meta", dtype).bytes()  # noqa: E731
+    return size(2) - size(1)
+
+
+def describe_kv_cache(cfg, dtype: torch.dtype = torch.bfloat16) -> str:
+    """One log line: the inference cache's bytes per token (all layers, one sequence)."""
+    n = kv_cache_bytes_per_token(cfg, dtype)
+    what = "no inference cache declared" if n is None else f"{n} bytes/token ({n / 1024:.1f} KiB)"
+    return f"kv cache: {what} at {str(dtype).replace('torch.', '')}, all layers, per sequence"

@@ -27,6 +27,9 @@ rowwise           RowwiseParallel: reduce-scatter to Shard(1) (S) or all-reduce
 vocab_colwise     head unit: vocab-sharded logits DTensor (``Shard(-1)``),
                   consumed by ``loss_parallel``
 replicate         left as plain parameters
+tp_local          a module with plain (non-parameter) state indexed by heads:
+                  ``module.tp_localize(tp_rank, tp)`` keeps its rank's part
+                  (DHA's query -> key/value head maps, model/dha/layers.py)
 replicated        a module run whole on every TP rank with plain parameters (an
                   MoE layer, model/moe/layer.py); S only: input all-gathered
                   Shard(1) -> Replicate and handed in as a local tensor, its
@@ -105,6 +108,14 @@ def _kv_head_forward(module: nn.Module, inner_forward, cols: slice, mesh: Device
     return y[..., cols]
 
 
+class LocalState(ParallelStyle):
+    """Role ``tp_local``: the module keeps its tensor-parallel rank's part of its plain state."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.tp_localize(device_mesh.get_local_rank(), device_mesh.size())
+        return module
+
+
 def _gather_style(module: nn.Module) -> ParallelStyle:
     """All-gather a sequence-sharded first input before ``module`` (its other inputs pass)."""
     n = len([p for p in inspect.signature(module.forward).parameters.values()
@@ -150,6 +161,8 @@ def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Opti
         return ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     if role == "replicate":
         return None
+    if role == "tp_local":
+        return LocalState()
     if role == "replicated":
         return _replicated_style() if sequence_parallel else None
     raise ValueError(f"unknown tensor-parallel role {role!r} on {type(module).__name__}")

@@ -24,6 +24,7 @@ from data import build_data
 from parallel.engine import build_engine
 from parallel.runtime import pick_device, pick_dtype
 from parallel.mesh import ParallelDims
+from model.accounting import describe_kv_cache
 from model.config import weight_meaning_change
 from model.transformer import param_shapes
 from pretrain import checkpoint as ckpt
@@ -211,6 +212,7 @@ class Trainer:
                        f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
         if self.engine.fp8 is not None:
             self.log.print(self.engine.fp8.describe())
+        self.log.print(describe_kv_cache(cfg.model, self.dtype))
 
     def _print0(self, text: str) -> None:
         if self.rank == 0:
