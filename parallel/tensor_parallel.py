@@ -24,6 +24,9 @@ colwise           ColwiseParallel (heads / inner columns split)
 ("kv", n, hd)     ColwiseParallel when tp divides the n KV heads, else
                   :class:`ReplicatedKVHeads`
 rowwise           RowwiseParallel: reduce-scatter to Shard(1) (S) or all-reduce
+sharded_norm      a norm over a column-sharded last dimension (between colwise and
+                  rowwise, e.g. BitNet's sub-norms): input taken as Shard(-1), so the
+                  statistic spans the whole vector; gain replicated; local output
 vocab_colwise     head unit: vocab-sharded logits DTensor (``Shard(-1)``),
                   consumed by ``loss_parallel``
 replicate         left as plain parameters
@@ -149,6 +152,8 @@ def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Opti
         return ColwiseParallel()
     if role == "rowwise":
         return RowwiseParallel(output_layouts=residual)
+    if role == "sharded_norm":
+        return SequenceParallel(sequence_dim=-1, use_local_output=True)
     if role == "sequence":
         return SequenceParallel() if sequence_parallel else None
     if role == "sequence_local":

@@ -1,0 +1,122 @@
+"""BitNet b1.58 layer kinds, registered in the slot registries of :mod:`model.layers`.
+
+* ``LINEARS["bitlinear"]``: :class:`BitLinear` for the projection roles listed in
+  ``model.bitnet.quantize`` (default: every role but ``head`` and ``router``), a plain
+  ``nn.Linear`` for the others. Any layer that builds its projections with
+  ``make_linear`` (attention, SwiGLU, an MoE expert, a YOCO decoder) gets ternary
+  projections by ``model.linear: bitlinear``.
+* ``ATTENTIONS["gqa_subnorm"]``: GQA with an RMSNorm over the attention output before
+  the output projection (``attn_sub_norm`` of the 2B4T model).
+* ``MLPS["relu2_subnorm"]``: ``down(subnorm(relu(gate x)^2 * up x))`` (``ffn_sub_norm``
+  and ReLU^2 of the 2B4T model).
+
+Both sub-norms normalize a tensor-parallel *sharded* hidden vector (heads, or the MLP's
+inner columns); they declare the ``sharded_norm`` role so the statistic is taken over
+the whole vector under TP.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.bitnet import quant
+from model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, apply_rope, attend,
+                          make_linear, register)
+
+
+class BitLinear(nn.Linear):
+    """y = Q8(x) @ Q1.58(W)^T (+ b), latent full-precision W trained through the STE.
+
+    A subclass of ``nn.Linear`` (same ``weight`` / ``bias``), so tensor-parallel styles and
+    checkpoints treat it as a linear layer. With ``norm_eps`` set (the paper's variant) the
+    input is first RMS-normalized without a learned gain, as in the released training
+    code. Under tensor parallelism the weight and a row-parallel input arrive as DTensors:
+    the absmean, absmax and RMS statistics are then global (see ``model/bitnet/quant.py``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, norm_eps: Optional[float] = None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.norm_eps = norm_eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_eps is not None:
+            x = quant.rms_normalize(x, self.norm_eps)            # (..., in)
+        return quant.bitlinear(x, self.weight, self.bias)        # (..., out)
+
+    def extra_repr(self) -> str:
+        norm = f", input_norm_eps={self.norm_eps}" if self.norm_eps is not None else ""
+        return super().extra_repr() + norm
+
+
+def bitlinear(cfg, in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
+    """The ``bitlinear`` linear-slot factory: BitLinear for quantized roles, else nn.Linear."""
+    if role not in cfg.bitnet.quantize:
+        return nn.Linear(in_features, out_features, bias=bias)
+    eps = cfg.norm_eps if cfg.bitnet.linear_norm else None
+    return BitLinear(in_features, out_features, bias, eps)
+
+
+LINEARS["bitlinear"] = bitlinear
+
+
+class SubNorm(RMSNorm):
+    """RMSNorm with a learned gain whose mean square is accumulated in float64 and rounded
+    once (:func:`~model.bitnet.quant.rms_normalize`): it normalizes a hidden vector that
+    tensor parallelism shards (role ``sharded_norm``), and the BitLinear after it quantizes
+    its output, so the value must not depend on how the sum is split."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * quant.rms_normalize(x, self.eps)         # (..., n)
+
+
+@register(ATTENTIONS, "gqa_subnorm")
+class SubNormAttention(GroupedQueryAttention):
+    """GQA whose (B, T, Hq*hd) output is RMS-normalized (learned gain) before ``wo``."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.sub_norm = SubNorm(cfg.num_heads * cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)         # (B, T, Hq, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)         # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)    # (B, Hkv, S, hd)
+        y = attend(q, k, v, ctx).transpose(1, 2)             # (B, T, Hq, hd)
+        return self.wo(self.sub_norm(y.reshape(B, T, -1)))   # (B, T, d)
+
+    def tp_roles(self) -> dict:
+        return {**super().tp_roles(), "sub_norm": "sharded_norm"}
+
+
+@register(MLPS, "relu2_subnorm")
+class SubNormReLU2(nn.Module):
+    """w2(subnorm(relu(w1 x)^2 * w3 x)): the 2B4T feed-forward (``hidden_act=relu2``)."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.w1 = make_linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, b, "gate")
+        self.w3 = make_linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, b, "up")
+        self.sub_norm = SubNorm(cfg.ffn_hidden_size, cfg.norm_eps)
+        self.w2 = make_linear(cfg, cfg.ffn_hidden_size, cfg.hidden_size, b, "down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.w1(x)).square() * self.w3(x)          # (B, T, ffn)
+        return self.w2(self.sub_norm(h))                       # (B, T, d)
+
+    def tp_roles(self) -> dict:
+        return {"w1": "colwise", "w3": "colwise", "sub_norm": "sharded_norm", "w2": "rowwise"}
+
+    @classmethod
+    def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:
+        if cfg.ffn_hidden_size % tp:
+            return f"parallel.tensor={tp} must divide model.ffn_hidden_size={cfg.ffn_hidden_size}"
+        return None

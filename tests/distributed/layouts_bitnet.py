@@ -1,0 +1,27 @@
+"""BitNet b1.58 layouts of the equivalence suite (collected by tests/distributed/equivalence.py).
+
+Both variants on the suite's tiny model (d=64, 4 heads / 2 KV heads, ffn 128):
+
+* ``B2B4T``: the released 2B4T model (sub-norms on the TP-sharded attention output and
+  MLP inner width, ReLU^2) under TP2 with sequence parallelism, PP2 and FSDP2 (tied
+  embeddings, uneven loss masks);
+* ``PAPER``: the paper's BitLinear with its inner RMSNorm (on the row-parallel, sharded
+  inputs of ``wo`` / ``w2``), here with the embedding and head also ternary, one KV head
+  (replicated-KV style) and no sequence parallelism.
+
+Under TP the absmean of a weight shard and the absmax / RMS of a row-parallel input
+shard would differ from the whole tensor's; tests/model/test_bitnet_parallel.py shows
+that such shard-local scales fail this suite's 1e-5 criterion.
+"""
+B2B4T = {"arch": "bitnet", "attention": "gqa_subnorm", "mlp": "relu2_subnorm", "linear": "bitlinear"}
+PAPER = {"arch": "bitnet", "linear": "bitlinear",
+         "bitnet": {"linear_norm": True, "quantize": ["q", "k", "v", "o", "gate", "up", "down", "head",
+                                                      "embedding"]}}
+
+LAYOUTS = {
+    "bitnet_tp2": (2, {"tensor": 2}, B2B4T, "docs"),
+    "bitnet_pp2": (2, {"pipeline": 2}, B2B4T, "plain"),
+    "bitnet_fsdp2_tied": (2, {}, {**B2B4T, "tie_embeddings": True}, "masked"),
+    "bitnet_paper_tp2_kv1_no_sp": (2, {"tensor": 2, "sequence_parallel": False},
+                                   {**PAPER, "num_kv_heads": 1}, "plain"),
+}
