@@ -51,20 +51,37 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule over ``training.iterations``."""
-    kind: Literal["cosine", "wsd", "constant"] = field(default="cosine", metadata=doc(
-        "cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant: warmup then flat."))
+    kind: Literal["cosine", "wsd", "constant", "two_stage"] = field(default="cosine", metadata=doc(
+        "cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant: warmup then flat; "
+        "two_stage: BitNet b1.58's recipe: warmup, cosine from lr (toward min_lr at the end of the "
+        "run), at stage2_start a drop to stage2_lr and a cosine from there to min_lr, with the "
+        "weight decay of matrices set to stage2_weight_decay in stage 2."))
     warmup_iters: int = field(default=100, metadata=doc("Linear warmup from 0 to lr."))
     decay_iters: int = field(default=0, metadata=doc(
         "cosine: iterations of decay after warmup (0 = until training.iterations); "
         "wsd: length of the final decay phase (0 = 20% of training.iterations)."))
     wsd_decay_shape: Literal["linear", "cosine", "sqrt"] = field(default="linear", metadata=doc(
         "Shape of the WSD decay phase."))
+    stage2_start: float = field(default=0.5, metadata=doc(
+        "two_stage: fraction of training.iterations at which stage 2 begins (mid-training)."))
+    stage2_lr: float = field(default=0.0, metadata=doc(
+        "two_stage: learning rate stage 2 starts from (the drop); required > 0 with two_stage."))
+    stage2_weight_decay: float = field(default=0.0, metadata=doc(
+        "two_stage: weight decay of the decaying (matrix) parameters in stage 2; 0 switches it off "
+        "as in the paper."))
 
     def validate(self) -> None:
         if self.warmup_iters < 0:
             raise bad("schedule.warmup_iters", self.warmup_iters, "an integer >= 0")
         if self.decay_iters < 0:
             raise bad("schedule.decay_iters", self.decay_iters, "an integer >= 0")
+        if self.kind == "two_stage":
+            if not 0 < self.stage2_start < 1:
+                raise bad("schedule.stage2_start", self.stage2_start, "a fraction in (0, 1)")
+            if self.stage2_lr <= 0:
+                raise bad("schedule.stage2_lr", self.stage2_lr, "a positive number with schedule.kind=two_stage")
+            if self.stage2_weight_decay < 0:
+                raise bad("schedule.stage2_weight_decay", self.stage2_weight_decay, "a number >= 0")
 
 
 #: Longest run accepted: more steps than any pre-training run has taken by 100x.

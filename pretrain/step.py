@@ -30,7 +30,7 @@ import torch
 
 from pretrain.config import OptimizerConfig, ScheduleConfig
 from pretrain.guards import finite
-from pretrain.optim import lr_at, set_lr
+from pretrain.optim import lr_at, set_lr, weight_decay_at
 
 _LOCAL = threading.local()
 
@@ -71,6 +71,10 @@ class TrainStep:
         self.schedule = schedule
         self.total_iterations = total_iterations
         self.nonfinite = nonfinite
+        # (group index, weight decay it was built with) of the decaying groups, for schedules
+        # that change weight decay during the run (two_stage); indices survive load_state_dict
+        self.decay_groups = [(i, g["weight_decay"]) for i, g in enumerate(optimizer.param_groups)
+                             if g["weight_decay"] > 0]
         self.hooks: list[Callable[[], None]] = [
             m.post_optimizer_step for part in engine.model_parts for m in part.modules()
             if hasattr(m, "post_optimizer_step")]
@@ -85,6 +89,10 @@ class TrainStep:
         """Step ``iteration`` (0-based) over this rank's micro-batches of the global batch."""
         lr = lr_at(iteration, self.total_iterations, self.opt_cfg, self.schedule)
         set_lr(self.optimizer, lr)
+        if self.schedule.kind == "two_stage":
+            for i, base in self.decay_groups:
+                self.optimizer.param_groups[i]["weight_decay"] = weight_decay_at(
+                    iteration, self.total_iterations, base, self.schedule)
         loss = self.engine.forward_backward(microbatches)
         grad_norm = self.engine.clip_grad_norm_(self.opt_cfg.grad_clip)
         skipped = False

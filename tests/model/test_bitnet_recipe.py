@@ -1,0 +1,76 @@
+"""The BitNet b1.58 training recipe: two-stage learning rate and weight decay off at mid-training."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from model.configlib import ConfigError
+from pretrain.config import OptimizerConfig, ScheduleConfig, load_config
+from pretrain.optim import lr_at, weight_decay_at
+
+OPT = OptimizerConfig(lr=1.5e-3, min_lr=1e-5, weight_decay=0.1)
+SCHED = ScheduleConfig(kind="two_stage", warmup_iters=10, stage2_start=0.5, stage2_lr=8e-4)
+
+
+def test_two_stage_learning_rate():
+    total = 110
+    lrs = [lr_at(i, total, OPT, SCHED) for i in range(total)]
+    assert lrs[0] == pytest.approx(OPT.lr / 10) and lrs[9] == pytest.approx(OPT.lr)      # warmup
+    mid = 55
+    frac = (mid - 1 - 10) / (total - 10)           # stage 1: the whole run's cosine, cut at mid
+    assert lrs[mid - 1] == pytest.approx(OPT.min_lr + 0.5 * (OPT.lr - OPT.min_lr) * (1 + math.cos(math.pi * frac)))
+    assert lrs[mid] == pytest.approx(SCHED.stage2_lr)                                      # the drop
+    assert lrs[mid] < lrs[mid - 1]
+    assert all(a >= b for a, b in zip(lrs[10:mid - 1], lrs[11:mid]))                      # decays in stage 1
+    assert all(a >= b for a, b in zip(lrs[mid:-1], lrs[mid + 1:]))                        # and in stage 2
+    assert lr_at(total, total, OPT, SCHED) == pytest.approx(OPT.min_lr)
+
+
+def test_weight_decay_switches_off_at_stage_two():
+    assert [weight_decay_at(i, 10, 0.1, SCHED) for i in (0, 4, 5, 9)] == [0.1, 0.1, 0.0, 0.0]
+    other = ScheduleConfig(kind="cosine")
+    assert [weight_decay_at(i, 10, 0.1, other) for i in (0, 9)] == [0.1, 0.1]
+
+
+def test_train_step_applies_the_weight_decay_schedule():
+    """Matrices decay in stage 1 only; norms never; the schedule survives an optimizer reload."""
+    from parallel.config import ParallelConfig
+    from parallel.engine import build_engine
+    from parallel.mesh import ParallelDims
+    from pretrain.optim import build_optimizer
+    from pretrain.step import TrainStep
+    from tests.distributed import equivalence as eq
+    from tests.distributed.layouts_bitnet import B2B4T
+    mcfg = eq.model_config(**B2B4T, num_layers=1)
+    pcfg = ParallelConfig()
+    engine = build_engine(mcfg, pcfg, ParallelDims.resolve(pcfg, mcfg, 1), None, torch.device("cpu"),
+                          torch.float32, 0)
+    opt = build_optimizer(engine.model_parts, OPT)
+    step = TrainStep(engine, opt, OPT, SCHED, 4)
+    batch = eq.microbatches(eq.global_batch(0, "plain", mcfg.vocab_size), 0, 1)[:1]
+    seen = []
+    for i in range(4):
+        if i == 2:                                  # a resume replaces the group dicts
+            opt.load_state_dict(opt.state_dict())
+        step(batch, i)
+        seen.append(sorted(g["weight_decay"] for g in opt.param_groups))
+    assert seen == [[0.0, 0.1], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_recipe_configs_load():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name in ("bitnet-tiny", "bitnet-b158"):
+        cfg = load_config(os.path.join(root, "launch", "configs", f"{name}.yaml"), ["data.paths=[corpus]"])
+        assert cfg.schedule.kind == "two_stage" and cfg.model.linear == "bitlinear"
+        assert (cfg.optimizer.beta1, cfg.optimizer.beta2) == (0.9, 0.95)
+        assert cfg.schedule.warmup_iters > 0 and cfg.schedule.stage2_weight_decay == 0
+
+
+def test_two_stage_needs_its_rate():
+    with pytest.raises(ConfigError, match=r"schedule\.stage2_lr"):
+        ScheduleConfig(kind="two_stage").validate()
+    with pytest.raises(ConfigError, match=r"schedule\.stage2_start"):
+        ScheduleConfig(kind="two_stage", stage2_lr=1e-4, stage2_start=1.0).validate()
