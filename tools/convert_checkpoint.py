@@ -7,7 +7,7 @@ tokenizer, staging, refusals) and dispatches on ``model.arch`` (to-hf) or on
 ``config.json``'s ``model_type`` (from-hf).
 
     python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
-                                               [--overwrite]
+                                               [--overwrite] [--packed [CLASS]]
     python tools/convert_checkpoint.py from-hf SRC DST [--overwrite]
 
 ``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
@@ -15,7 +15,10 @@ run's output directory (its newest complete checkpoint). DST becomes a Hugging F
 model directory: safetensors (sharded with ``model.safetensors.index.json`` above
 ``--max-shard-size``), ``config.json``, ``generation_config.json`` and the tokenizer
 (a SentencePiece model is converted to ``tokenizer.json`` and checked to encode like
-SentencePiece; a Hugging Face tokenizer directory is copied).
+SentencePiece; a Hugging Face tokenizer directory is copied). ``--packed`` asks the
+architecture's adapter for its packed variant (BitNet: 2-bit ternary weights for
+transformers' ``autobitlinear`` (default) or ``bitlinear`` class, see model/bitnet/hf.py);
+integer tensors keep their dtype under ``--dtype``.
 
 ``from-hf``: SRC is a local Llama-family Hugging Face directory (``config.json`` +
 safetensors). DST receives ``checkpoint/`` (a weights-only polytron checkpoint) and
@@ -286,7 +289,7 @@ def staged(dst: str, outputs: tuple[str, ...]) -> Iterator[str]:
 # ====================================================================== to-hf
 
 def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
-          max_shard_size: str = "5GB", overwrite: bool = False) -> str:
+          max_shard_size: str = "5GB", overwrite: bool = False, packed: Optional[str] = None) -> str:
     """Our checkpoint (or run directory) -> Hugging Face directory; returns the checkpoint used.
 
     DST must be new or empty unless ``overwrite`` (see the module docstring)."""
@@ -304,12 +307,17 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
     except (KeyError, TypeError, ConfigError) as e:
         raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
     adapter = get_spec(mcfg.arch).hf
+    if packed and adapter is not None:
+        if not hasattr(adapter, "packed"):
+            raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch} has no packed export (--packed)")
+        adapter = adapter.packed(packed)
     why = "no Hugging Face adapter" if adapter is None else adapter.exportable(mcfg)
     if why:
         raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch}: {why}")
     tensors = ckpt.load_tensors(path)
     out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
-    hf = {k: v.to(out_dtype) for k, v in adapter.to_hf_tensors(mcfg, tensors).items()}
+    hf = {k: v.to(out_dtype) if v.is_floating_point() else v
+          for k, v in adapter.to_hf_tensors(mcfg, tensors).items()}
     tok_path = resolve_tokenizer(state["config"], tokenizer)
     with staged(dst, TO_HF_OUTPUTS) as tmp:
         bos, eos = write_tokenizer(tok_path, tmp) if tok_path else (None, None)
@@ -387,6 +395,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: as saved)")
     a.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty DST")
+    a.add_argument("--packed", nargs="?", const="autobitlinear", metavar="CLASS",
+                   help="packed low-bit weights where the architecture has them (BitNet: the transformers "
+                        "class the config selects, autobitlinear (default) or bitlinear)")
     b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> polytron checkpoint + config.yaml")
     b.add_argument("src")
     b.add_argument("dst")
@@ -401,7 +412,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         if args.cmd == "to-hf":
-            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite)
+            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite,
+                         args.packed)
             print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
         else:
             out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)

@@ -6,7 +6,8 @@
                              [--device cpu]
 
 CHECKPOINT is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
-run's output directory (its newest complete checkpoint). The model config comes from
+run's output directory (its newest complete checkpoint), or a packed BitNet Hugging Face
+directory (``convert_checkpoint.py to-hf --packed``; its tokenizer, weights kept packed). The model config comes from
 the checkpoint's ``trainer_state.json``, the full weights are read in this one
 process, and the tokenizer is the one the run trained with (``data.tokenizer`` or the
 built-in corpus's) unless ``--tokenizer`` names another. The prompt is encoded with
@@ -141,11 +142,10 @@ def run(args: argparse.Namespace) -> str:
     import torch
 
     from model.generate import check_length, generate
-    from pretrain import checkpoint as ckpt
-    path = ckpt.resolve_checkpoint(args.checkpoint)
-    state = ckpt.read_trainer_state(path)
-    cfg = model_config(state, path)
-    tok = load_run_tokenizer(state.get("config", {}), args.tokenizer)
+    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        cfg, tok, load = packed_model(args.checkpoint, args.tokenizer)
+    else:
+        cfg, tok, load = checkpoint_model(args.checkpoint, args.tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only {cfg.vocab_size} "
                        "embeddings: not the tokenizer this model was trained with")
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> str:
         raise BadInput("the prompt encodes to no tokens and the tokenizer has no BOS token to start from")
     check_length(len(ids), args.max_new_tokens, cfg.max_seq_len)             # before loading weights
     device = _device(args.device)
-    model = load_model(path, cfg, device)
+    model = load(device)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)          # (1, T0)
     use_cache = not args.no_cache
     if use_cache and model.spec.make_cache is None:
@@ -167,6 +167,25 @@ def run(args: argparse.Namespace) -> str:
                    use_cache=use_cache, eos_id=tok.eod_id)
     new = [t for t in out[0, len(ids):].tolist() if t != tok.eod_id]
     return continuation_text(tok, args.prompt, text_ids, new)
+
+
+def checkpoint_model(src: str, tokenizer: Optional[str]):
+    """(config, tokenizer, loader(device)) of a polytron checkpoint or run directory."""
+    from pretrain import checkpoint as ckpt
+    path = ckpt.resolve_checkpoint(src)
+    state = ckpt.read_trainer_state(path)
+    cfg = model_config(state, path)
+    tok = load_run_tokenizer(state.get("config", {}), tokenizer)
+    return cfg, tok, lambda device: load_model(path, cfg, device)
+
+
+def packed_model(src: str, tokenizer: Optional[str]):
+    """(config, tokenizer, loader(device)) of a packed BitNet Hugging Face directory
+    (``convert_checkpoint.py to-hf --packed``): the ternary weights stay packed in memory."""
+    from data.tokenizer import load_tokenizer
+    from model.bitnet.packed import load_packed, packed_config
+    cfg = packed_config(src)
+    return cfg, load_tokenizer(tokenizer or src), lambda device: load_packed(src, device)
 
 
 def _device(name: str) -> str:
@@ -197,7 +216,8 @@ def _is_bad_input(e: Exception) -> bool:
     mods = sys.modules
     kinds = [BadInput]
     for mod, name in (("pretrain.checkpoint.common", "CheckpointError"), ("data.errors", "DataError"),
-                      ("model.generate", "GenerationError"), ("model.configlib", "ConfigError")):
+                      ("model.generate", "GenerationError"), ("model.configlib", "ConfigError"),
+                      ("model.hf", "ConvertError")):
         if mod in mods:
             kinds.append(getattr(mods[mod], name))
     return isinstance(e, tuple(kinds))
