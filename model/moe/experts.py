@@ -9,9 +9,11 @@ sorted by expert (:class:`Groups`), and the matmuls run as one of
   the device: no host synchronization). Plain ``linear`` slot only;
 * ``batched``: rows scattered into an ``(E, C, in)`` buffer padded to the largest group
   ``C`` (the capacity when capacity-factor routing bounds it, else the largest load, read
-  back to the host), then ``bmm``. Other linear kinds (e.g. BitLinear) run here through
-  ``torch.func.functional_call`` of the slot module, vmapped over the experts;
-* ``looped``: one matmul per expert over its slice (host offsets); kept for benchmarks.
+  back to the host), then ``bmm``;
+* ``looped``: one matmul per expert over its slice (host offsets); for benchmarks, and the
+  path of other linear kinds (e.g. BitLinear): the slot module runs per expert with that
+  expert's parameters (``torch.func.functional_call``), or vmapped over the padded
+  experts with ``gemm: batched`` when the kind's forward supports torch.func transforms.
 
 Never a loop over tokens. Rows past the kept ones (tokens dropped by capacity routing)
 may hold anything in the ``grouped`` output; the caller masks them.
@@ -146,11 +148,15 @@ class Experts(nn.Module):
         self.down = StackedLinear(cfg, num_experts, ffn, width, b, "down")
 
     def backend(self, x: torch.Tensor) -> str:
+        """The matmul path: as configured for the plain linear slot (auto: grouped where torch
+        has it, else batched); another linear kind runs its module per expert (looped), or
+        vmapped over the padded experts when ``batched`` is asked for (the kind's forward must
+        then support torch.func transforms)."""
+        if not self.gate.plain:
+            return "batched" if self.gemm == "batched" else "looped"
         if self.gemm != "auto":
-            if self.gemm == "grouped" and not self.gate.plain:
-                return "batched"
             return self.gemm
-        return "grouped" if self.gate.plain and grouped_mm_available(x.device, x.dtype) else "batched"
+        return "grouped" if grouped_mm_available(x.device, x.dtype) else "batched"
 
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         """(M, width) rows sorted by expert -> (M, width)."""

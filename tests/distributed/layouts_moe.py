@@ -1,6 +1,7 @@
 """Equivalence layouts of the mixture-of-experts decoder (model/moe), merged into
 tests/distributed/equivalence.LAYOUTS: expert parallel alone, with tensor parallel,
-with pipeline parallel, and with FSDP over the ranks outside the expert group.
+with pipeline parallel, with FSDP over the ranks outside the expert group, and with HSDP
+(experts replicated over dp_replicate).
 
 MOE: sigmoid routing (DeepSeek-V3 style) with a shared expert, the auxiliary-loss-free
 bias (post-optimizer hook, load summed over data-parallel ranks), load-balancing and
@@ -28,6 +29,7 @@ LAYOUTS = {
     "moe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MOE, "docs"),
     "moe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MOE, "plain"),
     "moe_ep2_efsdp2": (4, {"expert": 2}, MOE, "plain"),
+    "moe_ep2_hsdp2x2": (4, {"expert": 2, "data_parallel_replicate": 2, "data_parallel_shard": 2}, MOE, "plain"),
     "mhmoe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MHMOE, "plain"),
     "mhmoe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MHMOE, "plain"),
 }

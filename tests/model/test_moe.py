@@ -286,7 +286,7 @@ def test_experts_use_the_linear_slot():
     try:
         cfg = config(model={"linear": "test_absmean"})
         out = {}
-        for gemm in ("grouped", "looped"):       # grouped falls back to the vmapped batched path
+        for gemm in ("batched", "looped"):       # batched: the slot module vmapped over the experts
             model = build_model(cfg, seed=0)
             set_gemm(model, gemm)
             loss = model(torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))).pow(2).mean()
@@ -296,9 +296,12 @@ def test_experts_use_the_linear_slot():
         x = torch.randn(3, cfg.hidden_size)
         w = ex.gate.weight[2]
         torch.testing.assert_close(ex.gate.one(2, x), x @ (w / w.abs().mean()).t())
-        torch.testing.assert_close(out["grouped"][0], out["looped"][0])
+        for asked, used in (("batched", "batched"), ("grouped", "looped"), ("auto", "looped")):
+            ex.gemm = asked
+            assert ex.backend(x) == used, asked          # no grouped_mm for another linear kind
+        torch.testing.assert_close(out["batched"][0], out["looped"][0])
         grad = out["looped"][1]               # the 1/mean|W| scale amplifies rounding of small elements
-        torch.testing.assert_close(out["grouped"][1], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+        torch.testing.assert_close(out["batched"][1], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     finally:
         del LINEARS["test_absmean"]
 
