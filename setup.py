@@ -23,9 +23,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56", "torchao>=0.18"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56", "accelerate>=1.0", "torchao>=0.18"],
         # Hugging Face tokenizer directories and checkpoint conversion
-        "hf": ["transformers>=4.56"],
+        # (transformers loads BitNet exports through its quantizer, which needs accelerate)
+        "hf": ["transformers>=4.56", "accelerate>=1.0"],
         # FP8 training (precision.fp8): torchao's float8 (CPU-emulated tests and GPUs) ...
         "fp8": ["torchao>=0.18"],
         # ... or NVIDIA Transformer Engine (CUDA machines only)
