@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Convert a trained MHA/GQA model into decoupled-head attention (DHA), within a KV-head budget.
+
+    python tools/convert_mha_to_dha.py SRC DST --budget 0.25 [section.key=value ...]
+    python tools/convert_mha_to_dha.py SRC DST --layer-budget 4,2,2,1 [--init mean] [...]
+
+SRC is one of our checkpoints (a checkpoint directory, a checkpoint root or a run's
+output directory: its newest complete checkpoint) or a local Hugging Face Llama-family
+directory (``config.json`` + safetensors). The calibration and validation batches come
+from the data of the run config: the checkpoint's own run config, or for a Hugging Face
+directory a fresh one with the directory's tokenizer, so ``data.paths=[PREFIX]`` (data
+tokenized with it) must be given. Trailing ``section.key=value`` overrides change that
+run config, and with it the written continued pre-training config.
+
+Steps (model/dha/fusion.py; docs/dha.md): per layer, separately for keys and values,
+the similarity of the source heads on ``--calib-samples`` calibration sequences; groups
+chosen by least fusion residual until the budget is met (``--budget F``: a fraction of
+all source key+value heads, allocated across layers and kinds; ``--layer-budget``: KV
+heads per layer); each group initialized by adaptive fusion (``--init fused``: fusion
+weights trained on the calibration set for ``--fusion-steps`` steps) or by mean pooling
+(``--init mean``, the GQA initialization). ``--grouping contiguous`` takes GQA's
+contiguous groups of equal size instead of the searched ones.
+
+DST receives ``checkpoint/`` (weights-only), ``config.yaml`` (continued pre-training
+from it: ``python launch/pretrain.py --config DST/config.yaml``) and ``dha_report.json``
+(groups, similarities, fusion history, validation losses of the source, of mean
+pooling and of the result, KV-cache bytes per token). DST must be new or empty unless
+``--overwrite``; the output is staged beside DST and moved in when complete.
+
+Exit status 0; 2 with one ``error:`` line naming the bad input; 1 when writing fails.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from model.hf import ConvertError  # noqa: E402
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1
+OUTPUTS = ("checkpoint", "config.yaml", "dha_report.json")
+
+
+# ====================================================================== source
+
+def load_source(src: str, overrides: list[str]):
+    """(run config, source tensors, origin): our checkpoint or a Hugging Face directory."""
+    from model.configlib import apply_override, parse_override
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import RunConfig, config_from_dict
+    if os.path.isfile(os.path.join(src, "config.json")):
+        from tools.convert_checkpoint import hf_config_to_model, read_safetensors
+        from model.hf import find_adapter
+        cfg_file = os.path.join(src, "config.json")
+        try:
+            with open(cfg_file) as f:
+                hf_cfg = json.load(f)
+        except ValueError as e:
+            raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from None
+        mcfg = hf_config_to_model(hf_cfg, cfg_file)
+        tensors = find_adapter(hf_cfg.get("model_type"), cfg_file).from_hf_tensors(mcfg, read_safetensors(src), src)
+        run = RunConfig(model=mcfg)
+        run.data.tokenizer = os.path.abspath(src)
+        run.data.seq_len = min(2048, mcfg.max_seq_len)
+        run_dict = run.to_dict()
+        origin = os.path.abspath(src)
+    else:
+        path = ckpt.resolve_checkpoint(src)
+        run_dict = ckpt.read_trainer_state(path).get("config")
+        if not isinstance(run_dict, dict):
+            raise ConvertError(f"{path}: the checkpoint records no run config")
+        tensors = ckpt.load_tensors(path)
+        origin = path
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(run_dict, keys, value)
+    return config_from_dict(run_dict), tensors, origin
+
+
+def check_source(mcfg) -> None:
+    """The converter fuses the K/V heads of the dense attention of plain projections."""
+    if mcfg.attention != "gqa" or mcfg.linear != "linear":
+        raise ConvertError(f"source model: attention={mcfg.attention}, linear={mcfg.linear}; the conversion "
+                           "reads MHA/GQA attention (model.attention=gqa) with plain linear projections")
+
+
+def source_model(mcfg, tensors: dict):
+    from model.transformer import build_model
+    model = build_model(mcfg, "cpu", seed=0)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return model.float().eval()
+
+
+# ====================================================================== data
+
+def batches(run, calib_samples: int) -> tuple[list[dict], list[dict]]:
+    """(calibration micro-batches from the training split, validation micro-batches: the ones
+    the trainer evaluates on with this run config)."""
+    from data import build_data
+    t = run.training
+    steps = max(1, math.ceil(calib_samples / t.global_batch_size))
+    has_valid = _split_has_valid(run.data.split)
+    data = build_data(run.data, model_vocab_size=run.model.vocab_size, seed=t.seed,
+                      global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                      dp_rank=0, dp_size=1, train_iterations=steps, eval_iterations=t.eval_iters,
+                      eval_interval=1 if has_valid else 0)
+    calib: list[dict] = []
+    try:
+        while sum(b["tokens"].shape[0] for b in calib) < calib_samples:
+            calib += data.train.next_step()
+    finally:
+        data.train.close()
+    valid = list(data.valid_batches(t.eval_iters)) if has_valid else []
+    return calib, valid
+
+
+def _split_has_valid(split: str) -> bool:
+    parts = [float(p) for p in str(split).replace("/", ",").split(",") if p.strip()]
+    return len(parts) > 1 and parts[1] > 0
+
+
+# ====================================================================== conversion
+
+def plan_groups(args, mcfg):
+    """The grouping rule for ``args``' budget, checked before any data is read: a function
+    grams -> groups per (layer, kind)."""
+    from model.dha import fusion
+    L, H = mcfg.num_layers, mcfg.num_kv_heads
+    if args.grouping == "contiguous":
+        counts = _uniform_counts(args, L, H)
+        return lambda grams: {(layer, kind): fusion.contiguous_groups(H, counts[layer])
+                              for layer in range(L) for kind in fusion.KINDS}
+    try:
+        pools = (fusion.layer_pools(args.layer_budget, L, H) if args.layer_budget
+                 else fusion.fraction_pool(args.budget, L, H))
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    return lambda grams: fusion.choose_groups(grams, pools)
+
+
+def _uniform_counts(args, L: int, H: int) -> list[int]:
+    per = args.layer_budget or [args.budget * H] * L
+    counts = [int(round(n)) for n in per]
+    if any(abs(n - c) > 1e-6 or c < 1 or H % c for n, c in zip(per, counts)):
+        raise ConvertError(f"--grouping contiguous needs a whole number of heads per layer dividing the source's "
+                           f"{H} KV heads (got {[f'{n:g}' for n in per]})")
+    return counts
+
+
+def convert(args) -> dict:
+    """Run the conversion; returns the report (also written to DST)."""
+    from model.accounting import kv_cache_bytes_per_token
+    from model.config import ModelConfig  # noqa: F401  (config classes for replace)
+    from model.dha import fusion
+    from model.dha.config import DHAConfig
+    from tools.convert_checkpoint import check_destination, staged
+    torch.manual_seed(args.seed)
+    run, tensors, origin = load_source(args.src, args.overrides)
+    mcfg = run.model
+    check_source(mcfg)
+    choose = plan_groups(args, mcfg)
+    check_destination(args.dst, args.overwrite, [args.src])
+    calib, valid = batches(run, args.calib_samples)
+    model = source_model(mcfg, tensors)
+    report = {"source": origin, "budget": args.layer_budget or args.budget, "init": args.init,
+              "grouping": args.grouping, "calib_samples": sum(b["tokens"].shape[0] for b in calib),
+              "valid_samples": sum(b["tokens"].shape[0] for b in valid)}
+    report["loss_source"] = fusion.eval_loss(model, valid) if valid else None
+    grams = fusion.head_grams(model, [b["tokens"] for b in calib], mcfg.head_dim)
+    groups = choose(grams)
+    report["layers"] = _layer_report(grams, groups)
+    fusing = fusion.install(model, groups, mcfg.head_dim)
+    lists = fusion.dha_lists(groups, mcfg.num_layers, mcfg.num_heads, mcfg.num_kv_heads)
+    dha_cfg = dataclasses.replace(mcfg, arch="dha", attention="dha", dha=DHAConfig(**lists))
+    dha_cfg.validate()
+    mean = fusion.merged_tensors(tensors, fusing)             # Omega = I: mean pooling
+    report["loss_mean_pooling"] = _eval(dha_cfg, mean, valid)
+    if args.init == "fused":
+        start = time.perf_counter()
+        log = fusion.fuse(model, [fp for _, fp in fusing.values()], calib, args.fusion_steps, lr=args.fusion_lr)
+        report["fusion"] = {"steps": args.fusion_steps, "seconds": round(time.perf_counter() - start, 2),
+                            "lm_loss": log.loss, "distance": log.distance, "target": log.target}
+        out = fusion.merged_tensors(tensors, fusing)
+        report["loss_fused"] = _eval(dha_cfg, out, valid)
+    else:
+        out = mean
+    dtype = next(iter(tensors.values())).dtype
+    src_kv, dha_kv = kv_cache_bytes_per_token(mcfg, dtype), kv_cache_bytes_per_token(dha_cfg, dtype)
+    report["kv_cache_bytes_per_token"] = {"dtype": str(dtype).replace("torch.", ""), "source": src_kv,
+                                          "dha": dha_kv, "ratio": dha_kv / src_kv}
+    report["model_dha"] = dataclasses.asdict(dha_cfg.dha)
+    _write(args, run, dha_cfg, out, origin, report, staged)
+    return report
+
+
+def _layer_report(grams: dict, groups: dict) -> list[dict]:
+    from model.dha import fusion
+    layers = sorted({layer for layer, _ in grams})
+    out = []
+    for layer in layers:
+        entry = {"layer": layer}
+        for kind in fusion.KINDS:
+            g = grams[(layer, kind)]
+            entry[kind] = {"groups": groups[(layer, kind)],
+                           "similarity": [[round(float(x), 4) for x in row] for row in fusion.cosine(g)],
+                           "residual": round(sum(fusion.fusion_residual(g, m) for m in groups[(layer, kind)])
+                                             / max(float(g.trace()), 1e-30), 6)}
+        out.append(entry)
+    return out
+
+
+def _eval(cfg, tensors: dict, valid: list[dict]):
+    if not valid:
+        return None
+    from model.dha import fusion
+    return fusion.eval_loss(source_model(cfg, tensors), valid)
+
+
+def _write(args, run, dha_cfg, tensors: dict, origin: str, report: dict, staged) -> None:
+    import yaml
+
+    from model.configlib import to_dict
+    from pretrain import checkpoint as ckpt
+    dst_abs = os.path.abspath(args.dst)
+    run.model = dha_cfg
+    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
+    run.checkpoint.dir = ""
+    run.training.resume = "auto"
+    run.training.name = f"{run.training.name or 'model'}-dha"
+    run.training.output_dir = os.path.join(dst_abs, "run")
+    cfg_dict = to_dict(run)
+    out = os.path.join(args.dst, "config.yaml")
+    with staged(args.dst, OUTPUTS) as tmp:
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
+            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(f"# Continued pre-training of {origin} converted to DHA (tools/convert_mha_to_dha.py):\n"
+                    f"#   python launch/pretrain.py --config {out}\n")
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        with open(os.path.join(tmp, "dha_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+# ====================================================================== CLI
+
+def _budget_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated KV heads per layer, e.g. 4,2,2,1") from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Convert an MHA/GQA checkpoint or Hugging Face Llama directory to DHA.")
+    p.add_argument("src", help="our checkpoint / run directory, or a Hugging Face Llama-family directory")
+    p.add_argument("dst", help="output directory (checkpoint/, config.yaml, dha_report.json)")
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--budget", type=float, help="fraction of the source's key+value heads to keep, e.g. 0.25")
+    b.add_argument("--layer-budget", type=_budget_list, help="KV heads per layer, e.g. 4,2,2,1")
+    p.add_argument("--init", choices=("fused", "mean"), default="fused",
+                   help="group heads from adaptive fusion (default) or mean pooling")
+    p.add_argument("--grouping", choices=("similarity", "contiguous"), default="similarity",
+                   help="groups from the similarity search (default) or GQA's contiguous blocks")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--fusion-steps", type=int, default=200, help="fusion optimizer steps (default 200)")
+    p.add_argument("--fusion-lr", type=float, default=0.01, help="fusion learning rate (default 0.01)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in a non-empty DST")
+    p.add_argument("overrides", nargs="*", help="run-config overrides section.key=value (e.g. data.paths=[P])")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from data.errors import DataError
+    from model.configlib import ConfigError
+    try:
+        if args.calib_samples < 1 or args.fusion_steps < 0:
+            raise ConvertError("--calib-samples must be >= 1 and --fusion-steps >= 0")
+        report = convert(args)
+    except (ConvertError, CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    kv = report["kv_cache_bytes_per_token"]
+    losses = " | ".join(f"{k[5:]} {v:.4f}" for k, v in report.items() if k.startswith("loss_") and v is not None)
+    print(f"wrote DHA checkpoint {os.path.join(args.dst, 'checkpoint')} and run config "
+          f"{os.path.join(args.dst, 'config.yaml')}")
+    print(f"kv cache {kv['dha']} B/token ({kv['dtype']}) vs source {kv['source']} ({kv['ratio']:.1%})"
+          + (f" | validation loss: {losses}" if losses else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
