@@ -83,7 +83,8 @@ class Summary:
     encoder: str = ""
     #: per input file: path, documents, tokens, skipped, disk_bytes, text_bytes
     files: list[dict] = field(default_factory=list)
-    #: when sharded: prefix, documents, tokens of each shard (empty: one dataset at output_prefix)
+    #: when sharded: prefix, documents, tokens, files (indices into input_files) of each shard;
+    #: empty: one dataset at output_prefix
     shards: list[dict] = field(default_factory=list)
 
     def record_skip(self, path: str, line: int, reason: str) -> None:
@@ -347,6 +348,7 @@ class _Output:
         self.current: DatasetWriter | None = None
         self.current_name = ""
         self.current_file = -1
+        self.inputs_of: dict[str, list[int]] = {}  # shard -> indices of the input files in it
         self.tag = f".tmp{os.getpid()}"
 
     def _open(self) -> DatasetWriter:
@@ -372,6 +374,9 @@ class _Output:
         tokens = memoryview(tokens)  # slices below without copies
         while lengths.size:
             w = self.current or self._open()
+            seen = self.inputs_of.setdefault(self.current_name, [])
+            if not seen or seen[-1] != file_idx:
+                seen.append(file_idx)
             if self.shard_bytes <= 0:
                 take = lengths.size
             else:  # documents until this shard reaches shard_bytes (at least one)
@@ -386,10 +391,11 @@ class _Output:
                 self._close()
 
     def finish(self) -> list[dict]:
-        """Close the last shard; (prefix, documents, tokens) of every one written."""
+        """Close the last shard; prefix, documents, tokens and input file indices of every one written."""
         if self.current is not None:
             self._close()
-        return [{"prefix": name, "documents": w.documents, "tokens": w.tokens} for name, w in self.done]
+        return [{"prefix": name, "documents": w.documents, "tokens": w.tokens, "files": self.inputs_of[name]}
+                for name, w in self.done]
 
     def temp_files(self) -> list[str]:
         """Every temporary file this output may have created."""

@@ -247,6 +247,8 @@ def test_shards_by_size_and_by_file_merge_to_the_single_pass(tmp_path, corpus, c
         assert lengths.sum() * 2 >= limit_mb * 1e6 > (lengths.sum() - lengths[-1]) * 2
     by_file = preprocess(files, str(tmp_path / "bf"), corpus.tokenizer, workers=2, shard_by_file=True)
     assert [s["documents"] for s in by_file.shards] == per_file[:3]  # the file without documents: no shard
+    assert [s["files"] for s in by_file.shards] == [[0], [1], [2]]
+    assert size.shards[0]["files"] == [0] and size.shards[-1]["files"][-1] == 2
     assert not os.path.exists(tmp_path / "sz.bin") and not os.path.exists(tmp_path / "bf_00003.bin")
     ways = {"run": [str(tmp_path / "sz")], "glob": [str(tmp_path / "bf_*")],
             "list": [s["prefix"] for s in size.shards]}
