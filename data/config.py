@@ -35,6 +35,10 @@ class DataConfig:
     eod_mask_loss: bool = field(default=False, metadata=doc(
         "Exclude the loss where the input token is end-of-document (the prediction across a "
         "document boundary), as Megatron does; predicting the end token itself is still trained."))
+    per_source_loss: bool = field(default=True, metadata=doc(
+        "With several data.paths, tag each sample with the index of its dataset and log the loss "
+        "of each (loss/source<i>, loss_tokens/source<i>: token sums and counts reduced over ranks "
+        "separately, so exact under data parallelism). The loss then runs uncompiled."))
     prefetch: int = field(default=2, metadata=doc(
         "Global steps of batches prepared ahead by a background thread (0 disables)."))
 

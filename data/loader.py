@@ -39,14 +39,16 @@ STATE_VERSION = 1
 
 # ----------------------------------------------------------------------------- batches
 
-def collate(samples: list[dict], eod_id: int, position_ids: bool, doc_ids: bool) -> Batch:
+def collate(samples: list[dict], eod_id: int, position_ids: bool, doc_ids: bool,
+            sources: int = 0) -> Batch:
     """Stack GPTDataset samples into one micro batch.
 
     ``loss_mask`` (B, T) is the per-token loss-mask channel: 0 where the loss is masked
     (padding, EOD inputs with ``eod_mask_loss``, or any token a data source masks); the
     training step folds it into the labels and counts only unmasked tokens. ``doc_ids``
     numbers the documents inside each packed sample; an EOD token belongs to the
-    document it ends.
+    document it ends. With ``sources`` = S blended datasets, ``source`` (B, S) is one-hot over
+    the dataset (``data.paths`` index) each sample came from, for the per-source loss.
     """
     tokens = torch.stack([s["tokens"] for s in samples]).long()          # (B, T)
     labels = torch.stack([s["labels"] for s in samples]).long()          # (B, T)
@@ -57,6 +59,9 @@ def collate(samples: list[dict], eod_id: int, position_ids: bool, doc_ids: bool)
     if doc_ids:
         is_eod = (tokens == eod_id).long()                                # (B, T)
         out["doc_ids"] = torch.cumsum(is_eod, dim=1) - is_eod             # (B, T)
+    if sources and "dataset_id" in samples[0]:
+        ids = torch.tensor([int(s["dataset_id"]) for s in samples])          # (B,)
+        out["source"] = torch.nn.functional.one_hot(ids, sources)          # (B, S)
     return out
 
 
@@ -71,8 +76,9 @@ class _Sampler:
     """Turns global sample indices into micro batches of one rank."""
 
     def __init__(self, dataset: Any, micro: int, eod_id: int, position_ids: bool, doc_ids: bool,
-                 name: str) -> None:
+                 name: str, sources: bool = False) -> None:
         self.dataset = dataset
+        self.sources = len(getattr(dataset, "datasets", ())) if sources else 0   # blended datasets
         self.micro = micro
         self.eod_id = eod_id
         self.position_ids = position_ids
@@ -96,7 +102,7 @@ class _Sampler:
         out = []
         for b in range(0, len(indices), self.micro):
             samples = [self.sample(i) for i in indices[b:b + self.micro]]
-            out.append(collate(samples, self.eod_id, self.position_ids, self.doc_ids))
+            out.append(collate(samples, self.eod_id, self.position_ids, self.doc_ids, self.sources))
         return out
 
 
@@ -386,7 +392,8 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
     sizes = [max(train_iterations, 1) * G, max(eval_iterations, 1) * G, G]
     _check_index_memory(infos, weights, cfg.split, sizes[0], cfg.seq_len)
     datasets = _build_megatron(cfg, prefixes, weights, tok, seed, sizes)
-    flags = dict(eod_id=tok.eod_id, position_ids=cfg.reset_position_ids, doc_ids=cfg.reset_attention_mask)
+    flags = dict(eod_id=tok.eod_id, position_ids=cfg.reset_position_ids, doc_ids=cfg.reset_attention_mask,
+                 sources=cfg.per_source_loss)
     train = TrainLoader(_Sampler(datasets[0], micro_batch_size, name="train", **flags), G, dp_rank,
                         dp_size, cfg.prefetch, _fingerprint(prefixes, weights, cfg, seed, tok), sizes[0])
     valid = datasets[1]
@@ -401,6 +408,7 @@ def _build_megatron(cfg: DataConfig, prefixes: list[str], weights: list[float] |
     """Run megatron-core's BlendedMegatronDatasetBuilder for GPTDataset splits."""
     from data._megatron import GPTDatasetConfig
     from data.index_cache import CheckedGPTDataset
+    from data.lossmask import MaskedGPTDataset, has_loss_mask
 
     cache = ensure_writable_dir(os.path.join(os.path.expanduser(cfg.cache_dir), "megatron-index"),
                                 f"data.cache_dir {cfg.cache_dir}")
@@ -410,7 +418,9 @@ def _build_megatron(cfg: DataConfig, prefixes: list[str], weights: list[float] |
         reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
         create_attention_mask=False, mmap_bin_files=True,
         fast_cache_load=False, defer_npy_index_mmap=False)  # CheckedGPTDataset reads the cache
-    builder = _Builder(CheckedGPTDataset, sizes, lambda: True, mcfg)
+    # per-token loss masks beside a prefix (data/lossmask.py); a blend needs one dataset class
+    cls = MaskedGPTDataset if any(has_loss_mask(p) for p in prefixes) else CheckedGPTDataset
+    builder = _Builder(cls, sizes, lambda: True, mcfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return builder.build()
     with file_lock(os.path.join(cache, "build.lock")):

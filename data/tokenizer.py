@@ -16,10 +16,13 @@ from typing import Iterable, Iterator, Sequence
 from data.errors import DataError
 from data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
 
+#: The instruction synthesizer's markers (Instruction Pre-Training, data/instruct.py): the
+#: context's start and end, a question, its answer, the end of a pair.
+SYNTHESIZER_MARKERS: tuple[str, ...] = ("<CON>", "</CON>", "<QUE>", "<ANS>", "</END>")
 #: Markers used to format instruction-augmented documents (Instruction Pre-Training).
 #: ``tools/train_tokenizer.py --instruction-markers`` adds them as user-defined symbols
 #: so each marker is exactly one token.
-INSTRUCTION_MARKERS: tuple[str, ...] = ("<INST>", "</INST>", "<RESP>", "</RESP>")
+INSTRUCTION_MARKERS: tuple[str, ...] = ("<INST>", "</INST>", "<RESP>", "</RESP>") + SYNTHESIZER_MARKERS
 
 
 class _MegatronAttrs:

@@ -24,6 +24,14 @@ multiplied by the dp size. Auxiliary losses that modules attach
 (:func:`model.hooks.add_aux_loss`) are averaged over the micro-batches of the step and
 the dp ranks with the same mechanics. With pipelining the last stage computes the
 main loss and every rank returns it. Nothing here reads a value back to the host.
+
+Per-source loss: micro-batches of a blend carry ``source`` (B, S), each sample's blended
+dataset one-hot over the S datasets (``data.per_source_loss``; S is a shape, so nothing is
+read back). The loss is then computed per token, and each source's token-loss sum and
+loss-token count are reported as ``sum`` statistics; :meth:`TrainEngine.reduce_stats`
+divides the reduced sums by the reduced counts, so ``loss/source<i>`` is the exact token
+mean over the log interval in every layout (with pipelining the one-hot rides to the last
+stage as extra target columns).
 """
 from __future__ import annotations
 
@@ -32,10 +40,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.hooks import StatsCollector, step_scope
+from model.hooks import StatsCollector, report, step_scope
 from model.transformer import Transformer, cross_entropy_sum
 from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
 from parallel.config import ParallelConfig
@@ -44,6 +53,7 @@ from parallel.runtime import autocast_context
 
 Batch = dict[str, torch.Tensor]
 SIDE_INPUTS = ("position_ids", "doc_ids")
+SOURCE_SUM, SOURCE_TOKENS = "source_loss_sum/", "source_loss_tokens/"
 
 
 def labels_of(mb: Batch) -> torch.Tensor:
@@ -58,6 +68,31 @@ def model_inputs(mb: Batch, device: torch.device) -> tuple[torch.Tensor, dict]:
     """(tokens, kwargs) of a micro-batch moved to ``device``."""
     kwargs = {k: mb[k].to(device, non_blocking=True) for k in SIDE_INPUTS if k in mb}
     return mb["tokens"].to(device, non_blocking=True), kwargs
+
+
+def report_by_source(per_token: torch.Tensor, labels: torch.Tensor, source: torch.Tensor) -> None:
+    """Report each source's token-loss sum and loss-token count of one micro-batch.
+    per_token (B*T,) fp32, labels (B, T) with -100 = no loss, source (B, S) one-hot."""
+    onehot = source.float()                                              # (B, S)
+    per_sample = per_token.float().view(labels.shape).sum(1)             # (B,)
+    counted = (labels != -100).sum(1).float()                            # (B,)
+    sums, counts = onehot.t() @ per_sample, onehot.t() @ counted         # (S,)
+    for i in range(onehot.shape[1]):
+        report(f"{SOURCE_SUM}{i}", sums[i], "sum")
+        report(f"{SOURCE_TOKENS}{i}", counts[i], "sum")
+
+
+def source_losses(stats: dict[str, float]) -> dict[str, float]:
+    """Reduced per-source sums and counts -> ``loss/source<i>`` (their ratio, when the source had
+    loss tokens) and ``loss_tokens/source<i>``."""
+    out = {k: v for k, v in stats.items() if not k.startswith((SOURCE_SUM, SOURCE_TOKENS))}
+    for key, total in stats.items():
+        if key.startswith(SOURCE_SUM):
+            i = key[len(SOURCE_SUM):]
+            out[f"loss_tokens/source{i}"] = tokens = stats.get(SOURCE_TOKENS + i, 0.0)
+            if tokens > 0:
+                out[f"loss/source{i}"] = total / tokens
+    return out
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +139,7 @@ class TrainEngine:
         self.fsdp = fsdp
         self.is_last_stage = True
         self.stats = StatsCollector()
+        self._sources = 0                       # pipelining: one-hot source columns in the target
         # logits are plain tensors unless tp shards the vocabulary (then loss_parallel, eager)
         self.loss_fn = compiled_loss(cross_entropy_sum) if compile_loss and dims.tp == 1 else cross_entropy_sum
 
@@ -137,7 +173,18 @@ class TrainEngine:
         tokens, kwargs, labels = self._inputs(mb)
         with self._amp():
             logits = self.model(tokens, **kwargs)                      # (B, T, V), maybe vocab-sharded
-        return self.loss_fn(logits, labels)
+        source = mb["source"].to(self.device, non_blocking=True) if "source" in mb else None
+        return self._token_loss(logits, labels, source)
+
+    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                    source: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Summed token loss; with ``source`` (B, S) also the per-source statistics."""
+        if source is None:
+            return self.loss_fn(logits, labels)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                    reduction="none")                  # (B*T,)
+        report_by_source(plain(per_token.detach()), labels, source)
+        return per_token.sum()
 
     def _set_grad_sync(self, enabled: bool) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):
@@ -236,7 +283,7 @@ class TrainEngine:
         for n, (total, count), top in zip(names, sums.tolist(), maxes.tolist()):
             kind = kinds[n]
             out[n] = top if kind == "max" else (total / count if kind == "mean" else total)
-        return out
+        return source_losses(out)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Unsharded copies of this rank's parameters by global FQN (a collective over the
@@ -290,9 +337,11 @@ class PipelineEngine(TrainEngine):
             for stage in stages:
                 _quiet_metadata_inference(stage)
 
-            def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                 # token sum x (dp / global tokens): the schedule's sum over micro-batches is the mean
-                return self.loss_fn(logits, labels) * self._scale
+                S = self._sources
+                labels, source = (target[:, :-S], target[:, -S:]) if S else (target, None)
+                return self._token_loss(logits, labels, source) * self._scale
 
             cls = schedule_class(self.schedule_name, self.dims.virtual_stages)
             single = self.dims.virtual_stages == 1 and cls.__name__ != "ScheduleInterleaved1F1B"
@@ -312,6 +361,10 @@ class PipelineEngine(TrainEngine):
         parts = [self._inputs(mb) for mb in microbatches]
         tokens = torch.cat([p[0] for p in parts])                    # (n*B, T)
         labels = torch.cat([p[2] for p in parts])
+        self._sources = microbatches[0]["source"].shape[1] if "source" in microbatches[0] else 0
+        if self._sources:                        # (n*B, T+S): the one-hot source rides as last columns
+            source = torch.cat([mb["source"] for mb in microbatches]).to(self.device, labels.dtype)
+            labels = torch.cat([labels, source], dim=1)
         kwargs = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         args = (tokens,) if self.is_first_stage else ()
         target = labels if self.is_last_stage else None

@@ -101,9 +101,11 @@ def global_batch(step: int, variant: str, vocab: int) -> dict[str, torch.Tensor]
     gen = torch.Generator().manual_seed(SEED + step)
     seq = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
     batch = {"tokens": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous()}
-    if variant == "masked":     # loss masks of uneven density; samples 0-1 have no loss token
+    if variant in ("masked", "sources"):  # loss masks of uneven density; samples 0-1 have no loss token
         density = torch.linspace(-0.2, 1.0, GLOBAL_BATCH)[:, None]
         batch["loss_mask"] = (torch.rand(GLOBAL_BATCH, SEQ, generator=gen) < density).long()
+    if variant == "sources":    # blended-dataset ids per sample (per-source loss); source 3 has no loss token
+        batch["source"] = torch.nn.functional.one_hot(torch.tensor([3, 3, 0, 1, 2, 0, 1, 2]), 4)
     if variant == "docs":
         starts = torch.rand(GLOBAL_BATCH, SEQ, generator=gen) < 0.2
         starts[:, 0] = True
