@@ -533,7 +533,7 @@ class FP8:
         kept = ", ".join(f"{v} by {k}" for k, v in sorted(self.kept.items())) or "none"
         mode = " (emulated GEMMs)" if self.emulate and self.cfg.backend == "torchao" else ""
         gather = ", FP8 FSDP all-gather" if self.fsdp_all_gather else ""
-        if not self.fp8_collectives and (self.dims.tp > 1 or self.dims.dp_shard > 1):
+        if self.cfg.backend == "torchao" and not self.fp8_collectives and (self.dims.tp > 1 or self.dims.dp_shard > 1):
             gather += ", all-gathers in high precision (gloo has no float8)"
         return (f"fp8: {self.cfg.backend} {self.cfg.recipe} {self.cfg.resolved_format()}{mode}{gather}: "
                 f"{self.converted} projections in FP8; kept in high precision: {kept}")
