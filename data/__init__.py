@@ -2,10 +2,25 @@
 
 The trainer's entry point is :func:`build_data`; see ``docs/data.md`` for the design
 (file format, global sample order, resumability, blending).
-"""
-from data.errors import DataError
-from data.loader import DataBundle, TrainLoader, build_data, collate
-from data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
-__all__ = ["DataError", "DataBundle", "TrainLoader", "build_data", "collate", "load_tokenizer",
-           "SentencePieceTokenizer", "HFTokenizer"]
+The names below load on first use (PEP 562), so importing a light module of this
+package (``data.errors``, ``data.preprocess``) does not import torch or megatron-core.
+"""
+from __future__ import annotations
+
+import importlib
+
+from data.errors import DataError
+
+#: public name -> the module that defines it
+_LAZY = {"DataBundle": "data.loader", "TrainLoader": "data.loader", "build_data": "data.loader",
+         "collate": "data.loader", "HFTokenizer": "data.tokenizer",
+         "SentencePieceTokenizer": "data.tokenizer", "load_tokenizer": "data.tokenizer"}
+
+__all__ = ["DataError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -50,14 +50,14 @@ def run(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch.distributed as dist
 
-    from data import DataError
+    from data.errors import DataError
     from launch.env import LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env
     from parallel.mesh import ParallelDims
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import load_config
     from model.configlib import ConfigError
     from pretrain.guards import NumericsError
-    from pretrain.trainer import RunError
+    from pretrain.errors import RunError
 
     args = parse_args(argv)
     if args.help_config:

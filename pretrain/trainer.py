@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from data import build_data
+from pretrain.errors import RunError  # noqa: F401  (raised here; the launcher catches it)
 from parallel.engine import build_engine
 from parallel.runtime import pick_device, pick_dtype
 from parallel.mesh import ParallelDims
@@ -92,11 +93,6 @@ def set_rng_state(state: dict) -> None:
 def derived_seed(seed: int, iteration: int, rank: int) -> int:
     """Seed for a rank that resumes without its own saved RNG state (world size changed)."""
     return (seed * 1_000_003 + iteration * 7919 + rank) % 2**63
-
-
-class RunError(RuntimeError):
-    """The run cannot start or continue: its directory is in use or unwritable, or a
-    checkpoint does not belong to this model. One line, exit status 2."""
 
 
 class Trainer:

@@ -19,10 +19,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.preprocess_data import light_data_package  # noqa: E402
-
-light_data_package()
-
 from data.errors import DataError  # noqa: E402
 from data.merge import merge_datasets, resolve_inputs  # noqa: E402
 

@@ -14,53 +14,12 @@ and PREFIX.summary.json. ``--plan PLAN --task-index I`` runs one task of a SLURM
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-
-
-class _DeferredPackage(types.ModuleType):
-    """A package whose ``__init__`` runs on the first access to a name it defines."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self.__class__ = types.ModuleType  # from now on an ordinary module
-        self.__spec__.loader.exec_module(self)
-        return getattr(self, name)
-
-
-def deferred_package(name: str, directory: str) -> None:
-    """Register package ``name`` (in ``directory``) so its submodules import without its ``__init__``.
-
-    The ``__init__`` still runs, on demand, the first time anything asks the package for a
-    name it defines. A package already imported is left alone.
-    """
-    if name in sys.modules:
-        return
-    init = os.path.join(directory, "__init__.py")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[directory])
-    pkg = importlib.util.module_from_spec(spec)
-    pkg.__class__ = _DeferredPackage
-    sys.modules[name] = pkg
-
-
-def light_data_package() -> None:
-    """Import ``data.*`` submodules without running ``data/__init__.py`` first.
-
-    The package's ``__init__`` imports the training loader (torch and megatron-core,
-    about 9 s); tokenizing and merging need none of it. ``from data import build_data``
-    later in the same process still works (the ``__init__`` runs then).
-    """
-    deferred_package("data", os.path.join(REPO, "data"))
-
-
-light_data_package()
 
 from data.errors import DataError  # noqa: E402
 from data.inputs import read_input_list  # noqa: E402

@@ -75,9 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def make_plan(a: argparse.Namespace):
     """Validate inputs and settings into a plan (not written yet)."""
-    from tools.preprocess_data import light_data_package
-
-    light_data_package()  # the plan code needs neither torch nor megatron-core
+    # the plan code needs neither torch nor megatron-core (data/__init__.py loads lazily)
     from data.errors import DataError
     from data.inputs import read_input_list
     from data.shard_plan import make_plan as plan_of

@@ -93,27 +93,6 @@ def test_tools_start_without_torch_or_megatron(tmp_path, corpus):
         assert r.returncode == 0 and "usage" in r.stdout and cpu < 2, (tool, cpu)
 
 
-def test_deferred_package_runs_its_init_on_demand(tmp_path, monkeypatch):
-    pkg = tmp_path / "deferredpkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("import sys\nsys.deferred_init_runs = getattr(sys, 'deferred_init_runs', 0) + 1\n"
-                                     "from deferredpkg.part import VALUE as EXPORTED\n")
-    (pkg / "part.py").write_text("VALUE = 42\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delattr(sys, "deferred_init_runs", raising=False)
-    try:
-        preprocess_data.deferred_package("deferredpkg", str(pkg))
-        from deferredpkg.part import VALUE  # a submodule: the __init__ does not run
-        assert VALUE == 42 and not hasattr(sys, "deferred_init_runs")
-        from deferredpkg import EXPORTED  # a name the __init__ defines: it runs, once
-        assert EXPORTED == 42 and sys.deferred_init_runs == 1
-        import deferredpkg
-        assert deferredpkg.EXPORTED == 42 and sys.deferred_init_runs == 1
-    finally:
-        for m in [m for m in sys.modules if m.split(".")[0] == "deferredpkg"]:
-            del sys.modules[m]
-
-
 # ----------------------------------------------------------------------------- exact bytes
 
 def test_bytes_equal_megatron_core_writer_and_reader(tmp_path, corpus):

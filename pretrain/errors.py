@@ -1,0 +1,8 @@
+"""Errors of a run that the launcher turns into one ``error:`` line (kept free of heavy
+imports, so ``launch/pretrain.py`` can name them before it imports the trainer)."""
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue: its directory is in use or unwritable, or a
+    checkpoint does not belong to this model. One line, exit status 2."""
