@@ -29,10 +29,10 @@ PROBE = textwrap.dedent("""
         lin(x).relu().square().mean().backward()
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    for _ in range(4):
         step()
     per_step = []
-    for _ in range(20):
+    for _ in range(8):
         before = faults()
         step()
         per_step.append(faults() - before)
@@ -41,7 +41,7 @@ PROBE = textwrap.dedent("""
 
 
 def step_faults(mode: str) -> list[int]:
-    """Minor page faults of each of 20 steps after 10 warm-up steps."""
+    """Minor page faults of each of 8 steps after 4 warm-up steps."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                          timeout=120, check=True)
     return [int(n) for n in out.stdout.strip().splitlines()[-1].split()]
