@@ -162,6 +162,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> t
 
 # ---------------------------------------------------------------- attention
 
+def project_qkv(attn: nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of ``x`` (B, T, d) through ``attn.wq/wk/wv``, RoPE applied
+    to queries and keys: (B, Hq, T, hd), (B, Hk, T, hd), (B, Hv, T, hd). Head counts come
+    from the projections' widths (``-1`` views), so tensor-parallel shards work unchanged."""
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, -1, attn.head_dim)                    # (B, T, Hq, hd)
+    k = attn.wk(x).view(B, T, -1, attn.head_dim)                    # (B, T, Hk, hd)
+    v = attn.wv(x).view(B, T, -1, attn.head_dim)                    # (B, T, Hv, hd)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 @register(ATTENTIONS, "gqa")
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention with grouped key/value heads, RoPE, and SDPA."""
@@ -180,11 +192,7 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)         # (B, T, Hq, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim)         # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
+        q, k, v = project_qkv(self, x, ctx)                  # (B, Hq|Hkv, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)    # (B, Hkv, S, hd): all positions so far
         y = attend(q, k, v, ctx)                             # (B, Hq, T, hd)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.bitnet import quant
-from model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, apply_rope, attend,
-                          make_linear, register)
+from model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, attend,
+                          make_linear, project_qkv, register)
 
 
 class BitLinear(nn.Linear):
@@ -82,11 +82,7 @@ class SubNormAttention(GroupedQueryAttention):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)         # (B, T, Hq, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim)         # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
+        q, k, v = project_qkv(self, x, ctx)                  # (B, H, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)    # (B, Hkv, S, hd)
         y = attend(q, k, v, ctx).transpose(1, 2)             # (B, T, Hq, hd)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from model.dha.config import LayerHeads, layer_heads
-from model.layers import ATTENTIONS, Context, apply_rope, attend, make_linear, register
+from model.layers import ATTENTIONS, Context, attend, make_linear, project_qkv, register
 
 NAME = "dha"
 
@@ -145,11 +145,7 @@ class DecoupledHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)         # (B, T, Hq, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim)         # (B, T, Gk, hd)
-        v = self.wv(x).view(B, T, -1, self.head_dim)         # (B, T, Gv, hd)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, H, T, hd)
+        q, k, v = project_qkv(self, x, ctx)                  # (B, H, T, hd)
         if ctx.cache is not None:
             k, v = self._cached(ctx.cache, k, v)             # (B, Gk, S, hd), (B, Gv, S, hd)
         k, v = self.maps.gather(k, v)                        # (B, P, S, hd) each

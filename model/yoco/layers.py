@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import (ATTENTIONS, MLPS, Block, Context, GroupedQueryAttention, RMSNorm, apply_rope,
-                          attend, make_linear, register)
+                          attend, make_linear, project_qkv, register)
 from model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
 
 #: Carry names of the shared key and value (produced by :class:`SharedKV`).
@@ -82,11 +82,7 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)                     # (B, T, Hq, hd)
-        k = self.wk(x).view(B, T, -1, self.head_dim)                     # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, hd)
+        q, k, v = project_qkv(self, x, ctx)                  # (B, H, T, hd)
         seg = segments(ctx.mask)
         if ctx.cache is not None:                                        # keys: window so far + new
             update = getattr(ctx.cache, "window_update", None)
