@@ -58,6 +58,23 @@ def run(out: str, iterations: int, *extra: str, nproc: int = 1, timeout: float =
         kill_group(p)
 
 
+def assert_resumed_loss(out: str, ckpt_dir: str, ref_loss: float, iterations: int, *extra: str,
+                        nproc: int = 1, timeout: float = 300, label: str = "") -> None:
+    """Resume ``ckpt_dir`` (saved at ``iterations - 1``) in the layout of ``extra`` and check
+    that the one remaining step's loss is within 1e-5 relative of ``ref_loss``."""
+    rc = run(out, iterations, f"training.resume={ckpt_dir}", "checkpoint.save_final=false", *extra,
+             nproc=nproc, timeout=timeout)
+    text = output(out)
+    assert rc == 0, text
+    assert f"resumed from checkpoint {ckpt_dir} at iteration {iterations - 1}" in text
+    got = losses(out)
+    assert sorted(got) == [iterations], got
+    loss = got[iterations][0]
+    print(f"step-{iterations} loss after resharding: {loss!r} vs {label} {ref_loss!r} "
+          f"(relative difference {abs(loss - ref_loss) / abs(ref_loss):.2e})")
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+
+
 def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Signal the run's whole process group (torchrun and its workers)."""
     if p.poll() is None:

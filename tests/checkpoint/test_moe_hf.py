@@ -127,3 +127,33 @@ def test_glm_fields_we_cannot_compute_are_named(change, needle):
         hf_config_to_model({**hf, **change}, "config.json")
     cfg = hf_config_to_model(hf, "config.json")            # the unchanged config is read
     assert (cfg.moe.num_experts, cfg.moe.score, cfg.moe.first_dense) == (8, "sigmoid", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["moe-tiny.yaml", "mhmoe-tiny.yaml"])
+def test_launch_config_trains_under_ep2_and_exports(tmp_path, config):
+    """The launch config (shrunk like the dense run tests) trains under torchrun with
+    parallel.expert=2 (loss falls), its checkpoint goes through to-hf and transformers
+    reproduces our logits offline."""
+    import subprocess
+
+    from tests.checkpoint import runs
+    from tests.checkpoint.test_hf import _load_ours
+    from transformers import AutoModelForCausalLM
+    out = str(tmp_path / "run")
+    cmd = runs.command(out, 12, "parallel.expert=2", "optimizer.lr=1e-2", nproc=2)
+    cmd[cmd.index("--config") + 1] = os.path.join(runs.ROOT, "launch", "configs", config)
+    p = subprocess.run(cmd, env=runs.env(), cwd=runs.ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert " ep=2" in p.stdout, p.stdout[:3000]
+    losses = [v[-1] for _, v in sorted(runs.losses(out).items())]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.9, losses
+
+    hf_dir = str(tmp_path / "hf")
+    to_hf(out, hf_dir)
+    remote = os.path.isfile(os.path.join(hf_dir, "modeling_polytron_moe.py"))
+    assert remote == (config == "mhmoe-tiny.yaml")
+    model = _load_ours(os.path.join(out, "checkpoints", runs.complete(out)[-1]))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=remote).float().eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(11))
+    assert_close(our_logits(model, tokens), hf_logits(hf, tokens))

@@ -25,15 +25,4 @@ def tp2pp2(tmp_path_factory) -> tuple[str, float]:
                          ids=["fsdp2", "single-process"])
 def test_resume_in_another_layout(tmp_path, tp2pp2, layout, nproc):
     ckpt_dir, ref_loss = tp2pp2
-    out = str(tmp_path)
-    rc = runs.run(out, ITERS, f"training.resume={ckpt_dir}", "checkpoint.save_final=false", *layout,
-                  nproc=nproc, timeout=300)
-    text = runs.output(out)
-    assert rc == 0, text
-    assert f"resumed from checkpoint {ckpt_dir} at iteration 2" in text
-    got = runs.losses(out)
-    assert sorted(got) == [ITERS], got
-    loss = got[ITERS][0]
-    print(f"step-{ITERS} loss after resharding: {loss!r} vs TP2xPP2 {ref_loss!r} "
-          f"(relative difference {abs(loss - ref_loss) / abs(ref_loss):.2e})")
-    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    runs.assert_resumed_loss(str(tmp_path), ckpt_dir, ref_loss, ITERS, *layout, nproc=nproc, label="TP2xPP2")

@@ -47,15 +47,5 @@ def ep2_run(tmp_path_factory) -> tuple[str, float]:
                          ids=["single-process", "ep2xtp2"])
 def test_ep2_checkpoint_resumes_in_another_layout(tmp_path, ep2_run, layout, nproc):
     ckpt_dir, ref_loss = ep2_run
-    out = str(tmp_path)
-    rc = runs.run(out, ITERS, *MOE, f"training.resume={ckpt_dir}", "checkpoint.save_final=false", *layout,
-                  nproc=nproc, timeout=400)
-    text = runs.output(out)
-    assert rc == 0, text
-    assert f"resumed from checkpoint {ckpt_dir} at iteration 2" in text
-    got = runs.losses(out)
-    assert sorted(got) == [ITERS], got
-    loss = got[ITERS][0]
-    print(f"step-{ITERS} loss after resharding: {loss!r} vs EP2 {ref_loss!r} "
-          f"(relative difference {abs(loss - ref_loss) / abs(ref_loss):.2e})")
-    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    runs.assert_resumed_loss(str(tmp_path), ckpt_dir, ref_loss, ITERS, *MOE, *layout, nproc=nproc, timeout=400,
+                             label="EP2")
