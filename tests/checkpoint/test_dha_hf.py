@@ -99,10 +99,13 @@ def test_padded_batch_generation_matches_unpadded(tmp_path, spm_model):
 
 
 def test_dha_tiny_config_trains_and_exports(tmp_path):
-    """launch/configs/dha-tiny.yaml with the dense tiny command (shrunk): loss falls, the start
-    log shows the KV cache, and the checkpoint goes through to-hf."""
+    """launch/configs/dha-tiny.yaml with the dense tiny command (shrunk) under torchrun with
+    parallel.tensor=2: loss falls, the start log shows the KV cache, and the checkpoint goes
+    through to-hf."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, runs.LAUNCH, "--config", os.path.join(runs.ROOT, "launch", "configs", "dha-tiny.yaml"),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}"]
+    cmd = [*torchrun, runs.LAUNCH, "--config", os.path.join(runs.ROOT, "launch", "configs", "dha-tiny.yaml"),
+           "parallel.tensor=2",
            "model.hidden_size=64", "model.ffn_hidden_size=128", "model.max_seq_len=64", "data.seq_len=64",
            "training.micro_batch_size=4", "training.global_batch_size=8", "training.iterations=12",
            "training.log_interval=1", "training.eval_interval=0", "logging.wandb=false",
