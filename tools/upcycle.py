@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Upcycle dense checkpoints into a mixture-of-experts checkpoint (docs/upcycling.md).
+
+    python tools/upcycle.py sparse SRC DST --experts 8 --top-k 2 [--shared-experts 1]
+                            [--noise 0.01 | --partition] [section.key=value ...]
+    python tools/upcycle.py upit SRC1 SRC2 [...] DST --experts 4 --top-k 2 [--merge dare]
+                            [--seed-samples 64 --router-steps 50] [section.key=value ...]
+
+SRC is one of our checkpoints (a checkpoint directory, a checkpoint root or a run's output
+directory: its newest complete checkpoint) or a local Hugging Face Llama-family directory
+(``config.json`` + safetensors), read as tools/convert_mha_to_dha.py reads it.
+
+``sparse`` (Komatsuzaki et al. 2022): every routed expert a copy of the dense SwiGLU (down
+projection scaled by 1/(shared+1) when shared experts take copies too), optional
+``--noise`` (Gaussian, relative to each weight's std); or ``--partition``: the dense inner
+width cut into experts + shared experts slices (the router zero, route_scale = top_k).
+Without noise, copies reproduce the dense logits whenever the top-k weights are
+renormalized; a partition does so with top_k = experts.
+
+``upit`` (Hui et al. 2024): K >= 2 intermediate checkpoints of one dense run become K
+experts per MoE layer (other tensors: their mean); a genetic algorithm grows them to
+``--experts`` N (parents: the two most distant experts; offspring: ``--merge`` average or
+dare, plus mutation; the most diverse of ``--candidates`` kept); then seed samples from the
+run config's data are labelled with the expert whose dense model has the lowest loss, and
+only the routers train on those labels for ``--router-steps`` (held-out accuracy reported).
+
+DST receives ``checkpoint/`` (weights-only), ``config.yaml`` (continued training:
+``python launch/pretrain.py --config DST/config.yaml``) and ``upcycle_report.json``. DST must
+be new or empty unless ``--overwrite``; the output is staged beside DST.
+
+Exit status 0; 2 with one ``error:`` line naming the bad input; 1 when writing fails.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from model.hf import ConvertError  # noqa: E402
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+from tools.convert_mha_to_dha import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, batches, load_source, source_model  # noqa: E402
+
+OUTPUTS = ("checkpoint", "config.yaml", "upcycle_report.json")
+
+
+def moe_settings(args, run):
+    """The run config's model.moe section (defaults and overrides) with the command's counts."""
+    from model.moe.config import MoEConfig
+    moe = run.model.moe if isinstance(run.model.moe, MoEConfig) else MoEConfig()
+    moe = dataclasses.replace(moe, num_experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts)
+    if getattr(args, "partition", False):
+        moe = dataclasses.replace(moe, score="softmax", normalize_top_k=True, route_scale=float(args.top_k))
+    return moe
+
+
+def exactness(moe, partition: bool, noise: float) -> str:
+    """What the initial MoE reproduces of the dense model."""
+    if partition:
+        ok = moe.top_k == moe.num_experts and moe.score == "softmax" and moe.normalize_top_k
+        return "exact (all slices chosen, weight 1 each)" if ok else "approximate (top_k < experts drops slices)"
+    if noise > 0:
+        return "approximate (noise)"
+    return "exact (identical experts, renormalized top-k weights)" if moe.normalize_top_k or moe.top_k == 0 \
+        else "approximate (model.moe.normalize_top_k=false: combine weights do not sum to 1)"
+
+
+# ====================================================================== sparse
+
+def sparse(args) -> dict:
+    from model.moe import upcycle as up
+    from tools.convert_checkpoint import check_destination
+    if args.noise < 0:
+        raise ConvertError("--noise must be >= 0")
+    run, tensors, origin = load_source(args.src, args.overrides)
+    cfg = up.moe_config(run.model, moe_settings(args, run), args.partition)
+    check_destination(args.dst, args.overwrite, [args.src])
+    out = up.sparse_upcycle(tensors, cfg, partition=args.partition, noise=args.noise, seed=args.seed)
+    report = {"mode": "sparse", "source": origin, "partition": args.partition, "noise": args.noise,
+              "moe": dataclasses.asdict(cfg.moe), "initial_output": exactness(cfg.moe, args.partition, args.noise)}
+    _write(args, run, cfg, out, origin, report, "sparse")
+    return report
+
+
+# ====================================================================== upit
+
+def upit(args) -> dict:
+    from model.moe import upcycle as up
+    from tools.convert_checkpoint import check_destination
+    if len(args.srcs) < 2:
+        raise ConvertError("upit needs at least two source checkpoints (SRC1 SRC2 ... DST)")
+    if args.experts < len(args.srcs):
+        raise ConvertError(f"--experts {args.experts} is fewer than the {len(args.srcs)} source checkpoints")
+    loaded = [load_source(s, args.overrides) for s in args.srcs]
+    runs_, sources, origins = zip(*loaded)
+    up.check_same([r.model for r in runs_], list(sources), list(origins))
+    run = runs_[-1]
+    cfg = up.moe_config(run.model, moe_settings(args, run), partition=False)
+    check_destination(args.dst, args.overwrite, list(args.srcs))
+    expansion = up.Expansion(merge=args.merge, weight_range=tuple(args.weight_range), dare_drop=args.dare_drop,
+                             mutation_rate=args.mutation_rate, mutation_scale=args.mutation_scale,
+                             candidates=args.candidates)
+    start = time.perf_counter()
+    out, logs, dense = up.upit_tensors(list(sources), cfg, args.experts, expansion, seed=args.seed)
+    report = {"mode": "upit", "sources": list(origins), "moe": dataclasses.asdict(cfg.moe),
+              "expansion": dataclasses.asdict(expansion), "layers": _expansion_report(logs, args.experts)}
+    report["expansion"]["seconds"] = round(time.perf_counter() - start, 2)
+    if args.router_steps > 0:
+        report["router"] = _pre_optimize(args, run, cfg, out, dense)
+    _write(args, run, cfg, out, origins[-1], report, "upit")
+    return report
+
+
+def _expansion_report(logs: dict, n: int) -> list[dict]:
+    return [{"layer": i, "offspring": [{"expert": o.index, "parents": list(o.parents), "weight": o.weight,
+                                        "distance_to_parents": [round(d, 8) for d in o.distance_to_parents],
+                                        "diversity": round(o.diversity, 8)} for o in log]}
+            for i, log in logs.items()]
+
+
+def _pre_optimize(args, run, cfg, tensors: dict, dense: list[dict]) -> dict:
+    """Seed samples each expert excels at (by its dense model's loss), split per expert into
+    router-training and held-out samples; only the routers train; held-out accuracy reported."""
+    from model.moe import upcycle as up
+    pool, _ = batches(run, args.seed_samples)
+    _, losses = up.seed_labels([source_model(run.model, t) for t in dense], pool)       # (N, S)
+    n = cfg.moe.num_experts
+    per = args.per_expert or losses.shape[1] // (2 * n)
+    held = max(1, round(per * args.held_out))
+    if per - held < 1:
+        raise ConvertError(f"--seed-samples {args.seed_samples}: too few to select and hold out seed samples "
+                           f"for {n} experts")
+    try:
+        picks = up.select_seed(losses, per)
+    except ValueError as e:
+        raise ConvertError(f"--per-expert {per}: {e}") from None
+    samples, gen = up.rows(pool), torch.Generator().manual_seed(args.seed)
+    train, test = [], []
+    for e, ids in enumerate(picks):
+        ids = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+        train += [(i, e) for i in ids[held:]]
+        test += [(i, e) for i in ids[:held]]
+    train = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+    mb = run.training.micro_batch_size
+    tb, ty = up.rebatch([samples[i] for i, _ in train], [e for _, e in train], mb)
+    vb, vy = up.rebatch([samples[i] for i, _ in test], [e for _, e in test], mb)
+    model = source_model(cfg, tensors)
+    before = up.routing_accuracy(model, vb, vy)
+    start = time.perf_counter()
+    history = up.pre_optimize_routers(model, tb, ty, args.router_steps, args.router_lr)
+    sd = model.state_dict()
+    for k in tensors:
+        if k.endswith("router.weight"):
+            tensors[k] = sd[k].detach().clone()
+    return {"seed_pool": int(losses.shape[1]), "per_expert": per, "held_out_per_expert": held,
+            "argmin_label_counts": torch.bincount(losses.argmin(0), minlength=n).tolist(),
+            "mean_loss_per_expert": [round(x, 5) for x in losses.mean(1).tolist()],
+            "steps": args.router_steps, "lr": args.router_lr, "seconds": round(time.perf_counter() - start, 2),
+            "loss": history, "held_out_accuracy_before": before,
+            "held_out_accuracy": up.routing_accuracy(model, vb, vy),
+            "train_accuracy": up.routing_accuracy(model, tb, ty),
+            "chance": 1.0 / n}
+
+
+# ====================================================================== output
+
+def _write(args, run, cfg, tensors: dict, origin: str, report: dict, mode: str) -> None:
+    import yaml
+
+    from model.configlib import to_dict
+    from pretrain import checkpoint as ckpt
+    from tools.convert_checkpoint import staged
+    dst_abs = os.path.abspath(args.dst)
+    run.model = cfg
+    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
+    run.checkpoint.dir = ""
+    run.training.resume = "auto"
+    run.training.name = f"{run.training.name or 'model'}-{mode}-moe"
+    run.training.output_dir = os.path.join(dst_abs, "run")
+    cfg_dict = to_dict(run)
+    out = os.path.join(args.dst, "config.yaml")
+    with staged(args.dst, OUTPUTS) as tmp:
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
+            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(f"# Continued training of {origin} upcycled to MoE ({mode}, tools/upcycle.py):\n"
+                    f"#   python launch/pretrain.py --config {out}\n")
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        with open(os.path.join(tmp, "upcycle_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+# ====================================================================== CLI
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=2, help="routed experts per token (default 2)")
+    p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output in a non-empty DST")
+    p.add_argument("overrides", nargs="*", default=[], help="run-config overrides section.key=value")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Upcycle dense checkpoints into an MoE checkpoint.")
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("sparse", help="experts = copies (or a partition) of the dense MLP")
+    s.add_argument("src", help="our checkpoint / run directory, or a Hugging Face Llama-family directory")
+    s.add_argument("dst", help="output directory")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--noise", type=float, default=0.0, help="expert weight noise, relative to each weight's std")
+    g.add_argument("--partition", action="store_true", help="slice the dense inner width into the experts")
+    _common(s)
+    u = sub.add_parser("upit", help="UpIT: intermediate checkpoints as experts, genetic expansion, router pre-optimization")
+    u.add_argument("paths", nargs="+", metavar="SRC... DST", help="K >= 2 dense checkpoints, then the output directory")
+    u.add_argument("--merge", choices=("average", "dare"), default="average", help="offspring merge (default average)")
+    u.add_argument("--weight-range", type=float, nargs=2, default=[0.2, 0.8], metavar=("LO", "HI"),
+                   help="parents' mixing weight drawn uniformly from [LO, HI] (default 0.2 0.8)")
+    u.add_argument("--dare-drop", type=float, default=0.5, help="DARE drop rate of the parents' deltas (default 0.5)")
+    u.add_argument("--mutation-rate", type=float, default=0.1, help="fraction of elements mutated (default 0.1)")
+    u.add_argument("--mutation-scale", type=float, default=0.1, help="mutation std relative to each tensor's std")
+    u.add_argument("--candidates", type=int, default=8, help="offspring tried per new expert (default 8)")
+    u.add_argument("--seed-samples", type=int, default=64, help="seed sequences for router labels (default 64)")
+    u.add_argument("--per-expert", type=int, default=0,
+                   help="seed samples selected per expert (default: seed-samples / (2 x experts))")
+    u.add_argument("--held-out", type=float, default=0.25, help="fraction of each expert's seed samples held out "
+                   "for the accuracy (default 0.25)")
+    u.add_argument("--router-steps", type=int, default=50, help="router pre-optimization steps; 0 skips (default 50)")
+    u.add_argument("--router-lr", type=float, default=0.01, help="router pre-optimization Adam lr (default 0.01)")
+    _common(u)
+    args, rest = p.parse_known_args(argv)
+    unknown = [x for x in rest if x.startswith("-") or "=" not in x]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + rest
+    if args.mode == "upit":
+        paths = [x for x in args.paths]
+        args.overrides = [x for x in paths if "=" in x] + args.overrides
+        paths = [x for x in paths if "=" not in x]
+        if len(paths) < 2:
+            p.error("upit needs SRC1 SRC2 ... DST")
+        args.srcs, args.dst = paths[:-1], paths[-1]
+    return args
+
+
+def _check_args(args) -> None:
+    if args.experts < 1 or args.top_k < 1 or args.shared_experts < 0:
+        raise ConvertError("--experts and --top-k must be >= 1, --shared-experts >= 0")
+    if args.top_k > args.experts:
+        raise ConvertError(f"--top-k {args.top_k} exceeds --experts {args.experts}")
+    if args.mode == "upit":
+        lo, hi = args.weight_range
+        if not (0 <= lo <= hi <= 1) or not (0 <= args.dare_drop < 1) or not (0 <= args.mutation_rate <= 1):
+            raise ConvertError("--weight-range must lie in [0, 1] (LO <= HI), --dare-drop in [0, 1), "
+                               "--mutation-rate in [0, 1]")
+        if args.candidates < 1 or args.seed_samples < 2 or not (0 < args.held_out < 1) or args.router_steps < 0 \
+                or args.per_expert < 0:
+            raise ConvertError("--candidates >= 1, --seed-samples >= 2, --held-out in (0, 1), --router-steps >= 0, --per-expert >= 0")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from data.errors import DataError
+    from model.configlib import ConfigError
+    try:
+        _check_args(args)
+        report = sparse(args) if args.mode == "sparse" else upit(args)
+    except (ConvertError, CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    moe = report["moe"]
+    print(f"wrote {report['mode']} MoE checkpoint {os.path.join(args.dst, 'checkpoint')} ({moe['num_experts']} experts, "
+          f"top-{moe['top_k']}, {moe['shared_experts']} shared) and run config {os.path.join(args.dst, 'config.yaml')}")
+    if "router" in report:
+        r = report["router"]
+        print(f"router pre-optimization: held-out routing accuracy {r['held_out_accuracy']:.3f} "
+              f"(before {r['held_out_accuracy_before']:.3f}, chance {r['chance']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
