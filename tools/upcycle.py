@@ -4,7 +4,8 @@
     python tools/upcycle.py sparse SRC DST --experts 8 --top-k 2 [--shared-experts 1]
                             [--noise 0.01 | --partition] [section.key=value ...]
     python tools/upcycle.py upit SRC1 SRC2 [...] DST --experts 4 --top-k 2 [--merge dare]
-                            [--seed-samples 64 --router-steps 50] [section.key=value ...]
+                            [--seed-samples 64 --router-steps 50] [--seed-data PREFIX ...]
+                            [section.key=value ...]
 
 SRC is one of our checkpoints (a checkpoint directory, a checkpoint root or a run's output
 directory: its newest complete checkpoint) or a local Hugging Face Llama-family directory
@@ -21,7 +22,7 @@ renormalized; a partition does so with top_k = experts.
 experts per MoE layer (other tensors: their mean); a genetic algorithm grows them to
 ``--experts`` N (parents: the two most distant experts; offspring: ``--merge`` average or
 dare, plus mutation; the most diverse of ``--candidates`` kept); then seed samples from the
-run config's data are labelled with the expert whose dense model has the lowest loss, and
+run config's data (or ``--seed-data`` prefixes, blended equally) are labelled with the expert whose dense model has the lowest loss, and
 only the routers train on those labels for ``--router-steps`` (held-out accuracy reported).
 
 DST receives ``checkpoint/`` (weights-only), ``config.yaml`` (continued training:
@@ -33,6 +34,7 @@ Exit status 0; 2 with one ``error:`` line naming the bad input; 1 when writing f
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -128,7 +130,7 @@ def _pre_optimize(args, run, cfg, tensors: dict, dense: list[dict]) -> dict:
     """Seed samples each expert excels at (by its dense model's loss), split per expert into
     router-training and held-out samples; only the routers train; held-out accuracy reported."""
     from model.moe import upcycle as up
-    pool, _ = batches(run, args.seed_samples)
+    pool, _ = batches(seed_run(run, args.seed_data), args.seed_samples)
     _, losses = up.seed_labels([source_model(run.model, t) for t in dense], pool)       # (N, S)
     n = cfg.moe.num_experts
     per = args.per_expert or losses.shape[1] // (2 * n)
@@ -164,8 +166,39 @@ def _pre_optimize(args, run, cfg, tensors: dict, dense: list[dict]) -> dict:
             "steps": args.router_steps, "lr": args.router_lr, "seconds": round(time.perf_counter() - start, 2),
             "loss": history, "held_out_accuracy_before": before,
             "held_out_accuracy": up.routing_accuracy(model, vb, vy),
+            "held_out_top_k_accuracy": up.routing_accuracy(model, vb, vy, cfg.moe.top_k),
+            "held_out_confusion": up.confusion(model, vb, vy, n),
             "train_accuracy": up.routing_accuracy(model, tb, ty),
-            "chance": 1.0 / n}
+            "chance": 1.0 / n, "seed_data": list(args.seed_data),
+            "argmin_label_counts_per_seed_dataset": _per_source_counts(pool, losses, n)}
+
+
+def seed_run(run, paths: list[str]):
+    """The run config whose training data gives the seed samples: ``run`` itself, or with
+    ``--seed-data`` those dataset prefixes (``builtin``: the built-in corpus) blended with
+    equal weights, tokenized with the run's tokenizer."""
+    if not paths:
+        return run
+    from data.builtin import ensure_builtin_corpus
+    run = copy.deepcopy(run)
+    resolved = []
+    for p in paths:
+        if p == "builtin":
+            run.data.builtin_corpus = True
+            p = ensure_builtin_corpus(run.data.cache_dir, run.data.tokenizer_vocab_size).prefix
+        resolved.append(p)
+    run.data.paths, run.data.weights = resolved, [1.0] * len(resolved)
+    run.data.validate()
+    return run
+
+
+def _per_source_counts(pool: list[dict], losses: torch.Tensor, n: int):
+    """Lowest-loss expert counts for the samples of each seed dataset (None for one dataset)."""
+    if "source" not in pool[0]:
+        return None
+    source = torch.cat([b["source"] for b in pool]).argmax(-1)                 # (S,)
+    label = losses.argmin(0)
+    return [torch.bincount(label[source == d], minlength=n).tolist() for d in range(int(source.max()) + 1)]
 
 
 # ====================================================================== output
@@ -228,6 +261,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     u.add_argument("--mutation-scale", type=float, default=0.1, help="mutation std relative to each tensor's std")
     u.add_argument("--candidates", type=int, default=8, help="offspring tried per new expert (default 8)")
     u.add_argument("--seed-samples", type=int, default=64, help="seed sequences for router labels (default 64)")
+    u.add_argument("--seed-data", nargs="+", default=[], metavar="PREFIX",
+                   help="dataset prefixes (tokenized with the run's tokenizer; 'builtin': the built-in corpus) "
+                        "blended equally for the seed samples (default: the run config's training data)")
     u.add_argument("--per-expert", type=int, default=0,
                    help="seed samples selected per expert (default: seed-samples / (2 x experts))")
     u.add_argument("--held-out", type=float, default=0.25, help="fraction of each expert's seed samples held out "
@@ -247,6 +283,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if len(paths) < 2:
             p.error("upit needs SRC1 SRC2 ... DST")
         args.srcs, args.dst = paths[:-1], paths[-1]
+        args.overrides += [x for x in args.seed_data if "=" in x]
+        args.seed_data = [x for x in args.seed_data if "=" not in x]
     return args
 
 

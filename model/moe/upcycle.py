@@ -447,17 +447,33 @@ def _forward_logits(model, batch: dict) -> list[torch.Tensor]:
     return tap.logits
 
 
-def routing_accuracy(model, batches: list[dict], labels: list[torch.Tensor]) -> float:
-    """Fraction of samples whose expert, by the router probabilities averaged over tokens and
-    MoE layers, is their label."""
-    hit = total = 0
+def routed_experts(model, batches: list[dict], k: int = 1) -> torch.Tensor:
+    """(S, k) each sample's k experts, best first: the top-k of the router probabilities
+    averaged over its tokens and the MoE layers."""
+    out = []
     with torch.no_grad():
-        for b, y in zip(batches, labels):
+        for b in batches:
             B, T = b["tokens"].shape
             probs = sum(lg.softmax(-1).view(B, T, -1).mean(1) for lg in _forward_logits(model, b))   # (B, E)
-            hit += int((probs.argmax(-1) == y).sum())
-            total += B
-    return hit / max(total, 1)
+            out.append(probs.topk(k, -1).indices)                                                     # (B, k)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def routing_accuracy(model, batches: list[dict], labels: list[torch.Tensor], k: int = 1) -> float:
+    """Fraction of samples whose label is among their ``k`` routed experts
+    (:func:`routed_experts`; k = 1: the argmax)."""
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if not len(y):
+        return 0.0
+    return (routed_experts(model, batches, k) == y[:, None]).any(-1).float().mean().item()
+
+
+def confusion(model, batches: list[dict], labels: list[torch.Tensor], n: int) -> list[list[int]]:
+    """(N, N) counts: row = a sample's label, column = its routed expert (top-1)."""
+    y = torch.cat(labels)
+    m = torch.zeros(n, n, dtype=torch.long)
+    m.index_put_((y, routed_experts(model, batches)[:, 0]), torch.ones_like(y), accumulate=True)
+    return m.tolist()
 
 
 def pre_optimize_routers(model, batches: list[dict], labels: list[torch.Tensor], steps: int,
@@ -483,4 +499,5 @@ def pre_optimize_routers(model, batches: list[dict], labels: list[torch.Tensor],
 
 
 __all__ = ["moe_config", "sparse_upcycle", "upit_tensors", "Expansion", "expand", "distance", "seed_labels",
-           "select_seed", "pre_optimize_routers", "routing_accuracy", "check_same"]
+           "select_seed", "pre_optimize_routers", "routing_accuracy", "routed_experts", "confusion",
+           "check_same"]
