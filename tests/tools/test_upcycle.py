@@ -4,7 +4,6 @@ checkpoint and a Hugging Face Llama directory), UpIT grows K=2 intermediate chec
 training with launch/pretrain.py, and bad input gets one error line."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -191,11 +190,26 @@ def test_upit_expands_two_checkpoints_to_four_distinct_experts(upit_out, diverge
     assert r["held_out_top_k_accuracy"] >= 0.7
 
 
-def test_upcycled_checkpoint_continues_training(upit_out):
-    cmd = [sys.executable, runs.LAUNCH, "--config", os.path.join(upit_out, "config.yaml"), "training.iterations=2",
-           "training.log_interval=1", "checkpoint.interval=0", "checkpoint.save_final=false"]
+def test_upcycled_checkpoint_trains_under_ep2_and_exports(upit_out, tmp_path):
+    """The written config continues training under torchrun with parallel.expert=2, and the
+    result converts to Hugging Face with the MoE adapter (transformers gives our logits)."""
+    from tests.checkpoint.helpers import assert_close, hf_logits, our_logits
+    from tests.checkpoint.test_hf import _load_ours
+    from tools.convert_checkpoint import to_hf
+    from transformers import AutoModelForCausalLM
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}",
+           runs.LAUNCH, "--config", os.path.join(upit_out, "config.yaml"), "parallel.expert=2", "training.micro_batch_size=4",
+           "training.iterations=2", "training.log_interval=1", "checkpoint.interval=0", f"training.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=runs.env(), cwd=runs.ROOT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    recs = [x for x in runs.records(os.path.join(upit_out, "run")) if "loss" in x]
+    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "error" in x) or r.stderr[-2000:]
+    assert " ep=2" in r.stdout
+    recs = [x for x in runs.records(out) if "loss" in x]
     assert [x["iteration"] for x in recs][-1] == 2 and all(x["loss"] < 10 for x in recs)
-    assert glob.glob(os.path.join(upit_out, "run", "*"))
+    hf_dir = str(tmp_path / "hf")
+    to_hf(out, hf_dir)
+    remote = any(f.startswith("modeling_") for f in os.listdir(hf_dir))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=remote).float().eval()
+    model = _load_ours(os.path.join(out, "checkpoints", runs.complete(out)[-1]))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(4))
+    assert_close(our_logits(model, tokens), hf_logits(hf, tokens))
