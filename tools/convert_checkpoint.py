@@ -286,6 +286,36 @@ def staged(dst: str, outputs: tuple[str, ...]) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origin: str, *, suffix: str,
+                        what: str, report_name: str, report: dict) -> None:
+    """Stage and move into DST a converted model ready to train on: ``checkpoint/`` (weights
+    only, iteration 0), ``config.yaml`` (``run`` with ``model_cfg``, loading that checkpoint,
+    output in DST/run, training name + ``-suffix``) and the tool's JSON ``report_name``.
+    ``what`` completes the config's header line ("Continued training of ORIGIN <what>")."""
+    import yaml
+
+    from model.configlib import to_dict
+    from pretrain import checkpoint as ckpt
+    dst_abs = os.path.abspath(dst)
+    run.model = model_cfg
+    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
+    run.checkpoint.dir = ""
+    run.training.resume = "auto"
+    run.training.name = f"{run.training.name or 'model'}-{suffix}"
+    run.training.output_dir = os.path.join(dst_abs, "run")
+    cfg_dict = to_dict(run)
+    with staged(dst, ("checkpoint", "config.yaml", report_name)) as tmp:
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
+            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(f"# Continued training of {origin} {what}:\n"
+                    f"#   python launch/pretrain.py --config {os.path.join(dst, 'config.yaml')}\n")
+            yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        with open(os.path.join(tmp, report_name), "w") as f:
+            json.dump(report, f, indent=1)
+
+
 # ====================================================================== to-hf
 
 def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[str] = None,

@@ -48,7 +48,6 @@ from pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
-OUTPUTS = ("checkpoint", "config.yaml", "dha_report.json")
 
 
 # ====================================================================== source
@@ -163,7 +162,7 @@ def convert(args) -> dict:
     from model.config import ModelConfig  # noqa: F401  (config classes for replace)
     from model.dha import fusion
     from model.dha.config import DHAConfig
-    from tools.convert_checkpoint import check_destination, staged
+    from tools.convert_checkpoint import check_destination
     torch.manual_seed(args.seed)
     run, tensors, origin = load_source(args.src, args.overrides)
     mcfg = run.model
@@ -199,7 +198,7 @@ def convert(args) -> dict:
     report["kv_cache_bytes_per_token"] = {"dtype": str(dtype).replace("torch.", ""), "source": src_kv,
                                           "dha": dha_kv, "ratio": dha_kv / src_kv}
     report["model_dha"] = dataclasses.asdict(dha_cfg.dha)
-    _write(args, run, dha_cfg, out, origin, report, staged)
+    _write(args, run, dha_cfg, out, origin, report)
     return report
 
 
@@ -226,30 +225,11 @@ def _eval(cfg, tensors: dict, valid: list[dict]):
     return fusion.eval_loss(source_model(cfg, tensors), valid)
 
 
-def _write(args, run, dha_cfg, tensors: dict, origin: str, report: dict, staged) -> None:
-    import yaml
-
-    from model.configlib import to_dict
-    from pretrain import checkpoint as ckpt
-    dst_abs = os.path.abspath(args.dst)
-    run.model = dha_cfg
-    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
-    run.checkpoint.dir = ""
-    run.training.resume = "auto"
-    run.training.name = f"{run.training.name or 'model'}-dha"
-    run.training.output_dir = os.path.join(dst_abs, "run")
-    cfg_dict = to_dict(run)
-    out = os.path.join(args.dst, "config.yaml")
-    with staged(args.dst, OUTPUTS) as tmp:
-        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
-            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
-            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(f"# Continued pre-training of {origin} converted to DHA (tools/convert_mha_to_dha.py):\n"
-                    f"#   python launch/pretrain.py --config {out}\n")
-            yaml.safe_dump(cfg_dict, f, sort_keys=False)
-        with open(os.path.join(tmp, "dha_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+def _write(args, run, dha_cfg, tensors: dict, origin: str, report: dict) -> None:
+    from tools.convert_checkpoint import write_converted_run
+    write_converted_run(args.dst, run, dha_cfg, tensors, origin, suffix="dha",
+                        what="converted to DHA (tools/convert_mha_to_dha.py)", report_name="dha_report.json",
+                        report=report)
 
 
 # ====================================================================== CLI

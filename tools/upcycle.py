@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -48,8 +47,6 @@ import torch  # noqa: E402
 from model.hf import ConvertError  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from tools.convert_mha_to_dha import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, batches, load_source, source_model  # noqa: E402
-
-OUTPUTS = ("checkpoint", "config.yaml", "upcycle_report.json")
 
 
 def moe_settings(args, run):
@@ -204,30 +201,10 @@ def _per_source_counts(pool: list[dict], losses: torch.Tensor, n: int):
 # ====================================================================== output
 
 def _write(args, run, cfg, tensors: dict, origin: str, report: dict, mode: str) -> None:
-    import yaml
-
-    from model.configlib import to_dict
-    from pretrain import checkpoint as ckpt
-    from tools.convert_checkpoint import staged
-    dst_abs = os.path.abspath(args.dst)
-    run.model = cfg
-    run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
-    run.checkpoint.dir = ""
-    run.training.resume = "auto"
-    run.training.name = f"{run.training.name or 'model'}-{mode}-moe"
-    run.training.output_dir = os.path.join(dst_abs, "run")
-    cfg_dict = to_dict(run)
-    out = os.path.join(args.dst, "config.yaml")
-    with staged(args.dst, OUTPUTS) as tmp:
-        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
-            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
-            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(f"# Continued training of {origin} upcycled to MoE ({mode}, tools/upcycle.py):\n"
-                    f"#   python launch/pretrain.py --config {out}\n")
-            yaml.safe_dump(cfg_dict, f, sort_keys=False)
-        with open(os.path.join(tmp, "upcycle_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    from tools.convert_checkpoint import write_converted_run
+    write_converted_run(args.dst, run, cfg, tensors, origin, suffix=f"{mode}-moe",
+                        what=f"upcycled to MoE ({mode}, tools/upcycle.py)", report_name="upcycle_report.json",
+                        report=report)
 
 
 # ====================================================================== CLI
