@@ -8,6 +8,8 @@ token is the tokenizer's end-of-sequence token.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import sys
 import time
@@ -37,7 +39,16 @@ class _MegatronAttrs:
 
     @property
     def unique_identifiers(self) -> dict:
-        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size}
+        return {"class": type(self).__name__, "path": self.path, "vocab_size": self.vocab_size,
+                "fingerprint": self.fingerprint}
+
+    @property
+    def fingerprint(self) -> str:
+        """What the tokenizer *is*, not where it lies: ``sha256:<16 hex>`` over its content
+        (see :func:`fingerprint_of`). Computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = _fingerprint(self._content(), self.vocab_size, self._special_ids())
+        return self._fingerprint
 
 
 class SentencePieceTokenizer(_MegatronAttrs):
@@ -55,6 +66,14 @@ class SentencePieceTokenizer(_MegatronAttrs):
         self.eod_id: int = int(self._sp.eos_id())
         if self.eod_id < 0:
             raise DataError(f"tokenizer {self.path}: has no end-of-sequence piece to mark document ends")
+
+    def _content(self) -> bytes:
+        """The serialized model (pieces, scores, normalizer and trainer settings)."""
+        return self._sp.serialized_model_proto()
+
+    def _special_ids(self) -> dict:
+        sp = self._sp
+        return {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added)."""
@@ -89,6 +108,18 @@ class HFTokenizer(_MegatronAttrs):
             raise DataError(f"tokenizer {self.path}: defines no eos_token to mark document ends")
         self.eod_id: int = int(eos)
 
+    def _content(self) -> bytes:
+        """The fast tokenizer's pipeline (model with vocabulary and merges, normalizer,
+        pre-tokenizer, added tokens) as canonical JSON, else the sorted vocabulary."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is not None:
+            return json.dumps(json.loads(backend.to_str()), sort_keys=True).encode()
+        return json.dumps(sorted(self._tok.get_vocab().items())).encode()
+
+    def _special_ids(self) -> dict:
+        t = self._tok
+        return {"bos": t.bos_token_id, "eos": t.eos_token_id, "unk": t.unk_token_id, "pad": t.pad_token_id}
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -105,6 +136,28 @@ class HFTokenizer(_MegatronAttrs):
 
 
 Tokenizer = SentencePieceTokenizer | HFTokenizer
+
+
+def _fingerprint(content: bytes, vocab_size: int, special_ids: dict) -> str:
+    """``sha256:<16 hex>`` of a tokenizer's content, vocabulary size and special ids."""
+    h = hashlib.sha256(content)
+    h.update(json.dumps({"vocab_size": vocab_size, **special_ids}, sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def fingerprint_of(path: str) -> str:
+    """The fingerprint of the tokenizer at ``path`` (a SentencePiece ``.model`` or a Hugging
+    Face tokenizer directory): equal for two copies of one tokenizer wherever they lie,
+    different for two tokenizers of the same vocabulary size."""
+    return load_tokenizer(path).fingerprint
+
+
+def check_same_tokenizer(expected: str | None, actual: str, what_expected: str, what_actual: str) -> None:
+    """Refuse (DataError) when two recorded fingerprints differ; ``expected`` None (older
+    files that recorded none) passes."""
+    if expected and actual and expected != actual:
+        raise DataError(f"tokenizer mismatch: {what_expected} was tokenized with {expected}, "
+                        f"{what_actual} is {actual}")
 
 
 def load_tokenizer(path: str) -> Tokenizer:
