@@ -21,6 +21,10 @@ class DataConfig:
     tokenizer: str = field(default="", metadata=doc(
         "SentencePiece .model file or Hugging Face tokenizer directory. Empty with "
         "builtin_corpus uses the cached tokenizer trained on that corpus."))
+    allow_tokenizer_mismatch: bool = field(default=False, metadata=doc(
+        "Train on datasets whose PREFIX.summary.json records another tokenizer fingerprint "
+        "than data.tokenizer's (a warning instead of an error). Only for deliberate cases: "
+        "token ids of one tokenizer mean other text under another."))
     tokenizer_vocab_size: int = field(default=4096, metadata=doc(
         "Vocabulary of the tokenizer trained for the built-in corpus."))
     cache_dir: str = field(default="~/.cache/polytron", metadata=doc(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import Iterator
 
@@ -87,6 +88,107 @@ def ensure_writable_dir(directory: str, what: str) -> str:
     except OSError as e:
         raise DataError(f"{what}: cannot write in {d} ({e.strerror or type(e).__name__})") from None
     return d
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same device and inode), through symlinks and
+    hard links; False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_prefix(prefix: str, option: str = "output prefix") -> str:
+    """The absolute form of a dataset output prefix; :class:`DataError` for a prefix that
+    names a directory (``data/out/``, ``data/out/.``) instead of a file name prefix, which
+    would otherwise write ``data/out.bin`` into the parent directory."""
+    base = os.path.basename(prefix)
+    if not prefix or base in ("", ".", ".."):
+        raise DataError(f"{option} {prefix!r}: names a directory; give a file name prefix "
+                        f"inside it (e.g. {os.path.join(prefix.rstrip('/') or '.', 'name')})")
+    return os.path.abspath(os.path.expanduser(prefix))
+
+
+def output_name(prefix: str) -> re.Pattern:
+    """Names of the files a run writing ``prefix`` makes in its directory: ``NAME.bin``,
+    ``.idx``, ``.summary.json``, shards ``NAME_00000.*``, and their ``.tmpPID`` temporaries
+    (group ``pid``)."""
+    name = re.escape(os.path.basename(prefix))
+    return re.compile(rf"{name}(?:_\d{{5}})?\.(?:bin|idx|summary\.json)(?:\.tmp(?P<pid>\d+))?")
+
+
+def is_own_output(path: str, prefix: str) -> bool:
+    """Whether ``path`` is one of the files (or temporaries) a run writing ``prefix`` makes:
+    same real directory, name matching :func:`output_name`."""
+    real_dir = os.path.realpath(os.path.dirname(os.path.abspath(prefix)))
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != real_dir:
+        return False
+    return output_name(prefix).fullmatch(os.path.basename(path)) is not None
+
+
+def file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` resolves to; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def output_ids(prefix: str) -> set[tuple[int, int]]:
+    """(device, inode) of every existing file a run writing ``prefix`` makes (see
+    :func:`output_name`), so an input reached through a symlink or a hard link is
+    recognised as one of them."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    pattern = output_name(prefix)
+    try:
+        names = [n for n in os.listdir(directory) if pattern.fullmatch(n)]
+    except OSError:
+        return set()
+    return {i for i in (file_id(os.path.join(directory, n)) for n in names) if i is not None}
+
+
+def refuse_outputs_as_inputs(inputs: list[str], prefix: str, option: str = "--output-prefix") -> None:
+    """:class:`DataError` when an input file is (by name or by device and inode) one of the
+    files a run writing ``prefix`` makes or replaces."""
+    ids = output_ids(prefix)
+    for p in inputs:
+        if is_own_output(p, prefix) or file_id(p) in ids:
+            raise DataError(f"input {p}: is also an output of {prefix} (the same file); "
+                            f"choose another {option}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(prefix: str) -> list[str]:
+    """Remove the ``.tmpPID`` files an earlier, killed run writing ``prefix`` left behind
+    (their PID no longer alive on this host); return the paths removed. Temporaries of a
+    live run are kept."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    pattern, removed = output_name(prefix), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for n in names:
+        m = pattern.fullmatch(n)
+        if m and m.group("pid") and not _alive(int(m.group("pid"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, n))
+                removed.append(os.path.join(directory, n))
+    return removed
 
 
 @contextlib.contextmanager

@@ -141,6 +141,29 @@ def load_arrays(files: CacheFiles) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+_IDENTITIES: dict[tuple, dict] = {}  # file stamps -> identity, so each process hashes a .idx once
+
+
+def dataset_identity(prefix: str) -> dict:
+    """What the dataset at ``prefix`` *is*: size and ``mtime_ns`` of ``PREFIX.idx`` and
+    ``PREFIX.bin`` and the SHA-256 of the ``.idx`` (document lengths and offsets, all the
+    sample indices depend on)."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    try:
+        si, sb = os.stat(idx), os.stat(bin_)
+    except OSError as e:
+        raise DataError(f"dataset {prefix}: cannot read ({os_reason(e)})") from None
+    stamps = (os.path.abspath(idx), si.st_size, si.st_mtime_ns, si.st_ino, sb.st_size, sb.st_mtime_ns)
+    if stamps not in _IDENTITIES:
+        try:
+            _, sha = _digest(idx)
+        except OSError as e:
+            raise DataError(f"dataset index {idx}: cannot read ({os_reason(e)})") from None
+        _IDENTITIES[stamps] = {"idx_bytes": si.st_size, "idx_mtime_ns": si.st_mtime_ns, "idx_sha256": sha,
+                               "bin_bytes": sb.st_size, "bin_mtime_ns": sb.st_mtime_ns}
+    return _IDENTITIES[stamps]
+
+
 def _is_follower() -> bool:
     """True on a rank that must not write the cache (not global rank 0 of a process group)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -159,7 +182,18 @@ def _install(staged: CacheFiles, final: CacheFiles) -> None:
 class CheckedGPTDataset(GPTDataset):
     """megatron-core's GPTDataset with a verified, pickle-free index cache (see module doc)."""
 
+    def _key_on_content(self) -> None:
+        """Add the dataset's identity (:func:`dataset_identity`) to megatron-core's cache key
+        (``unique_identifiers``, hence ``unique_description`` and its hash), which names
+        only the path: a corpus regenerated under the same prefix gets new indices."""
+        self.unique_identifiers["dataset_identity"] = dataset_identity(self.dataset.path_prefix)
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                             default=lambda obj: obj.unique_identifiers)
+        self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                   usedforsecurity=False).hexdigest()
+
     def _build_document_sample_shuffle_indices(self):  # noqa: D102 (megatron-core hook)
+        self._key_on_content()
         if not self.config.path_to_cache:
             return super()._build_document_sample_shuffle_indices()
         files = CacheFiles(self.config.path_to_cache,

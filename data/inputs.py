@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from data.errors import DataError
-from data.files import os_reason
+from data.files import is_own_output, os_reason
 
 COMPRESSED = (".gz", ".zst")
 
@@ -34,18 +34,21 @@ class Chunk:
         return io.BytesIO(self.data).readlines()
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
+def expand_inputs(patterns: list[str], output_prefix: str = "") -> list[str]:
     """Input paths in the order given; a glob (``*``, ``?``, ``[``, ``**``) expands to its files, sorted.
 
     An existing path is taken as is (even with glob characters in its name); a glob that
-    matches no file is a :class:`DataError`.
+    matches no file is a :class:`DataError`. With ``output_prefix``, a glob skips that
+    run's own outputs and their temporaries (``PREFIX.bin``, ``PREFIX_00000.idx``,
+    ``PREFIX.summary.json.tmp123`` ...) in the same directory.
     """
     out: list[str] = []
     for p in patterns:
         if os.path.exists(p) or not glob.has_magic(p):
             out.append(p)
             continue
-        files = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True)
+                       if os.path.isfile(f) and not (output_prefix and is_own_output(f, output_prefix)))
         if not files:
             raise DataError(f"input {p}: matches no file")
         out.extend(files)

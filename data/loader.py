@@ -29,7 +29,7 @@ from data.config import DataConfig
 from data.errors import DataError
 from data.files import ensure_writable_dir
 from data.tokenizer import Tokenizer, load_tokenizer
-from data.validate import IndexInfo, check_dataset, check_tokenizer_fits
+from data.validate import IndexInfo, check_dataset, check_dataset_tokenizer, check_tokenizer_fits
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +383,8 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
     prefixes, tok_path = _resolve(cfg)
     tok = load_tokenizer(tok_path)
     check_tokenizer_fits(tok.path, tok.vocab_size, model_vocab_size)
+    for p in prefixes:
+        check_dataset_tokenizer(p, tok.fingerprint, tok.path, cfg.allow_tokenizer_mismatch)
     infos = [check_dataset(p, tok.vocab_size, model_vocab_size) for p in prefixes]
     _check_splits(infos, cfg.split)
     weights: list[float] | None = None

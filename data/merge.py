@@ -13,7 +13,8 @@ import re
 import time
 
 from data.errors import DataError
-from data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
+from data.files import (check_output_prefix, ensure_writable_dir, file_id, missing_dirs, remove_empty_dirs,
+                        remove_stale_temps, writing)
 from data.indexed import merge
 from data.preprocess import MAX_LISTED_SKIPS
 
@@ -85,7 +86,7 @@ def combine_summaries(parts: list[dict], output_prefix: str) -> dict:
         out["skipped_lines"] += s.get("skipped_lines", [])[:max(room, 0)]
         out["input_files"] += s.get("input_files", [])
         out["files"] += s.get("files", [])
-        for key in ("workers", "tokenizer", "vocab_size", "eod_id", "dtype", "encoder"):
+        for key in ("workers", "tokenizer", "tokenizer_fingerprint", "vocab_size", "eod_id", "dtype", "encoder"):
             if key in s:
                 out.setdefault(key, s[key])
     if out["seconds"] > 0:  # summed over the parts: processing time, not the wall time of a job
@@ -94,26 +95,58 @@ def combine_summaries(parts: list[dict], output_prefix: str) -> dict:
     return out
 
 
+def check_one_tokenizer(summaries: list[dict]) -> str:
+    """The tokenizer fingerprint all ``summaries`` record (``""`` when none records one);
+    :class:`DataError` naming two datasets whose fingerprints differ."""
+    first: dict | None = None
+    for s in summaries:
+        fp = s.get("tokenizer_fingerprint")
+        if not isinstance(fp, str) or not fp:
+            continue
+        if first is None:
+            first = s
+        elif fp != first["tokenizer_fingerprint"]:
+            raise DataError(f"inputs of different tokenizers: {first.get('output_prefix')} was tokenized "
+                            f"with {first['tokenizer_fingerprint']}, {s.get('output_prefix')} with {fp}; "
+                            f"merge only datasets of one tokenizer")
+    return first["tokenizer_fingerprint"] if first else ""
+
+
+def _check_not_an_input(prefixes: list[str], out: str) -> None:
+    """The output must not be an input: compared as files (device and inode, so also through
+    a symlinked directory or a hard link), not as path strings."""
+    outs = {file_id(out + ext) for ext in (".bin", ".idx")} - {None}
+    for p in prefixes:
+        if os.path.abspath(p) == out or outs & {file_id(p + ext) for ext in (".bin", ".idx")}:
+            raise DataError(f"output {out}: is also an input ({p}: the same files); "
+                            f"choose another --output-prefix")
+
+
 def merge_datasets(prefixes: list[str], output_prefix: str, summaries: list[dict] | None = None) -> dict:
     """Merge ``prefixes`` (in order) into ``output_prefix``; return the written summary.
 
     ``summaries`` (preprocessing summaries of the inputs, in order) default to the prefixes'
     own ``.summary.json`` files; without any, the summary holds documents, tokens and dtype.
+    Inputs whose summaries record different tokenizer fingerprints are refused.
     """
     t0 = time.time()
-    out = os.path.abspath(os.path.expanduser(output_prefix))
-    if any(os.path.abspath(p) == out for p in prefixes):
-        raise DataError(f"output {out}: is also an input; choose another --output-prefix")
+    out = check_output_prefix(output_prefix, "--output-prefix")
+    _check_not_an_input(prefixes, out)
+    if summaries is None:
+        summaries = [read_summary(p) for p in prefixes]
+    summaries = [s for s in summaries if s]
+    fingerprint = check_one_tokenizer(summaries)
     created = missing_dirs(os.path.dirname(out))
     tag = f".tmp{os.getpid()}"
     tmp = [out + ".bin" + tag, out + ".idx" + tag, out + ".summary.json" + tag]
     try:
         ensure_writable_dir(os.path.dirname(out), f"output {out}")
+        remove_stale_temps(out)
         with writing(f"output {out}"):
             index = merge(prefixes, tmp[0], tmp[1])
-        if summaries is None:
-            summaries = [read_summary(p) for p in prefixes]
-        summ = combine_summaries([s for s in summaries if s], out)
+        summ = combine_summaries(summaries, out)
+        if fingerprint:
+            summ["tokenizer_fingerprint"] = fingerprint
         summ.update(documents=int(index.lengths.size), tokens=index.tokens, dtype=index.dtype.name,
                     merged_from=len(prefixes), merge_seconds=round(time.time() - t0, 3))
         with writing(f"output {out}"):

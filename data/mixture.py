@@ -216,6 +216,7 @@ def build_raw(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tokenizer
 
     if src.prefix:
         prefix = os.path.abspath(os.path.expanduser(src.prefix))
+        _check_tokenizer_of(src, prefix, tok)
         info = check_dataset(prefix, tok.vocab_size, tok.vocab_size)
         return SourceResult(src.name, src.kind, prefix, src.ratio, info.sequences, info.tokens,
                             info.tokens, loss_mask=has_loss_mask(prefix))
@@ -223,6 +224,17 @@ def build_raw(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tokenizer
     summ = preprocess(list(src.inputs), prefix, tok.path, workers=cfg.workers, json_key=src.json_key)
     return SourceResult(src.name, src.kind, prefix, src.ratio, summ.documents, summ.tokens, summ.tokens,
                         skipped=summ.skipped)
+
+
+def _check_tokenizer_of(src: SourceConfig, prefix: str, tok: Tokenizer) -> None:
+    """A dataset used as it is must be of the mixture's tokenizer (when its summary says)."""
+    from data.validate import dataset_fingerprint
+
+    recorded = dataset_fingerprint(prefix)
+    if recorded and recorded != tok.fingerprint:
+        raise DataError(f"source {src.name}: dataset {prefix} was tokenized with {recorded} "
+                        f"({prefix}.summary.json), the mixture's tokenizer {tok.path} is {tok.fingerprint}; "
+                        f"retokenize its text with the mixture's tokenizer (give inputs instead of prefix)")
 
 
 def instruction_docs(src: SourceConfig, tok: Tokenizer,
@@ -251,6 +263,11 @@ def build_instruction(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: T
                 f"'{src.question_key}' and '{src.response_key}' ({skipped[0]} skipped)")
     n, tokens, kept = write_dataset(prefix, instruction_docs(src, tok, skipped), tok.vocab_size,
                                     src.response_only_loss, empty)
+    _write(prefix + ".summary.json", json.dumps(
+        {"output_prefix": prefix, "documents": n, "tokens": tokens, "loss_tokens": kept, "skipped": skipped[0],
+         "input_files": [os.path.abspath(p) for p in src.inputs], "tokenizer": tok.path,
+         "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
+        indent=1) + "\n")
     return SourceResult(src.name, src.kind, prefix, src.ratio, n, tokens, kept,
                         loss_mask=src.response_only_loss, skipped=skipped[0])
 
@@ -265,15 +282,32 @@ def build_mixture(cfg: MixtureConfig) -> dict:
     """Build every source, then write ``mixture.json`` and ``pretrain.yaml``; returns the manifest."""
     out = ensure_writable_dir(os.path.abspath(os.path.expanduser(cfg.output)), f"output {cfg.output}")
     tok = load_tokenizer(cfg.tokenizer)
+    _check_no_output_is_an_input(cfg, out)
     results = [BUILDERS[s.kind](s, os.path.join(out, s.name), cfg, tok) for s in cfg.sources]
     total = sum(r.ratio for r in results)
     weights = [r.ratio / total for r in results]
-    manifest = {"tokenizer": tok.path, "seq_len": cfg.seq_len, "seed": cfg.seed,
+    manifest = {"tokenizer": tok.path, "tokenizer_fingerprint": tok.fingerprint, "seq_len": cfg.seq_len,
+                "seed": cfg.seed,
                 "paths": [r.prefix for r in results], "weights": weights,
                 "sources": [dict(asdict(r), source_id=i, weight=w) for i, (r, w) in enumerate(zip(results, weights))]}
     _write(os.path.join(out, "mixture.json"), json.dumps(manifest, indent=1) + "\n")
     _write(os.path.join(out, "pretrain.yaml"), yaml.safe_dump(run_config(cfg, manifest), sort_keys=False))
     return manifest
+
+
+def _check_no_output_is_an_input(cfg: MixtureConfig, out: str) -> None:
+    """No source may read a file another source writes (``<out>/<name>.*``), compared as
+    files (device and inode) and by real directory, not as path strings."""
+    from data.files import refuse_outputs_as_inputs
+
+    built = [os.path.join(out, s.name) for s in cfg.sources if not s.prefix]
+    for i, src in enumerate(cfg.sources):
+        reads = list(src.inputs) + [src.prefix + ext for ext in (".bin", ".idx") if src.prefix]
+        for target in built:
+            try:
+                refuse_outputs_as_inputs(reads, target, "source name or output")
+            except DataError as e:
+                raise DataError(f"sources[{i}] ({src.name}): {e}") from None
 
 
 def run_config(cfg: MixtureConfig, manifest: dict) -> dict:

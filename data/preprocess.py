@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import gc
 import json
+import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -35,11 +37,14 @@ from typing import Iterator
 import numpy as np
 
 from data.errors import DataError
-from data.files import check_input_files, ensure_writable_dir, missing_dirs, name_inputs, remove_empty_dirs, writing
+from data.files import (check_input_files, check_output_prefix, ensure_writable_dir, missing_dirs, name_inputs,
+                        refuse_outputs_as_inputs, remove_empty_dirs, remove_stale_temps, writing)
 from data.indexed import DatasetWriter, optimal_dtype
 from data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
 from data.segment_cache import build_encoder
 from data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 TEXT_UNITS = ("paragraph", "line", "file")
 ENCODERS = ("auto", "plain")
@@ -77,6 +82,9 @@ class Summary:
     docs_per_s: float = 0.0
     workers: int = 1
     tokenizer: str = ""
+    #: what the tokenizer is (data.tokenizer fingerprint): training, merging and mixtures
+    #: refuse to combine this dataset with another tokenizer
+    tokenizer_fingerprint: str = ""
     vocab_size: int = 0
     eod_id: int = 0
     dtype: str = ""
@@ -426,8 +434,8 @@ def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int
         raise DataError(f"encoder {encoder!r}: allowed: {', '.join(ENCODERS)}")
     if workers < 1:
         raise DataError(f"workers {workers}: must be >= 1")
-    if shard_mb < 0:
-        raise DataError(f"shard size {shard_mb} MB: must be >= 0 (0: no size limit)")
+    if not math.isfinite(shard_mb) or shard_mb < 0:
+        raise DataError(f"shard size {shard_mb} MB: must be a finite number >= 0 (0: no size limit)")
     if not json_key:
         raise DataError("json key must not be empty")
 
@@ -444,17 +452,22 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
     valid document, raise :class:`DataError` -- unless ``allow_empty``, where such a run
     writes only its summary (used for per-file shards that are merged later).
     """
-    inputs = expand_inputs(inputs)
+    out = check_output_prefix(output_prefix)
+    inputs = expand_inputs(inputs, out)
     _check_inputs(inputs, json_key, text_unit, workers, encoder, shard_mb)
+    refuse_outputs_as_inputs(inputs, out)
+    if not chunk_bytes >= 1:
+        raise DataError(f"chunk size {chunk_bytes} bytes: must be >= 1")
     t_start = time.time()
     tok = load_tokenizer(tokenizer_path)
-    out = os.path.abspath(os.path.expanduser(output_prefix))
     summ = Summary(output_prefix=out, input_files=[os.path.abspath(p) for p in inputs],
-                   workers=workers, tokenizer=tok.path, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
-                   dtype=optimal_dtype(tok.vocab_size).name)
+                   workers=workers, tokenizer=tok.path, tokenizer_fingerprint=tok.fingerprint,
+                   vocab_size=tok.vocab_size, eod_id=tok.eod_id, dtype=optimal_dtype(tok.vocab_size).name)
     created = missing_dirs(os.path.dirname(out))
     try:
         ensure_writable_dir(os.path.dirname(out), f"output {out}")
+        for stale in remove_stale_temps(out):
+            log.info("removed %s, left by an earlier run that was killed", stale)
         output = _Output(out, optimal_dtype(tok.vocab_size), int(shard_mb * 1e6), shard_by_file)
         _write_all(inputs, output, summ, tok, workers=workers, json_key=json_key, text_unit=text_unit,
                    strict=strict, show_progress=show_progress, chunk_bytes=chunk_bytes,

@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from data.errors import DataError
-from data.files import check_input_files, ensure_writable_dir, os_reason, writing
+from data.files import (check_input_files, check_output_prefix, ensure_writable_dir, os_reason,
+                        refuse_outputs_as_inputs, writing)
 from data.merge import merge_datasets, read_summary
 from data.inputs import expand_inputs
 from data.preprocess import TEXT_UNITS, preprocess
@@ -71,8 +72,10 @@ def make_plan(inputs: list[str], output_prefix: str, tokenizer: str, tasks: int,
               json_key: str = "text", text_unit: str = "paragraph", strict: bool = False,
               encoder: str = "auto") -> Plan:
     """Validate the inputs and split them over ``tasks`` (at most one task per file)."""
-    files = [os.path.abspath(p) for p in expand_inputs(inputs)]
+    out = check_output_prefix(output_prefix)
+    files = [os.path.abspath(p) for p in expand_inputs(inputs, out)]
     check_input_files(files)
+    refuse_outputs_as_inputs(files, out)
     if tasks < 1:
         raise DataError(f"tasks {tasks}: must be >= 1")
     if text_unit not in TEXT_UNITS:
@@ -80,7 +83,6 @@ def make_plan(inputs: list[str], output_prefix: str, tokenizer: str, tasks: int,
     tok = os.path.abspath(os.path.expanduser(tokenizer))
     if not os.path.exists(tok):
         raise DataError(f"tokenizer {tok}: no such file or directory")
-    out = os.path.abspath(os.path.expanduser(output_prefix))
     work = os.path.abspath(os.path.expanduser(work_dir or out + ".parts"))
     sizes = [os.path.getsize(p) for p in files]
     return Plan(files, sizes, tok, out, work, assign(sizes, min(tasks, len(files))), json_key, text_unit,

@@ -58,6 +58,41 @@ def read_index(prefix: str) -> IndexInfo:
     return IndexInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, int(lengths.sum(dtype=np.int64)))
 
 
+def _read_summary(prefix: str) -> dict | None:
+    """``PREFIX.summary.json`` as a dict; None when absent, unreadable or not an object."""
+    try:
+        with open(prefix + ".summary.json", encoding="utf-8") as f:
+            summ = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summ if isinstance(summ, dict) else None
+
+
+def dataset_fingerprint(prefix: str) -> str | None:
+    """The tokenizer fingerprint (``sha256:<16 hex>``) ``PREFIX.summary.json`` records, or
+    None for a dataset without a summary or from before fingerprints were recorded."""
+    summ = _read_summary(prefix)
+    fp = summ.get("tokenizer_fingerprint") if summ else None
+    return fp if isinstance(fp, str) and fp else None
+
+
+def check_dataset_tokenizer(prefix: str, fingerprint: str, tokenizer_path: str,
+                            allow_mismatch: bool = False) -> None:
+    """Refuse (:class:`DataError`) a dataset whose summary records another tokenizer than
+    ``fingerprint`` (the run's); datasets that record none pass. ``allow_mismatch`` (the
+    ``data.allow_tokenizer_mismatch`` override) logs a warning instead."""
+    recorded = dataset_fingerprint(prefix)
+    if not recorded or not fingerprint or recorded == fingerprint:
+        return
+    what = (f"dataset {prefix}: tokenized with tokenizer {recorded} ({prefix}.summary.json), but the "
+            f"run's tokenizer {tokenizer_path} is {fingerprint}")
+    if allow_mismatch:
+        log.warning("%s; training anyway (data.allow_tokenizer_mismatch=true)", what)
+        return
+    raise DataError(f"{what}; retokenize the data with the run's tokenizer, or set "
+                    f"data.allow_tokenizer_mismatch=true if this is deliberate")
+
+
 def check_dataset(prefix: str, tokenizer_vocab: int, model_vocab: int) -> IndexInfo:
     """Validate one dataset prefix; return its index info or raise :class:`DataError`."""
     info = read_index(prefix)
@@ -87,11 +122,11 @@ def check_dataset(prefix: str, tokenizer_vocab: int, model_vocab: int) -> IndexI
 def _check_token_range(prefix: str, info: IndexInfo, model_vocab: int) -> None:
     """Token ids must fit the model's embedding (summary, and a scan of small files)."""
     summ_path = prefix + ".summary.json"
-    if os.path.isfile(summ_path):
+    summ = _read_summary(prefix)
+    if summ is not None:
         try:
-            with open(summ_path, encoding="utf-8") as f:
-                v = int(json.load(f).get("vocab_size", 0))
-        except (ValueError, OSError, AttributeError):
+            v = int(summ.get("vocab_size", 0))
+        except (ValueError, TypeError, OverflowError):
             v = 0
         if v > model_vocab:
             raise DataError(f"dataset {prefix}: tokenized with a {v}-token vocabulary "

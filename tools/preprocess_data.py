@@ -14,6 +14,7 @@ and PREFIX.summary.json. ``--plan PLAN --task-index I`` runs one task of a SLURM
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -65,6 +66,9 @@ def run_task(args: argparse.Namespace) -> int:
 
 
 def _chunk_bytes(args: argparse.Namespace) -> int:
+    """``--chunk-mb`` in bytes; :class:`DataError` unless a finite number > 0."""
+    if not (math.isfinite(args.chunk_mb) and args.chunk_mb > 0):
+        raise DataError(f"--chunk-mb {args.chunk_mb}: must be a finite number of MB > 0")
     return max(1, int(args.chunk_mb * (1 << 20)))
 
 
