@@ -10,8 +10,9 @@ with their token ratios: ``augmented`` (records of tools/synthesize_instructions
 optionally trained on responses only). Trailing ``key=value`` arguments replace top-level
 keys. Writes into the output directory:
 
-* ``<name>.bin/.idx`` per source (``<name>.lossmask.bin/.idx`` for response-only loss);
-* ``mixture.json``: per source its dataset, documents, tokens, loss tokens, ratio, weight
+* ``<name>.bin/.idx`` per source (``<name>.lossmask.bin/.idx`` for response-only loss) and
+  ``<name>.summary.json`` recording the tokenizer's fingerprint;
+* ``mixture.json``: the tokenizer and its fingerprint, per source its dataset, documents, tokens, loss tokens, ratio, weight
   and source id (``loss/source<id>`` in the training log), plus formatting statistics;
 * ``pretrain.yaml``: ``run_config`` (a launch/configs/ipt-*.yaml recipe) with ``data.paths``,
   ``data.weights``, ``data.tokenizer`` and ``data.seq_len`` set::
@@ -20,6 +21,10 @@ keys. Writes into the output directory:
 
 ``--composition N`` then draws the first N training samples through the training loader
 and prints each source's realized share of tokens and of loss tokens.
+
+A raw source ``prefix`` whose summary records another tokenizer fingerprint than the
+mixture's tokenizer, or a source that would read another source's output (compared as
+files, through symlinks and hard links), is refused.
 
 Exit status 0; 2 with one ``error:`` line for bad input (config key, input file, tokenizer).
 """

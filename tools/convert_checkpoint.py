@@ -41,6 +41,7 @@ Exit status 0; 2 with one ``error:`` line naming the file, field or tensor; 1 wi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -54,7 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from model.hf import ConvertError, find_adapter  # noqa: E402
+from model.hf import ConvertError, find_adapter, read_hf_config  # noqa: E402
+from model.provenance import UntrustedCode, add_plugin_option, trusted_model_config  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -149,18 +151,79 @@ def read_safetensors(src: str) -> dict[str, torch.Tensor]:
 
 # ====================================================================== tokenizer
 
-def resolve_tokenizer(run_cfg: dict, override: Optional[str]) -> Optional[str]:
-    """The tokenizer a run trained with: --tokenizer, data.tokenizer, or the built-in corpus's."""
+def resolve_tokenizer(run_cfg: dict, override: Optional[str], ckpt_path: Optional[str] = None) -> Optional[str]:
+    """The tokenizer a run trained with: --tokenizer, data.tokenizer, or the built-in corpus's.
+
+    A path stored in a checkpoint is never resolved against this tool's working directory:
+    a relative one is looked up under the run directory of ``ckpt_path`` (see
+    :func:`stored_path`)."""
     if override:
         return override
-    data = run_cfg.get("data", {})
+    data = run_cfg.get("data") if isinstance(run_cfg, dict) else None
+    data = data if isinstance(data, dict) else {}
     if data.get("tokenizer"):
-        return os.path.expanduser(data["tokenizer"])
+        return stored_path(data["tokenizer"], "data.tokenizer", run_cfg, ckpt_path)
     if data.get("builtin_corpus"):
         from data.builtin import ensure_builtin_corpus
-        return ensure_builtin_corpus(data.get("cache_dir", "~/.cache/polytron"),
-                                     int(data.get("tokenizer_vocab_size", 4096))).tokenizer
+        cache = stored_path(data.get("cache_dir", "~/.cache/polytron"), "data.cache_dir", run_cfg, ckpt_path)
+        return ensure_builtin_corpus(cache, int(data.get("tokenizer_vocab_size", 4096))).tokenizer
     return None
+
+
+def run_directories(run_cfg: dict, ckpt_path: Optional[str]) -> list[str]:
+    """Where a relative path stored in a checkpoint's run config may be found: the run's
+    absolute ``training.output_dir`` and the directory holding the checkpoint root
+    (``RUN`` of ``RUN/checkpoints/iter_N``; ``DST`` of a converted ``DST/checkpoint``)."""
+    bases = []
+    training = run_cfg.get("training") if isinstance(run_cfg, dict) else None
+    out = training.get("output_dir") if isinstance(training, dict) else None
+    if isinstance(out, str) and os.path.isabs(os.path.expanduser(out)):
+        bases.append(os.path.expanduser(out))
+    if ckpt_path:
+        root = os.path.dirname(os.path.abspath(ckpt_path))
+        bases.append(os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root)
+    return list(dict.fromkeys(bases))
+
+
+def stored_path(value: Any, key: str, run_cfg: dict, ckpt_path: Optional[str]) -> str:
+    """An absolute path for a path-valued ``key`` of a checkpoint's run config.
+
+    Absolute (or ``~``) paths are used as stored. A relative one (written by older runs)
+    is resolved against the run directory when it exists there; otherwise the tool
+    refuses, since the current directory of whoever reads the checkpoint is unrelated."""
+    from data.errors import DataError
+    path = os.path.expanduser(str(value))
+    if os.path.isabs(path):
+        return path
+    bases = run_directories(run_cfg, ckpt_path)
+    for base in bases:
+        if os.path.exists(os.path.join(base, path)):
+            return os.path.join(base, path)
+    where = f"checkpoint {ckpt_path}" if ckpt_path else "the checkpoint"
+    looked = f" (not found under {', '.join(bases)})" if bases else ""
+    raise DataError(f"{where} stores the relative path {key}={value!r}{looked}; it is not resolved against "
+                    "this directory: pass --tokenizer PATH")
+
+
+def checkpoint_tokenizer(state: dict, ckpt_path: str, override: Optional[str]):
+    """The tokenizer to use with a checkpoint (None when the run names none), loaded without
+    remote code and checked against the checkpoint's ``tokenizer_fingerprint`` when it
+    records one: a mismatch is refused, or, for an explicit ``override``, noted on stderr."""
+    from data.errors import DataError
+    from data.tokenizer import load_tokenizer
+    path = resolve_tokenizer(state.get("config", {}), override, ckpt_path)
+    if not path:
+        return None
+    tok = load_tokenizer(path)
+    recorded = state.get("tokenizer_fingerprint")
+    if not isinstance(recorded, str) or not recorded or recorded == tok.fingerprint:
+        return tok
+    if override:
+        print(f"note: --tokenizer {override} ({tok.fingerprint}) is not the tokenizer checkpoint {ckpt_path} "
+              f"was trained with ({recorded}); using it as asked", file=sys.stderr)
+        return tok
+    raise DataError(f"tokenizer mismatch: checkpoint {ckpt_path} was trained with tokenizer {recorded}, "
+                    f"{tok.path} is {tok.fingerprint}; pass --tokenizer PATH to use another one deliberately")
 
 
 def write_tokenizer(tok_path: str, dst: str) -> tuple[Optional[int], Optional[int]]:
@@ -177,7 +240,7 @@ def write_tokenizer(tok_path: str, dst: str) -> tuple[Optional[int], Optional[in
         raise ConvertError(f"tokenizer {tok_path}: no such file or directory (pass --tokenizer PATH)")
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(dst, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(dst, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise ConvertError(f"tokenizer written to {dst} does not load: {str(e).splitlines()[0]}") from None
     if os.path.isfile(tok_path):
@@ -201,7 +264,7 @@ def _sentencepiece_to_hf(model_file: str, dst: str) -> None:
     shutil.copy2(model_file, os.path.join(tmp, "tokenizer.model"))
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
-    backend = LlamaTokenizer.from_pretrained(tmp, local_files_only=True).backend_tokenizer
+    backend = LlamaTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False).backend_tokenizer
     shutil.rmtree(tmp)
     # spm's own rules: dummy prefix "▁" (if set), spaces -> "▁", no pre-splitting
     seq = [normalizers.Replace(" ", "▁")]
@@ -232,15 +295,23 @@ def check_destination(dst: str, overwrite: bool, sources: list[str]) -> None:
     """Refuse a DST that is a file, is one of the sources, or is non-empty without --overwrite."""
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ConvertError(f"destination {dst} exists and is not a directory")
-    real = os.path.realpath(dst)
     for src in sources:
-        if os.path.realpath(src) == real:
+        if same_file(src, dst):
             raise ConvertError(f"destination {dst} is the source {src}; choose another directory")
     entries = sorted(os.listdir(dst)) if os.path.isdir(dst) else []
     if entries and not overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConvertError(f"destination {dst} is not empty ({shown}); choose a new directory, or pass "
                            f"--overwrite to replace the weights and files an earlier conversion wrote there")
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file or directory (device + inode, so symlinks, bind
+    mounts and hard links count); paths that do not exist compare by their real path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def stale_entries(dst: str, outputs: tuple[str, ...]) -> list[str]:
@@ -273,15 +344,46 @@ def _commit(tmp: str, dst: str, outputs: tuple[str, ...]) -> None:
     shutil.rmtree(old)
 
 
+class WriteFailed(OSError):
+    """Writing the output failed (full disk, permissions, I/O error); DST is left as it was."""
+
+
+def write_failure(dst: str, e: BaseException) -> WriteFailed:
+    """One-line WriteFailed for an error raised while writing DST (OSError, safetensors'
+    or torch's serialization errors, a checkpoint save that could not complete)."""
+    from pretrain.checkpoint.common import first_line
+    if isinstance(e, WriteFailed):
+        return e
+    code = getattr(e, "errno", None)
+    text = first_line(e)
+    if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
+        code, text = errno.ENOSPC, "No space left on device"
+    elif isinstance(e, OSError) and e.strerror:
+        text = e.strerror + (f" ({e.filename})" if e.filename else "")
+    parent = os.path.dirname(os.path.abspath(dst.rstrip(os.sep))) or os.sep
+    try:
+        st = os.statvfs(parent)
+        text += f"; {st.f_bavail * st.f_frsize / (1 << 20):.1f} MiB free on its file system"
+    except OSError:
+        pass
+    return WriteFailed(code or errno.EIO, f"cannot write {dst}: {text}; {dst} is left as it was")
+
+
 @contextmanager
 def staged(dst: str, outputs: tuple[str, ...]) -> Iterator[str]:
-    """A fresh directory beside DST to write into; moved into DST only when the block succeeds."""
+    """A fresh directory beside DST to write into; moved into DST only when the block succeeds.
+    A failure to write (full disk, I/O error) becomes one :class:`WriteFailed` (an OSError)."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
     tmp = f"{dst.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         yield tmp
         _commit(tmp, dst, outputs)
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:   # not ValueError: bad input
+        shutil.rmtree(tmp, ignore_errors=True)                 # first, so the free space shown is real
+        raise write_failure(dst, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -319,39 +421,24 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
 # ====================================================================== to-hf
 
 def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
-          max_shard_size: str = "5GB", overwrite: bool = False, packed: Optional[str] = None) -> str:
+          max_shard_size: str = "5GB", overwrite: bool = False, packed: Optional[str] = None,
+          plugins: tuple[str, ...] = ()) -> str:
     """Our checkpoint (or run directory) -> Hugging Face directory; returns the checkpoint used.
 
-    DST must be new or empty unless ``overwrite`` (see the module docstring)."""
-    from model.config import ModelConfig
-    from model.configlib import ConfigError, from_dict
-    from model.spec import get_spec
+    DST must be new or empty unless ``overwrite`` (see the module docstring). Only the
+    ``plugins`` named here are imported, whatever the checkpoint lists (model/provenance.py).
+    On a live run directory, a checkpoint removed by retention while it is read is replaced
+    by the newest complete one that still exists."""
     from pretrain import checkpoint as ckpt
-    path = ckpt.resolve_checkpoint(src)
-    check_destination(dst, overwrite, [src, path])
+    from pretrain.checkpoint.discovery import read_newest
     shard_bytes = parse_size(max_shard_size)
-    state = ckpt.read_trainer_state(path)
-    try:
-        mcfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
-        mcfg.validate()
-    except (KeyError, TypeError, ConfigError) as e:
-        raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
-    adapter = get_spec(mcfg.arch).hf
-    if packed and adapter is not None:
-        if not hasattr(adapter, "packed"):
-            raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch} has no packed export (--packed)")
-        adapter = adapter.packed(packed)
-    why = "no Hugging Face adapter" if adapter is None else adapter.exportable(mcfg)
-    if why:
-        raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch}: {why}")
-    tensors = ckpt.load_tensors(path)
-    out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
-    hf = {k: v.to(out_dtype) if v.is_floating_point() else v
-          for k, v in adapter.to_hf_tensors(mcfg, tensors).items()}
-    tok_path = resolve_tokenizer(state["config"], tokenizer)
+    check_destination(dst, overwrite, [src, ckpt.resolve_checkpoint(src)])
+    path, (mcfg, adapter, hf, out_dtype, tok) = read_newest(
+        src, lambda p: _read_for_export(p, tokenizer, dtype, packed, plugins))
+    check_destination(dst, overwrite, [src, path])
     with staged(dst, TO_HF_OUTPUTS) as tmp:
-        bos, eos = write_tokenizer(tok_path, tmp) if tok_path else (None, None)
-        if not tok_path:
+        bos, eos = write_tokenizer(tok.path, tmp) if tok else (None, None)
+        if not tok:
             print("warning: the run names no tokenizer; pass --tokenizer PATH to include one", file=sys.stderr)
         write_safetensors(hf, tmp, shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -362,6 +449,37 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
     return path
+
+
+def _read_for_export(path: str, tokenizer: Optional[str], dtype: Optional[str], packed: Optional[str],
+                     plugins: tuple[str, ...]):
+    """(model config, adapter, HF tensors, dtype, tokenizer) of checkpoint ``path``."""
+    from model.configlib import ConfigError
+    from model.spec import get_spec
+    from pretrain import checkpoint as ckpt
+    state = ckpt.read_trainer_state(path)
+    run_cfg = state.get("config") if isinstance(state, dict) else None
+    try:
+        mcfg = trusted_model_config(run_cfg.get("model") if isinstance(run_cfg, dict) else None, plugins,
+                                    f"checkpoint {path}")
+    except UntrustedCode as e:
+        raise ConvertError(str(e)) from None
+    except (TypeError, ConfigError) as e:
+        raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
+    adapter = get_spec(mcfg.arch).hf
+    if packed and adapter is not None:
+        if not hasattr(adapter, "packed"):
+            raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch} has no packed export (--packed)")
+        adapter = adapter.packed(packed)
+    why = "no Hugging Face adapter" if adapter is None else adapter.exportable(mcfg)
+    if why:
+        raise ConvertError(f"checkpoint {path}: architecture {mcfg.arch}: {why}")
+    tok = checkpoint_tokenizer(state, path, tokenizer)
+    tensors = ckpt.load_tensors(path)
+    out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
+    hf = {k: v.to(out_dtype) if v.is_floating_point() else v
+          for k, v in adapter.to_hf_tensors(mcfg, tensors).items()}
+    return mcfg, adapter, hf, out_dtype, tok
 
 
 # ====================================================================== from-hf
@@ -376,17 +494,14 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     from pretrain.config import RunConfig
     from model.configlib import to_dict
     check_destination(dst, overwrite, [src])
-    cfg_file = os.path.join(src, "config.json")
-    try:
-        with open(cfg_file) as f:
-            hf_cfg = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    except ValueError as e:
-        raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from None
+    hf_cfg, cfg_file = read_hf_config(src)
     adapter = find_adapter(hf_cfg.get("model_type"), cfg_file)
     mcfg = hf_config_to_model(hf_cfg, cfg_file)
+    tied = mcfg.tie_embeddings
     tensors = adapter.from_hf_tensors(mcfg, read_safetensors(src), src)
+    if tied and not mcfg.tie_embeddings:
+        print(f"note: {cfg_file} sets tie_word_embeddings but the weights hold a distinct lm_head.weight: "
+              "kept untied, as transformers loads it (model.tie_embeddings=false)", file=sys.stderr)
     run = RunConfig(model=mcfg)
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     run.data.tokenizer = src_abs
@@ -428,6 +543,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.add_argument("--packed", nargs="?", const="autobitlinear", metavar="CLASS",
                    help="packed low-bit weights where the architecture has them (BitNet: the transformers "
                         "class the config selects, autobitlinear (default) or bitlinear)")
+    add_plugin_option(a)
     b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> polytron checkpoint + config.yaml")
     b.add_argument("src")
     b.add_argument("dst")
@@ -439,11 +555,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    import warnings
     args = parse_args(argv)
+    # DCP's note that it reads/writes in one process: that is the intent here
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         if args.cmd == "to-hf":
             used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite,
-                         args.packed)
+                         args.packed, tuple(args.plugins))
             print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
         else:
             out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)
@@ -452,7 +571,10 @@ def main(argv: list[str]) -> int:
     except (ConvertError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as e:     # writing failed (disk full, permissions); DST is left as it was
+    except WriteFailed as e:  # writing failed (disk full, permissions); DST is left as it was
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except OSError as e:
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except ValueError as e:  # DataError (tokenizer, built-in corpus) without importing data eagerly

@@ -8,8 +8,13 @@
 
 The result holds the inputs' documents in the order given: byte for byte what one
 ``tools/preprocess_data.py`` pass over their inputs in that order writes. All inputs
-must share one token dtype. Writes PREFIX.bin, PREFIX.idx and PREFIX.summary.json
-(per-file counts combined from the inputs' summaries). Needs neither torch nor megatron-core.
+must share one token dtype and, where their summaries record one, one tokenizer
+fingerprint (inputs of two tokenizers are refused, naming both). Writes PREFIX.bin,
+PREFIX.idx and PREFIX.summary.json (per-file counts combined from the inputs' summaries,
+and the inputs' ``tokenizer_fingerprint``). The output must not be an input: compared as
+files (device and inode), so an output prefix reached through a symlinked directory or a
+hard link is refused too. Temporaries ``PREFIX.*.tmpPID`` of an earlier killed run are
+removed. Needs neither torch nor megatron-core.
 """
 from __future__ import annotations
 

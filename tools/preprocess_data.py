@@ -8,8 +8,12 @@ Each JSONL line is one document (its ``--json-key`` field); in plain-text files 
 document is a paragraph (``--text-unit``). An end-of-document token is appended to
 every document. Malformed lines are skipped and reported with file and line (or stop
 the run with ``--strict``). Writes PREFIX.bin, PREFIX.idx (or shards PREFIX_00000.*, ...)
-and PREFIX.summary.json. ``--plan PLAN --task-index I`` runs one task of a SLURM array
-(``python -m launch.submit preprocess``). Neither torch nor megatron-core is imported.
+and PREFIX.summary.json (with the tokenizer's ``tokenizer_fingerprint``, which training,
+merging and mixtures check). A glob input skips this run's own outputs; an input that is
+one of them (by name or by device and inode) is refused; ``.tmpPID`` files an earlier
+killed run left for the same prefix are removed. ``--plan PLAN --task-index I`` runs one
+task of a SLURM array (``python -m launch.submit preprocess``). Neither torch nor
+megatron-core is imported.
 """
 from __future__ import annotations
 

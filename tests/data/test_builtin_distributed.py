@@ -8,6 +8,8 @@ import torch
 from data import build_data
 from data.builtin import cache_key
 from data.config import DataConfig
+from data.tokenizer import load_tokenizer
+from data.validate import dataset_fingerprint
 from tests.distributed.harness import run_distributed
 
 
@@ -35,6 +37,8 @@ def test_builtin_corpus_two_ranks_at_once_then_reused(tmp_path):
     assert sorted(os.listdir(built)) == ["DONE", "corpus.bin", "corpus.idx", "corpus.summary.json",
                                          "tokenizer.model", "tokenizer.vocab"]
     assert not [n for n in os.listdir(cache) if ".tmp" in n]  # no leftover partial build
+    tokenizer = load_tokenizer(os.path.join(built, "tokenizer.model"))
+    assert dataset_fingerprint(os.path.join(built, "corpus")) == tokenizer.fingerprint  # kept by the relocation
     mtime = os.path.getmtime(os.path.join(built, "DONE"))
     # without a process group, in this process: cache hit, and the same global order
     ref = _steps(cache, 0, 1)

@@ -103,6 +103,21 @@ def test_merge_refuses_two_tokenizers_and_records_the_one(corpus, toks, tmp_path
     assert dataset_fingerprint(out) == load_tokenizer(corpus.tokenizer).fingerprint
 
 
+def test_sharded_runs_and_instruction_sources_record_the_fingerprint(corpus, tmp_path):
+    fp = load_tokenizer(corpus.tokenizer).fingerprint
+    inputs = [os.path.join(corpus.root, n) for n in ("a.jsonl", "b.jsonl")]
+    run = preprocess(inputs, str(tmp_path / "run"), corpus.tokenizer, shard_by_file=True)
+    assert run.tokenizer_fingerprint == fp == dataset_fingerprint(run.output_prefix)
+    assert merge_datasets.main(["--input", run.output_prefix, "--output-prefix", str(tmp_path / "all")]) == 0
+    assert dataset_fingerprint(str(tmp_path / "all")) == fp
+    qa = str(tmp_path / "qa.jsonl")
+    with open(qa, "w") as f:
+        f.writelines(json.dumps({"question": f"q{i}?", "response": f"r{i}"}) + "\n" for i in range(4))
+    mix = _mixture_yaml(tmp_path, corpus, [{"name": "g", "kind": "instruction", "inputs": [qa], "ratio": 1}])
+    assert build_mixture.main(["--config", mix]) == 0
+    assert dataset_fingerprint(str(tmp_path / "mix" / "g")) == fp
+
+
 def _mixture_yaml(tmp_path, corpus, sources: list[dict]) -> str:
     import yaml
 
@@ -162,6 +177,18 @@ def test_merge_output_through_a_symlinked_directory_is_refused(corpus, tmp_path,
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "is also an input" in line
     assert _files(real) == before
+
+
+def test_mixture_source_reading_another_sources_output_is_refused(corpus, tmp_path, capsys):
+    raw = {"name": "r", "kind": "raw", "inputs": [os.path.join(corpus.root, "b.jsonl")], "ratio": 1}
+    assert build_mixture.main(["--config", _mixture_yaml(tmp_path, corpus, [raw])]) == 0
+    os.symlink(tmp_path / "mix", tmp_path / "alias")
+    before = _files(tmp_path / "mix")
+    reader = {"name": "p", "kind": "raw", "prefix": str(tmp_path / "alias" / "r"), "ratio": 1}
+    assert build_mixture.main(["--config", _mixture_yaml(tmp_path, corpus, [raw, reader])]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "sources[1] (p)" in line and "is also an output" in line
+    assert _files(tmp_path / "mix") == before
 
 
 def test_preprocess_input_hard_linked_to_an_output_is_refused(corpus, tmp_path, capsys):
