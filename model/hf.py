@@ -17,6 +17,8 @@ rename per tensor.
 from __future__ import annotations
 
 import abc
+import json
+import os
 import re
 from typing import Callable, Optional
 
@@ -83,12 +85,13 @@ class NameMapAdapter(abc.ABC):
     def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
         """Rename to our names and check against the model's shapes, first mismatch named."""
         from model.transformer import param_shapes
-        expected = param_shapes(cfg)
         ours: dict[str, torch.Tensor] = {}
         for name, t in hf.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             ours[self.from_hf_name(cfg, name)] = t
+        untie_distinct(self, cfg, ours)
+        expected = param_shapes(cfg)
         for name, source in self.tied(cfg):
             if source in ours:
                 ours[name] = ours[source]
@@ -103,6 +106,38 @@ class NameMapAdapter(abc.ABC):
             raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, extra[0])}' does not fit the config "
                                f"(e.g. a bias with attention_bias=false)")
         return {k: ours[k].float().contiguous() for k in expected}
+
+
+def untie_distinct(adapter, cfg, ours: dict[str, torch.Tensor]) -> bool:
+    """Do what transformers does with ``tie_word_embeddings: true`` when the directory also
+    holds a head that differs from the embedding: keep both, untied (``cfg.tie_embeddings``
+    becomes False). Returns True when it untied. A head equal to the embedding stays tied."""
+    for name, source in adapter.tied(cfg):
+        a, b = ours.get(name), ours.get(source)
+        if a is not None and b is not None and (a.shape != b.shape or not torch.equal(a, b)):
+            cfg.tie_embeddings = False
+            return True
+    return False
+
+
+def read_hf_config(src: str) -> tuple[dict, str]:
+    """(contents, path) of a Hugging Face directory's ``config.json``; anything but a JSON
+    object (missing, unreadable, a list) is one ConvertError naming the file."""
+    file = os.path.join(src, "config.json")
+    if not os.path.isdir(src):
+        raise ConvertError(f"{src}: not a directory (a Hugging Face model directory holds config.json)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConvertError(f"{file}: unreadable ({e.strerror or e})") from None
+    if not isinstance(hf, dict):
+        raise ConvertError(f"{file}: a JSON {type(hf).__name__}, not an object of model settings")
+    return hf, file
 
 
 def find_adapter(model_type: Optional[str], file: str):

@@ -21,12 +21,15 @@ corrupt one, no tokenizer, a request longer than the model's ``max_seq_len``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model.provenance import UntrustedCode, add_plugin_option  # noqa: E402  (light: no torch)
 
 EXIT_BAD_INPUT = 2
 
@@ -48,19 +51,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_plugin_option(p)
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Sampling settings a generation can use (NaN and infinities included)."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise BadInput(f"--temperature {args.temperature}: must be a finite number >= 0 (0: greedy)")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise BadInput(f"--top-p {args.top_p}: must be a number in (0, 1]")
+    if args.max_new_tokens < 0:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
 
 
 # ---------------------------------------------------------------- model
 
-def model_config(state: dict, path: str):
-    """The validated ModelConfig a checkpoint's trainer state records."""
-    from model.config import ModelConfig
-    from model.configlib import ConfigError, from_dict
+def model_config(state: dict, path: str, plugins: tuple[str, ...] = ()):
+    """The validated ModelConfig a checkpoint's trainer state records. Only ``plugins``
+    (the user's ``--plugin`` names) are imported; a checkpoint listing others is refused."""
+    from model.configlib import ConfigError
+    from model.provenance import trusted_model_config
     try:
-        cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
-        cfg.validate()
-    except (KeyError, TypeError, ConfigError) as e:
+        run_cfg = state["config"]
+        cfg = trusted_model_config(run_cfg.get("model"), plugins, f"checkpoint {path}")
+    except UntrustedCode:
+        raise
+    except (KeyError, TypeError, AttributeError, ConfigError) as e:
         raise BadInput(f"{os.path.join(path, 'trainer_state.json')}: no usable model config ({e})") from None
     return cfg
 
@@ -108,14 +125,30 @@ def _check_names(path: str, model, tensors: dict) -> None:
 
 # ---------------------------------------------------------------- tokenizer
 
-def load_run_tokenizer(run_cfg: dict, override: Optional[str]):
-    """The tokenizer the run trained with (or ``override``)."""
-    from data.tokenizer import load_tokenizer
-    from tools.convert_checkpoint import resolve_tokenizer
-    path = resolve_tokenizer(run_cfg, override)
-    if not path:
+def load_run_tokenizer(run_cfg: dict, override: Optional[str], ckpt_path: Optional[str] = None,
+                       fingerprint: Optional[str] = None):
+    """The tokenizer the run trained with (or ``override``). A relative ``data.tokenizer``
+    is looked up under the run directory of ``ckpt_path``, never this process's working
+    directory; ``fingerprint`` (the checkpoint's ``tokenizer_fingerprint``) must match unless
+    ``override`` names the tokenizer (then a mismatch is a note on stderr)."""
+    from tools.convert_checkpoint import checkpoint_tokenizer
+    tok = checkpoint_tokenizer({"config": run_cfg, "tokenizer_fingerprint": fingerprint}, ckpt_path, override)
+    if tok is None:
         raise BadInput("the run names no tokenizer (no data.tokenizer, no built-in corpus); pass --tokenizer PATH")
-    return load_tokenizer(path)
+    return tok
+
+
+def limit_vocabulary(model, size: int) -> None:
+    """Ids the tokenizer lacks (embedding rows past its ``size``, e.g. padding) are never
+    generated: their logits become -inf."""
+    import torch
+    if size >= model.cfg.vocab_size:
+        return
+
+    def mask(_module, _inputs, logits):
+        return logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device), float("-inf"))
+
+    model.register_forward_hook(mask)
 
 
 def bos_id(tok: Any) -> Optional[int]:
@@ -138,14 +171,22 @@ def continuation_text(tok: Any, prompt: str, prompt_ids: list[int], new_ids: lis
 # ---------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> str:
-    """Everything after argument parsing; returns the text to print."""
+    """Everything after argument parsing; returns the text to print. On a live run
+    directory, a checkpoint that retention removes while it is read is replaced by the
+    newest complete one that still exists."""
+    from pretrain.checkpoint.discovery import read_newest
+    check_args(args)
+    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        return continue_prompt(args, *packed_model(args.checkpoint, args.tokenizer))
+    return read_newest(args.checkpoint, lambda path: continue_prompt(
+        args, *checkpoint_model(path, args.tokenizer, tuple(args.plugins))))[1]
+
+
+def continue_prompt(args: argparse.Namespace, cfg, tok, load) -> str:
+    """The prompt and its continuation by the model ``load(device)`` builds."""
     import torch
 
     from model.generate import check_length, generate
-    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        cfg, tok, load = packed_model(args.checkpoint, args.tokenizer)
-    else:
-        cfg, tok, load = checkpoint_model(args.checkpoint, args.tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only {cfg.vocab_size} "
                        "embeddings: not the tokenizer this model was trained with")
@@ -157,6 +198,7 @@ def run(args: argparse.Namespace) -> str:
     check_length(len(ids), args.max_new_tokens, cfg.max_seq_len)             # before loading weights
     device = _device(args.device)
     model = load(device)
+    limit_vocabulary(model, tok.vocab_size)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)          # (1, T0)
     use_cache = not args.no_cache
     if use_cache and model.spec.make_cache is None:
@@ -169,13 +211,12 @@ def run(args: argparse.Namespace) -> str:
     return continuation_text(tok, args.prompt, text_ids, new)
 
 
-def checkpoint_model(src: str, tokenizer: Optional[str]):
-    """(config, tokenizer, loader(device)) of a polytron checkpoint or run directory."""
+def checkpoint_model(path: str, tokenizer: Optional[str], plugins: tuple[str, ...] = ()):
+    """(config, tokenizer, loader(device)) of the polytron checkpoint directory ``path``."""
     from pretrain import checkpoint as ckpt
-    path = ckpt.resolve_checkpoint(src)
     state = ckpt.read_trainer_state(path)
-    cfg = model_config(state, path)
-    tok = load_run_tokenizer(state.get("config", {}), tokenizer)
+    cfg = model_config(state, path, plugins)
+    tok = load_run_tokenizer(state.get("config", {}), tokenizer, path, state.get("tokenizer_fingerprint"))
     return cfg, tok, lambda device: load_model(path, cfg, device)
 
 
@@ -192,8 +233,8 @@ def _device(name: str) -> str:
     """``name`` if torch can allocate there, else a BadInput naming it."""
     import torch
     try:
-        torch.empty(1, device=name)
-    except (RuntimeError, AssertionError) as e:
+        torch.empty(1, device=name).cpu()       # meta and other data-less devices fail here
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
         raise BadInput(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
     return name
 

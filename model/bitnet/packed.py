@@ -89,15 +89,10 @@ def pack_model(model: nn.Module) -> nn.Module:
 def read_packed_config(src: str) -> tuple[dict, str]:
     """(config.json contents, linear class) of a packed BitNetForCausalLM directory."""
     from model.bitnet.hf import LINEAR_CLASSES
-    file = os.path.join(src, "config.json")
-    try:
-        with open(file) as f:
-            hf = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    except ValueError as e:
-        raise ConvertError(f"{file}: not valid JSON ({e})") from None
+    from model.hf import read_hf_config
+    hf, file = read_hf_config(src)
     qc = hf.get("quantization_config") or {}
+    qc = qc if isinstance(qc, dict) else {}
     if hf.get("model_type") != "bitnet" or qc.get("quant_method") != "bitnet":
         raise ConvertError(f"{file}: not a BitNet model (model_type={hf.get('model_type')!r}, "
                            f"quantization_config.quant_method={qc.get('quant_method')!r})")
@@ -113,16 +108,22 @@ def read_tensors(src: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConvertError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
     else:
         files = ["model.safetensors"]
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        path = os.path.join(src, name)
+        path = os.path.join(src, str(name))
         if not os.path.isfile(path):
             raise ConvertError(f"{src}: {name} is missing")
-        out.update(load_file(path))
+        try:
+            out.update(load_file(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise ConvertError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
     return out
 
 

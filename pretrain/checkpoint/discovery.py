@@ -29,13 +29,14 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
 from pretrain.checkpoint.common import (MANIFEST, POINTER, STATE_FILE, CheckpointError, ckpt_iteration,
                                         write_json)
 from pretrain.faults import fault_point
 
 ABANDONED = "abandoned"
+T = TypeVar("T")
 LINEAGE = "lineage.json"
 
 
@@ -129,6 +130,31 @@ def resolve_checkpoint(path: str) -> str:
                               "interrupted save")
     raise CheckpointError(f"{path}: not a checkpoint, checkpoint root or run directory with a "
                           "complete checkpoint")
+
+
+def read_newest(src: str, read: Callable[[str], T], attempts: int = 3) -> tuple[str, T]:
+    """``(path, read(path))`` for the checkpoint ``src`` resolves to, on a live run directory too.
+
+    Retention of a running job may delete the checkpoint a tool resolved before the tool
+    has read it. When ``read`` fails and the checkpoint directory is gone, ``src`` (a run
+    directory or checkpoint root) is resolved again and the newest complete checkpoint
+    that still exists is read, up to ``attempts`` times. A checkpoint directory named
+    directly, or one that still exists, is not retried: its error says what happened.
+    """
+    for _ in range(attempts):
+        path = resolve_checkpoint(src)
+        try:
+            return path, read(path)
+        except (CheckpointError, OSError):
+            if os.path.isdir(path):
+                raise                                   # still there: damaged, not removed
+            gone = (f"checkpoint {path} was removed while it was being read (retention of a live run "
+                    "deletes older checkpoints)")
+            if os.path.abspath(path) == os.path.abspath(src):
+                raise CheckpointError(f"{gone}; pass the run directory to read its newest complete "
+                                      "checkpoint") from None
+    raise CheckpointError(f"{gone}; {attempts} checkpoints of {src} were removed while being read in a row: "
+                          "copy a checkpoint out of the live run and read the copy")
 
 
 def start_lineage(root: str, origin: Optional[str]) -> list[str]:

@@ -227,13 +227,14 @@ def test_to_hf_refuses_non_empty_destination(tmp_path, spm_model):
 
 
 def test_to_hf_failure_leaves_destination_as_it_was(tmp_path, spm_model):
-    """An error after writing started (here: the tokenizer) leaves DST untouched and no staging dir."""
+    """A refused export (here: the tokenizer, checked before anything is written) leaves DST
+    untouched and no staging dir; test_provenance's full-disk case fails while writing."""
     run_dir, _ = _trained_checkpoint(tmp_path, spm_model, tied=False)
     dst = tmp_path / "hf"
     to_hf(run_dir, str(dst))
     before = _snapshot(dst)
     (tmp_path / "empty_tok").mkdir()
-    with pytest.raises(ValueError, match="holds no Hugging Face tokenizer files"):
+    with pytest.raises(ValueError, match="not a loadable Hugging Face tokenizer directory"):
         to_hf(run_dir, str(dst), tokenizer=str(tmp_path / "empty_tok"), overwrite=True)
     assert _snapshot(dst) == before
     _no_staging_left(dst)
@@ -270,3 +271,22 @@ def test_from_hf_into_its_source_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["from-hf", str(hf), str(hf), "--overwrite"]) == 2
     assert capsys.readouterr().err.startswith("error: destination") and _snapshot(hf) == before
+
+
+def test_from_hf_tie_flag_with_a_distinct_head(tmp_path, capsys):
+    """config.json says tie_word_embeddings but the weights hold their own lm_head.weight:
+    transformers keeps both (untied); from-hf does the same, so the logits agree."""
+    from transformers import AutoModelForCausalLM
+    src = tmp_path / "hf"
+    hf_llama(str(src), tied=False)
+    cfg = json.load(open(src / "config.json"))
+    cfg["tie_word_embeddings"] = True
+    json.dump(cfg, open(src / "config.json", "w"))
+    hf = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).float().eval()
+    capsys.readouterr()
+    assert main(["from-hf", str(src), str(tmp_path / "ours")]) == 0
+    assert "untied" in capsys.readouterr().err
+    ours = _load_ours(str(tmp_path / "ours" / "checkpoint"))
+    assert ours.cfg.tie_embeddings is False
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert_close(our_logits(ours, tokens), hf_logits(hf, tokens))
