@@ -7,7 +7,7 @@ tokenizer, staging, refusals) and dispatches on ``model.arch`` (to-hf) or on
 ``config.json``'s ``model_type`` (from-hf).
 
     python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
-                                               [--overwrite] [--packed [CLASS]]
+                                               [--overwrite] [--packed [CLASS]] [--plugin MODULE ...]
     python tools/convert_checkpoint.py from-hf SRC DST [--overwrite]
 
 ``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
@@ -34,6 +34,14 @@ writes: configs and tokenizer for ``to-hf``, ``checkpoint/`` and ``config.yaml``
 ``from-hf``) and keeps anything else. Both commands write into ``DST.tmp-<pid>`` beside
 DST and move the result in only once it is complete, so an interrupted conversion
 leaves DST as it was, never old and new weights side by side.
+
+What is trusted (docs/checkpoints.md, "What the tools trust and verify"): ``model.plugins``
+a checkpoint lists are imported only when named with ``--plugin``; transformers never
+runs a directory's custom code (``trust_remote_code=False``, no prompt); a relative
+``data.tokenizer`` stored in a checkpoint is looked up under its run directory; a recorded
+``tokenizer_fingerprint`` must match (an explicit ``--tokenizer`` that differs is used with
+a note); a DST that is a source is refused by file identity. ``from-hf`` keeps a distinct
+``lm_head.weight`` untied even under ``tie_word_embeddings: true``, as transformers does.
 
 Exit status 0; 2 with one ``error:`` line naming the file, field or tensor; 1 with one
 ``error:`` line when writing fails (e.g. a full disk).

@@ -3,7 +3,7 @@
 
     python tools/generate.py CHECKPOINT --prompt "text" [--max-new-tokens 50] [--temperature 0.8]
                              [--top-p 0.95] [--seed 0] [--tokenizer PATH] [--no-cache] [--no-bos]
-                             [--device cpu]
+                             [--device cpu] [--plugin MODULE ...]
 
 CHECKPOINT is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
 run's output directory (its newest complete checkpoint), or a packed BitNet Hugging Face
@@ -15,8 +15,17 @@ the tokenizer's BOS token when it has one (``--no-bos`` leaves it out); generati
 stops at the end-of-sequence token or after ``--max-new-tokens``. Greedy by default
 (``--temperature 0``). Prints the prompt followed by the decoded continuation.
 
+The checkpoint is data: ``model.plugins`` it lists are imported only when named with
+``--plugin``, else refused; a relative ``data.tokenizer`` it stores is looked up under its
+run directory, never the current one; a recorded ``tokenizer_fingerprint`` must match the
+tokenizer (an explicit ``--tokenizer`` that differs is used with a note). A tokenizer
+smaller than the model's vocabulary: ids it lacks are never generated. On a live run
+directory a checkpoint deleted by retention while being read is replaced by the newest
+complete one left (docs/checkpoints.md, "What the tools trust and verify").
+
 Exit status 0; 2 with one ``error:`` line for bad input (no such checkpoint, a
-corrupt one, no tokenizer, a request longer than the model's ``max_seq_len``).
+corrupt one, no tokenizer, a request longer than the model's ``max_seq_len``, a
+temperature or top-p that is NaN, infinite or out of range, a device that holds no data).
 """
 from __future__ import annotations
 
