@@ -39,6 +39,7 @@ carry them in the checkpoint's ``extras.fp8``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -141,6 +142,16 @@ class FP8Config:
             raise bad("precision.fp8.amax_history_len", self.amax_history_len, "an integer >= 1")
         if self.margin < 0:
             raise bad("precision.fp8.margin", self.margin, "an integer >= 0")
+
+    def ignored_keys(self) -> list[str]:
+        """With FP8 off: the settings given away from their defaults, which then do nothing
+        (an FP8 recipe run with ``precision.fp8.enabled=false`` as its high-precision
+        baseline keeps them; the trainer names them in one ``note:`` line)."""
+        if self.enabled:
+            return []
+        defaults = FP8Config()
+        return [f"precision.fp8.{f.name}" for f in dataclasses.fields(self)
+                if f.name != "enabled" and getattr(self, f.name) != getattr(defaults, f.name)]
 
     def check_run(self, model_cfg, device: str) -> None:
         """Rules spanning sections and the machine: block counts, installed backend, device."""

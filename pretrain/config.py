@@ -112,11 +112,14 @@ class TrainingConfig:
     eval_iters: int = field(default=10, metadata=doc("Validation batches per evaluation."))
     log_interval: int = field(default=10, metadata=doc("Iterations per metrics line."))
     output_dir: str = field(default="", metadata=doc(
-        "Run directory for metrics, logs and checkpoints; empty means runs/<config name>."))
+        "Run directory for metrics, logs and checkpoints; empty means runs/<config name>. "
+        "A relative path is resolved once, against the directory the run is launched from, "
+        "and stored absolute (config.yaml, checkpoints)."))
     resume: str = field(default="auto", metadata=doc(
         "auto: continue from the newest complete checkpoint in the run directory if any; "
         "none: start fresh; or a path: a checkpoint directory, a checkpoint root, or a run "
-        "directory (its newest complete checkpoint). 'none' and a path start a new lineage: "
+        "directory (its newest complete checkpoint; a relative path is resolved against the "
+        "launch directory and stored absolute). 'none' and a path start a new lineage: "
         "this run's checkpoints newer than the starting point are moved to "
         "checkpoints/abandoned/ (kept, never resumed), and later 'auto' runs continue the "
         "new lineage."))
@@ -160,10 +163,19 @@ class CheckpointConfig:
     keep_last: int = field(default=3, metadata=doc("Complete checkpoints kept; older ones are deleted."))
     async_save: bool = field(default=False, metadata=doc("Overlap the write with training."))
     save_final: bool = field(default=True, metadata=doc("Save after the last iteration."))
-    dir: str = field(default="", metadata=doc("Checkpoint root; empty means <output_dir>/checkpoints."))
+    dir: str = field(default="", metadata=doc(
+        "Checkpoint root; empty means <output_dir>/checkpoints (relative: resolved against the "
+        "launch directory and stored absolute)."))
     load: str = field(default="", metadata=doc(
         "Initialize model weights from this checkpoint (e.g. converted from Hugging Face) when "
-        "not resuming; optimizer and data position start fresh."))
+        "not resuming; optimizer and data position start fresh. Its identity (a hash of its "
+        "manifest) is recorded in every checkpoint of the run: an automatic resume of a run "
+        "started from another checkpoint is refused with one line (training.resume=none starts "
+        "from this one). Relative: resolved against the launch directory, stored absolute."))
+    allow_tokenizer_change: bool = field(default=False, metadata=doc(
+        "Resume or load a checkpoint whose recorded tokenizer fingerprint differs from this "
+        "run's tokenizer (deliberate vocabulary surgery). Off: such a checkpoint is refused "
+        "with one line naming both fingerprints."))
 
     def validate(self) -> None:
         if self.interval < 0:
@@ -240,8 +252,35 @@ def config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validated."""
+def _absolute(path: str, base: str) -> str:
+    """``path`` with ``~`` expanded, made absolute against ``base`` (empty stays empty)."""
+    if not path:
+        return path
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def resolve_paths(cfg: RunConfig, base: str) -> RunConfig:
+    """Make every path of the run config absolute against ``base`` (the launch directory),
+    once, so the saved config means the same files whoever reads it later, from wherever.
+
+    Paths: data.paths, data.tokenizer, data.cache_dir, training.output_dir, training.resume
+    (unless auto/none), checkpoint.dir, checkpoint.load. Every rank of a run resolves in the
+    same directory (torchrun and srun start them all in the launch directory; the trainer
+    checks that the ranks agree)."""
+    d, t, c = cfg.data, cfg.training, cfg.checkpoint
+    d.paths = [_absolute(p, base) for p in d.paths]
+    d.tokenizer, d.cache_dir = _absolute(d.tokenizer, base), _absolute(d.cache_dir, base)
+    t.output_dir = _absolute(t.output_dir, base)
+    if t.resume not in ("auto", "none"):
+        t.resume = _absolute(t.resume, base)
+    c.dir, c.load = _absolute(c.dir, base), _absolute(c.load, base)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = (), base: str | None = None) -> RunConfig:
+    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validated. Relative
+    paths are resolved against ``base`` (default: the current directory, where the user
+    launched from; see :func:`resolve_paths`)."""
     data = load_yaml(path) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -251,7 +290,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         cfg.training.name = os.path.splitext(os.path.basename(path))[0] if path else "run"
     if not cfg.training.output_dir:
         cfg.training.output_dir = os.path.join("runs", cfg.training.name)
-    return cfg
+    return resolve_paths(cfg, base if base is not None else os.getcwd())
 
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "config_from_dict"]
+__all__ = ["RunConfig", "ConfigError", "load_config", "config_from_dict", "resolve_paths"]

@@ -89,3 +89,23 @@ def _write(fd: int, info: dict) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, data)
     os.fsync(fd)
+
+
+def retire_run_dir(directory: str, reason: str = "superseded") -> Optional[str]:
+    """Rename a run directory that a new conversion made obsolete to
+    ``<directory>.<reason>-<time>`` (kept, never resumed) and return the new path; None
+    when there is no such directory. A run that still holds its lock is never moved:
+    :class:`RunLockError` names it."""
+    if not os.path.isdir(directory):
+        return None
+    if os.path.isfile(os.path.join(directory, LOCK_NAME)):
+        lock = RunLock(directory)
+        lock.acquire()          # raises while a live run holds it
+        lock.release()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{directory.rstrip(os.sep)}.{reason}-{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{directory.rstrip(os.sep)}.{reason}-{stamp}-{n}"
+    os.rename(directory, target)
+    return target

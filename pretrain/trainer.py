@@ -90,6 +90,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _mtime(checkpoint: str) -> float:
+    """When a complete checkpoint was finished (its manifest, written last)."""
+    return os.path.getmtime(os.path.join(checkpoint, ckpt.MANIFEST))
+
+
 def derived_seed(seed: int, iteration: int, rank: int) -> int:
     """Seed for a rank that resumes without its own saved RNG state (world size changed)."""
     return (seed * 1_000_003 + iteration * 7919 + rank) % 2**63
@@ -116,6 +121,11 @@ class Trainer:
         self.stop = StopSignal()
         self.guard = NumericsGuard(cfg.training.nonfinite, cfg.training.loss_spike_ratio)
         self.resumed_from: Optional[str] = None
+        self.resume_path: Optional[str] = None
+        #: the checkpoint.load target this run started from ({"path", "identity"}); None: scratch
+        self.initialized_from: Optional[dict] = None
+        #: set when the checkpoint to resume is already at training.iterations: run() says so
+        self.nothing_to_do: Optional[str] = None
         self._locks: list[RunLock] = []
         self._pending_save: Optional[ckpt.PendingSave] = None
         try:
@@ -143,8 +153,24 @@ class Trainer:
         if error:
             raise RunError(error)
 
+    def _check_ranks_agree(self) -> None:
+        """Every rank resolved the same run config (paths included: ranks started in another
+        directory would resolve relative paths elsewhere); the first differing line is named."""
+        if not dist.is_initialized():
+            return
+        texts: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(texts, self.cfg.to_yaml())
+        for r, text in enumerate(texts):
+            if text != texts[0]:
+                ours, theirs = texts[0].splitlines(), text.splitlines()
+                i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                line = lambda lines: lines[i].strip() if i < len(lines) else "(end)"  # noqa: E731
+                raise RunError(f"rank {r} resolved another run config than rank 0 ({line(theirs)!r} vs "
+                               f"{line(ours)!r}): start every rank in the same directory with the same "
+                               "config and overrides")
+
     def _prepare_run_dir(self) -> None:
-        """Rank 0: lock the run directory (and an outside checkpoint root), write config.yaml."""
+        """Rank 0: lock the run directory (and an outside checkpoint root)."""
         try:
             os.makedirs(self.run_dir, exist_ok=True)
         except OSError as e:
@@ -159,6 +185,9 @@ class Trainer:
             if previous:
                 print(f"took over the run lock of {d} from a process that is gone "
                       f"(pid {previous.get('pid')} on {previous.get('host')})", flush=True)
+
+    def _write_config(self) -> None:
+        """Rank 0: the resolved run config (absolute paths) as ``<output_dir>/config.yaml``."""
         try:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(self.cfg.to_yaml())
@@ -179,7 +208,12 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
+        self._check_ranks_agree()
         self._rank0_then_agree(self._prepare_run_dir)
+        self.resume_path = self._find_resume()
+        if self._finished_already():
+            return
+        self._rank0_then_agree(self._write_config)
         seed_everything(t.seed)
         dp_rank, dp_size = self._dp_coords()
         mb = t.micro_batch_size
@@ -208,11 +242,38 @@ class Trainer:
                        f"(micro {mb} x dp {dp_size} x accum {self.accum}) x seq {cfg.data.seq_len}")
         if self.engine.fp8 is not None:
             self.log.print(self.engine.fp8.describe())
+        ignored = cfg.precision.fp8.ignored_keys()
+        if ignored:
+            self.log.print(f"note: precision.fp8.enabled is false: {', '.join(ignored)} "
+                           f"{'has' if len(ignored) == 1 else 'have'} no effect in this run")
         self.log.print(describe_kv_cache(cfg.model, self.dtype))
 
     def _print0(self, text: str) -> None:
         if self.rank == 0:
             print(text, flush=True)
+
+    def _find_resume(self) -> Optional[str]:
+        """The checkpoint this run continues from: training.resume auto (the newest complete
+        one of this lineage), a path, or none."""
+        resume = self.cfg.training.resume
+        for line in describe_incomplete(ckpt.scan(self.ckpt_root)):
+            self._print0(f"warning: {line}")
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        return None if resume == "none" else ckpt.resolve_checkpoint(resume)
+
+    def _finished_already(self) -> bool:
+        """The checkpoint to resume is at or past training.iterations: nothing to train and
+        nothing to write (its complete checkpoint is never saved over)."""
+        if self.resume_path is None:
+            return False
+        it = ckpt.read_trainer_state(self.resume_path).get("iteration")
+        total = self.cfg.training.iterations
+        if not isinstance(it, int) or it < total:
+            return False
+        self.nothing_to_do = (f"nothing to do: checkpoint {self.resume_path} is at iteration {it} >= "
+                              f"training.iterations={total} (raise training.iterations to train on)")
+        return True
 
     def _maybe_resume(self) -> None:
         """training.resume (auto: newest complete checkpoint of this lineage), else
@@ -224,18 +285,15 @@ class Trainer:
         ``none`` and an explicit path start a new lineage (see pretrain.checkpoint.discovery).
         """
         cfg = self.cfg
-        resume = cfg.training.resume
-        for line in describe_incomplete(ckpt.scan(self.ckpt_root)):
-            self._print0(f"warning: {line}")
-        path = None
-        if resume == "auto":
-            path = ckpt.latest_checkpoint(self.ckpt_root)
-        elif resume != "none":
-            path = ckpt.resolve_checkpoint(resume)
+        resume, path = cfg.training.resume, self.resume_path
         shapes = param_shapes(cfg.model)
         if path is not None:
             self._check_same_model(path)
+            self._check_same_tokenizer(path)
+            if resume == "auto":
+                self._check_load_not_shadowed(path)
             st = ckpt.load(path, self.engine.model_parts, self.optimizer, expected_shapes=shapes)
+            self.initialized_from = st.get("initialized_from")
             self._restore_state(path, st)
             self._restore_fp8(path, st.get("world_size", 0))
             self.resumed_from = path
@@ -244,7 +302,9 @@ class Trainer:
         elif cfg.checkpoint.load:
             load = ckpt.resolve_checkpoint(cfg.checkpoint.load)
             self._check_same_model(load)
+            self._check_same_tokenizer(load)
             ckpt.load(load, self.engine.model_parts, optimizer=None, expected_shapes=shapes)
+            self.initialized_from = {"path": load, "identity": ckpt.identity(load)}
             self._restore_fp8(None, 0)
             self._print0(f"initialized model weights from {load}")
         if resume != "auto":
@@ -271,6 +331,50 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} was trained with {key}={old!r}, this run has {key}={new!r}: its "
                 f"weights would mean something else; set {key}={old!r} (or convert the checkpoint)")
+
+    def _check_same_tokenizer(self, path: str) -> None:
+        """Refuse a checkpoint trained with another tokenizer (its recorded fingerprint; older
+        checkpoints without one pass) unless checkpoint.allow_tokenizer_change."""
+        saved = ckpt.read_trainer_state(path).get("tokenizer_fingerprint")
+        tok = self.data.tokenizer
+        if not saved or saved == tok.fingerprint:
+            return
+        text = (f"checkpoint {path} was trained with tokenizer {saved}, this run's tokenizer "
+                f"{tok.path} is {tok.fingerprint}")
+        if not self.cfg.checkpoint.allow_tokenizer_change:
+            raise ckpt.CheckpointError(f"{text}: its embeddings would be read with another "
+                                       "vocabulary; use the checkpoint's tokenizer and data, or set "
+                                       "checkpoint.allow_tokenizer_change=true for a deliberate change")
+        self._print0(f"warning: {text} (checkpoint.allow_tokenizer_change=true)")
+
+    def _check_load_not_shadowed(self, path: str) -> None:
+        """An automatic resume with checkpoint.load set: the run must have started from that
+        very checkpoint (same identity), else the load would be silently ignored, e.g. a
+        conversion tool rewrote the load target under an earlier run's directory."""
+        load = self.cfg.checkpoint.load
+        if not load:
+            return
+        try:
+            target = ckpt.resolve_checkpoint(load)
+            ident = ckpt.identity(target)
+        except ckpt.CheckpointError:
+            return          # the load target is gone: resuming is the only way on
+        st = ckpt.read_trainer_state(path)
+        if "initialized_from" in st:
+            recorded = st["initialized_from"]
+            if isinstance(recorded, dict) and recorded.get("identity") == ident:
+                return
+            began = f"started from {recorded.get('path')}" if isinstance(recorded, dict) else "started from scratch"
+        else:               # saved before runs recorded their start: only a newer target is sure
+            if _mtime(target) <= _mtime(path):
+                return
+            began = "saved before that checkpoint was written"
+        raise ckpt.CheckpointError(
+            f"checkpoint.load={target} is not the checkpoint this run started from: "
+            f"training.resume=auto would resume {path} (iteration {st.get('iteration', '?')}, "
+            f"{began}) instead of loading it; set training.resume=none to start from "
+            f"checkpoint.load (this run's checkpoints are kept under checkpoints/abandoned/), "
+            f"or give another training.output_dir")
 
     def _restore_state(self, path: str, st: dict) -> None:
         try:
@@ -317,6 +421,10 @@ class Trainer:
 
     def run(self) -> int:
         t = self.cfg.training
+        if self.nothing_to_do:
+            self._print0(self.nothing_to_do)
+            self.release()
+            return 0
         interval_start, interval_tokens = time.perf_counter(), 0
         step_times: list[float] = []
         try:
@@ -430,7 +538,9 @@ class Trainer:
                          "lr": lr_at(st.iteration, cfg.training.iterations, cfg.optimizer, cfg.schedule),
                          "schedule": cfg.to_dict()["schedule"], "extra": st.extra,
                          "data": self.data.train.state_dict(), "world_size": self.world_size,
-                         "layout": self.dims.describe(), "config": cfg.to_dict()}
+                         "layout": self.dims.describe(), "config": cfg.to_dict(),
+                         "tokenizer_fingerprint": self.data.tokenizer.fingerprint,
+                         "initialized_from": self.initialized_from}
         use_async = background and cfg.checkpoint.async_save
         start = time.perf_counter()
         protect = (self.resumed_from,) if self.resumed_from else ()

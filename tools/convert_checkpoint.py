@@ -401,12 +401,19 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
     """Stage and move into DST a converted model ready to train on: ``checkpoint/`` (weights
     only, iteration 0), ``config.yaml`` (``run`` with ``model_cfg``, loading that checkpoint,
     output in DST/run, training name + ``-suffix``) and the tool's JSON ``report_name``.
-    ``what`` completes the config's header line ("Continued training of ORIGIN <what>")."""
+    ``what`` completes the config's header line ("Continued training of ORIGIN <what>").
+
+    An earlier DST/run (training of an earlier conversion into DST) would be resumed instead
+    of the new checkpoint: it is renamed to ``DST/run.superseded-<time>`` (kept), recorded as
+    ``superseded_run`` in the report and named on stdout; a run still training there is
+    refused (its lock)."""
     import yaml
 
     from model.configlib import to_dict
     from pretrain import checkpoint as ckpt
+    from pretrain.runlock import RunLockError, retire_run_dir
     dst_abs = os.path.abspath(dst)
+    old_run = os.path.join(dst_abs, "run")
     run.model = model_cfg
     run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
     run.checkpoint.dir = ""
@@ -422,8 +429,17 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
             f.write(f"# Continued training of {origin} {what}:\n"
                     f"#   python launch/pretrain.py --config {os.path.join(dst, 'config.yaml')}\n")
             yaml.safe_dump(cfg_dict, f, sort_keys=False)
+        try:
+            superseded = retire_run_dir(old_run)
+        except RunLockError as e:
+            raise ConvertError(f"{e}: stop that training before replacing its checkpoint") from None
+        if superseded:
+            report["superseded_run"] = superseded
         with open(os.path.join(tmp, report_name), "w") as f:
             json.dump(report, f, indent=1)
+    if superseded:
+        print(f"set aside the earlier run {old_run} (it would have resumed its own checkpoints "
+              f"instead of the new one): now {superseded}")
 
 
 # ====================================================================== to-hf

@@ -8,7 +8,9 @@ Layout under the checkpoint root (``<output_dir>/checkpoints``)::
                                  TP / PP / FSDP / DP layout can load them
         rng_rank<R>.pt           RNG states of rank R (tensors and plain values only)
         trainer_state.json       iteration, consumed samples/tokens, LR and schedule,
-                                 data-loader position, run config, layout
+                                 data-loader position, run config, layout, the
+                                 tokenizer's fingerprint, the checkpoint the run
+                                 was initialized from (path + identity)
         manifest.json            every file above with its size and CRC32
     latest                     text file: name of the newest complete checkpoint
     lineage.json               after a rollback to a checkpoint outside this root
@@ -32,7 +34,7 @@ from pretrain.checkpoint.common import (FORMAT_VERSION, MANIFEST, POINTER, STATE
                                         ckpt_iteration, ckpt_name)
 from pretrain.checkpoint.discovery import (is_complete, latest_checkpoint, resolve_checkpoint, scan,
                                            start_lineage)
-from pretrain.checkpoint.manifest import build_manifest, verify_files
+from pretrain.checkpoint.manifest import build_manifest, identity, verify_files
 from pretrain.checkpoint.offline import load_tensors, save_tensors
 from pretrain.checkpoint.safe_read import load_rank_file, read_metadata, read_trainer_state, tensor_shapes
 from pretrain.checkpoint.save import PendingSave, save
@@ -40,6 +42,6 @@ from pretrain.checkpoint.state import check_model_shapes, load
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "POINTER", "STATE_FILE", "CheckpointError", "ckpt_iteration",
            "ckpt_name", "is_complete", "latest_checkpoint", "resolve_checkpoint", "scan", "start_lineage",
-           "build_manifest", "verify_files", "load_tensors", "save_tensors", "load_rank_file",
+           "build_manifest", "identity", "verify_files", "load_tensors", "save_tensors", "load_rank_file",
            "read_metadata", "read_trainer_state", "tensor_shapes", "PendingSave", "save",
            "check_model_shapes", "load"]

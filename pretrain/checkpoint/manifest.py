@@ -7,6 +7,7 @@ checks sizes, CRC32s (each rank a share of the files) and the index's extents
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,6 +90,15 @@ def read_manifest(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: unfinished save") from None
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"checkpoint file {file} is corrupted: {first_line(e)}") from None
+
+
+def identity(path: str) -> str:
+    """``sha256:<16 hex>`` of a complete checkpoint's manifest (every file's name, size and
+    CRC32): equal for two copies of one checkpoint, different once any file differs (a
+    checkpoint rewritten in place by a conversion tool gets a new identity)."""
+    files = read_manifest(path)["files"]
+    text = json.dumps(files, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(text).hexdigest()[:16]
 
 
 def _check_file(path: str, name: str, info: dict, crc: bool) -> Optional[str]:

@@ -22,7 +22,7 @@ def test_tiny_loads_and_overrides_apply():
     cfg = load_config(TINY, ["optimizer.lr=1e-3", "training.iterations=7", "model.tie_embeddings=true"])
     assert isinstance(cfg, RunConfig)
     assert cfg.optimizer.lr == 1e-3 and cfg.training.iterations == 7 and cfg.model.tie_embeddings
-    assert cfg.training.output_dir == os.path.join("runs", "tiny")
+    assert cfg.training.output_dir == os.path.abspath(os.path.join("runs", "tiny"))
 
 
 def test_int_widens_to_float_and_derived_fields():
