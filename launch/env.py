@@ -271,6 +271,33 @@ def check_master_reachable(e: LaunchEnv, timeout_s: float = 10) -> None:
                           f"the network between nodes and firewalls")
 
 
+#: Phrases of gloo's, NCCL's and the TCP store's errors when another process of the job is gone.
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+              "socket timeout", "connection refused", "communicator was aborted", "watchdog caught")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """One ``error:`` line when ``exc`` says another process of the job is gone, else None.
+
+    A rank whose peer died (a node lost, a worker killed) fails in its next collective:
+    gloo raises ``RuntimeError`` naming the closed connection, NCCL and the store raise
+    ``torch.distributed.DistError`` subclasses. Other RuntimeErrors are not ours to reword.
+    """
+    try:
+        from torch.distributed import DistError
+    except ImportError:                                   # torch without distributed support
+        DistError = ()                                    # type: ignore[assignment]  # noqa: N806
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if not isinstance(exc, DistError) and not any(p in text.lower() for p in _PEER_LOST):
+        return None
+    first = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", first)     # gloo's source location prefix
+    first = first.split(". This is typically caused")[0]
+    return (f"lost contact with another process of the job ({first}): a node or a worker died, "
+            f"or the network dropped (its own log says which); stopped without saving: restart or "
+            f"requeue the job to resume from the newest complete checkpoint")
+
+
 def follow_launcher(environ: Mapping[str, str] | None = None, sig: int = signal.SIGTERM) -> bool:
     """Under a torchrun agent, have Linux send ``sig`` to this process when the agent exits.
 

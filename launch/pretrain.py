@@ -8,7 +8,8 @@
 Exit status: 0 done; 2 bad input (config, layout, data, checkpoint, environment, a run
 directory in use or unwritable), printed as one ``error:`` line; 3 a non-finite loss or
 gradient norm under ``training.nonfinite=stop``; 1 an I/O failure outside a checkpoint
-save (e.g. a full disk while logging); 75 saved after SIGTERM/SIGUSR1, requeue me.
+save (e.g. a full disk while logging) or a lost peer (another rank or node died, one
+``error: lost contact ...`` line); 75 saved after SIGTERM/SIGUSR1, requeue me.
 ``python -m launch.run`` takes torchrun's options and passes SIGTERM/SIGUSR1 on to
 the workers and their exit status back (docs/launch.md).
 """
@@ -51,7 +52,8 @@ def run(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from data.errors import DataError
-    from launch.env import LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env
+    from launch.env import (LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env,
+                            lost_peer)
     from parallel.mesh import ParallelDims
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import load_config
@@ -89,6 +91,12 @@ def run(argv: list[str]) -> int:
         return EXIT_NUMERICS
     except OSError as e:      # e.g. the disk filled up while writing metrics or logs
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr, flush=True)
+        return EXIT_IO
+    except RuntimeError as e:  # a collective failed because another rank or node is gone
+        lost = lost_peer(e) if dist.is_available() and dist.is_initialized() else None
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr, flush=True)
         return EXIT_IO
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,24 +26,55 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launch.run import EXIT_REQUEUE, FORWARDED, child_pids, launch, requeue_requested  # noqa: E402,F401
+from launch.run import (EXIT_BAD_INPUT, EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
+                        requeue_requested)
+
+
+#: Seconds node 0's agent waits for every node to join, and the others to reach node 0
+#: (torchrun's static rendezvous, ``--rdzv-conf timeout=``); ``POLYTRON_RENDEZVOUS_TIMEOUT`` overrides.
+RENDEZVOUS_TIMEOUT_VAR = "POLYTRON_RENDEZVOUS_TIMEOUT"
+RENDEZVOUS_TIMEOUT_S = 900
+
+
+def rendezvous_timeout(env: dict[str, str]) -> int:
+    """The rendezvous timeout in seconds from the environment; ValueError naming the variable."""
+    raw = env.get(RENDEZVOUS_TIMEOUT_VAR, str(RENDEZVOUS_TIMEOUT_S))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"{RENDEZVOUS_TIMEOUT_VAR}={raw!r} is not a whole number of seconds >= 1")
+    return seconds
 
 
 def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
-    """torchrun's command line: ours plus node count, node rank and rendezvous from SLURM."""
+    """torchrun's command line: ours plus node count, node rank and rendezvous from SLURM.
+
+    The rendezvous gets a timeout (:data:`RENDEZVOUS_TIMEOUT_VAR`) unless ``--rdzv-conf``
+    is given, so a node that never starts stops the others with one line instead of a hang.
+    """
     nnodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or "1"
     node_rank = env.get("SLURM_NODEID", "0")
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = env.get("MASTER_PORT", "29500")
-    return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={addr}",
-            f"--master-port={port}", "--max-restarts=0", *argv]
+    ours = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={addr}",
+            f"--master-port={port}", "--max-restarts=0"]
+    if not any(a.split("=")[0] in ("--rdzv-conf", "--rdzv_conf") for a in argv):
+        ours.append(f"--rdzv-conf=timeout={rendezvous_timeout(env)}")
+    return [*ours, *argv]
 
 
 def main(argv: list[str]) -> int:
     """Run torchrun in this process with SLURM-derived arguments; return the job-facing status."""
     # Grace for the signals torchrun still handles itself (SIGINT, SIGHUP, SIGQUIT).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
-    return launch(torchrun_args(argv, dict(os.environ)), tag="node_agent")
+    try:
+        args = torchrun_args(argv, dict(os.environ))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return launch(args, tag="node_agent")
 
 
 if __name__ == "__main__":
