@@ -248,3 +248,29 @@ def test_conversion_sets_aside_the_earlier_run_and_training_refuses_a_shadowed_l
     assert os.path.isdir(_checkpoint(superseded, 3)) and superseded in result["stdout"]
     rc, out, err = _launch(["--config", os.path.join(dst, "config.yaml"), "training.iterations=1"])
     assert rc == 0 and f"initialized model weights from {dst}/checkpoint" in out, err
+
+
+# ---------------------------------------------------------------- ranks resolve alike
+
+def test_ranks_started_in_different_directories_are_refused(tmp_path):
+    """Two ranks (RANK/WORLD_SIZE as torchrun sets them) launched from different directories
+    would resolve training.output_dir=run to two run directories: both stop with one line."""
+    import subprocess
+    import sys
+
+    from launch.env import free_port
+    env = {k: v for k, v in runs.env().items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), WANDB_MODE="disabled")
+    procs = []
+    for rank in (0, 1):
+        cwd = tmp_path / f"node{rank}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, runs.LAUNCH, "--config", TINY_YAML, *runs.TINY, "training.output_dir=run"],
+            cwd=cwd, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rank, p in enumerate(procs):
+        out, err = p.communicate(timeout=120)
+        line = _one_error(err)
+        assert p.returncode == 2 and "resolved another run config than rank 0" in line, (out, err)
+        assert f"{tmp_path}/node1/run" in line and f"{tmp_path}/node0/run" in line, line
