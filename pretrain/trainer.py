@@ -90,6 +90,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _other_start(state: dict, identity: str) -> Optional[str]:
+    """How a run began when not from the checkpoint of ``identity`` (its trainer state's
+    ``initialized_from``); None when it began from that one."""
+    recorded = state["initialized_from"]
+    if not isinstance(recorded, dict):
+        return "started from scratch"
+    return None if recorded.get("identity") == identity else f"started from {recorded.get('path')}"
+
+
 def _mtime(checkpoint: str) -> float:
     """When a complete checkpoint was finished (its manifest, written last)."""
     return os.path.getmtime(os.path.join(checkpoint, ckpt.MANIFEST))
@@ -360,15 +369,10 @@ class Trainer:
         except ckpt.CheckpointError:
             return          # the load target is gone: resuming is the only way on
         st = ckpt.read_trainer_state(path)
-        if "initialized_from" in st:
-            recorded = st["initialized_from"]
-            if isinstance(recorded, dict) and recorded.get("identity") == ident:
-                return
-            began = f"started from {recorded.get('path')}" if isinstance(recorded, dict) else "started from scratch"
-        else:               # saved before runs recorded their start: only a newer target is sure
-            if _mtime(target) <= _mtime(path):
-                return
-            began = "saved before that checkpoint was written"
+        began = _other_start(st, ident) if "initialized_from" in st else \
+            ("saved before that checkpoint was written" if _mtime(target) > _mtime(path) else None)
+        if began is None:   # same start; or an older checkpoint (no record) older than the target
+            return
         raise ckpt.CheckpointError(
             f"checkpoint.load={target} is not the checkpoint this run started from: "
             f"training.resume=auto would resume {path} (iteration {st.get('iteration', '?')}, "

@@ -274,3 +274,24 @@ def test_ranks_started_in_different_directories_are_refused(tmp_path):
         line = _one_error(err)
         assert p.returncode == 2 and "resolved another run config than rank 0" in line, (out, err)
         assert f"{tmp_path}/node1/run" in line and f"{tmp_path}/node0/run" in line, line
+
+
+def test_older_run_checkpoint_without_a_record_is_refused_only_for_a_newer_load_target(base, tmp_path):
+    """A run checkpoint saved before runs recorded initialized_from: refused when the load
+    target was written after it; an older target lets the resume go on as before."""
+    from pretrain import checkpoint as ckpt
+    src = _checkpoint(base.run, 2)
+    tensors, state = ckpt.load_tensors(src), _state(src)
+    state.pop("initialized_from")
+    run = str(tmp_path / "run")
+    ckpt.save_tensors(_checkpoint(run, 2), tensors, state)         # the older run's checkpoint
+    target = ckpt.save_tensors(str(tmp_path / "conv"), tensors, state)
+    os.utime(os.path.join(_checkpoint(run, 2), "manifest.json"), (1e9, 1e9))
+    argv = _args("training.iterations=3", f"training.output_dir={run}", f"checkpoint.load={target}",
+                 f"data.tokenizer={base.tok_a}", f"data.paths=[{base.data_a}]", f"data.cache_dir={base.root}/cache")
+    rc, out, err = _launch(argv)
+    line = _one_error(err)
+    assert rc == 2 and "saved before that checkpoint was written" in line, line
+    os.utime(os.path.join(target, "manifest.json"), (1e8, 1e8))
+    rc, out, err = _launch(argv)      # goes on to the resume, which needs optimizer state
+    assert rc == 2 and "weights-only checkpoint" in _one_error(err), err
