@@ -8,9 +8,10 @@ SRC is one of our checkpoints (a checkpoint directory, a checkpoint root or a ru
 output directory: its newest complete checkpoint) or a local Hugging Face Llama-family
 directory (``config.json`` + safetensors). The calibration and validation batches come
 from the data of the run config: the checkpoint's own run config, or for a Hugging Face
-directory a fresh one with the directory's tokenizer, so ``data.paths=[PREFIX]`` (data
-tokenized with it) must be given. Trailing ``section.key=value`` overrides change that
-run config, and with it the written continued pre-training config.
+directory a fresh one with the directory's tokenizer (``training.global_batch_size`` 0:
+auto, the micro-batch size), so ``data.paths=[PREFIX]`` (data tokenized with it) must be
+given. Trailing ``section.key=value`` overrides change that run config, and with it the
+written continued pre-training config.
 
 Steps (model/dha/fusion.py; docs/dha.md): per layer, separately for keys and values,
 the similarity of the source heads on ``--calib-samples`` calibration sequences; groups
@@ -27,13 +28,14 @@ from it: ``python launch/pretrain.py --config DST/config.yaml``) and ``dha_repor
 pooling and of the result, KV-cache bytes per token). DST must be new or empty unless
 ``--overwrite``; the output is staged beside DST and moved in when complete.
 
-Exit status 0; 2 with one ``error:`` line naming the bad input; 1 when writing fails.
+Exit status 0; 2 with one ``error:`` line naming the bad input (a ``config.json`` that is
+no JSON object, a budget or learning rate that is NaN or infinite); 1 with one line when
+writing fails (a full disk: DST is left as it was).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -52,20 +54,17 @@ EXIT_WRITE_FAILED = 1
 
 # ====================================================================== source
 
-def load_source(src: str, overrides: list[str]):
-    """(run config, source tensors, origin): our checkpoint or a Hugging Face directory."""
+def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins: tuple[str, ...] = ()):
+    """(run config, source tensors, origin): our checkpoint or a Hugging Face directory.
+    ``needs_data=False`` (a conversion that reads no data) accepts a run config without
+    ``data.paths``; the written config then needs them when training starts."""
     from model.configlib import apply_override, parse_override
     from pretrain import checkpoint as ckpt
-    from pretrain.config import RunConfig, config_from_dict
+    from pretrain.config import RunConfig
     if os.path.isfile(os.path.join(src, "config.json")):
         from tools.convert_checkpoint import hf_config_to_model, read_safetensors
-        from model.hf import find_adapter
-        cfg_file = os.path.join(src, "config.json")
-        try:
-            with open(cfg_file) as f:
-                hf_cfg = json.load(f)
-        except ValueError as e:
-            raise ConvertError(f"{cfg_file}: not valid JSON ({e})") from None
+        from model.hf import find_adapter, read_hf_config
+        hf_cfg, cfg_file = read_hf_config(src)
         mcfg = hf_config_to_model(hf_cfg, cfg_file)
         tensors = find_adapter(hf_cfg.get("model_type"), cfg_file).from_hf_tensors(mcfg, read_safetensors(src), src)
         run = RunConfig(model=mcfg)
@@ -78,12 +77,31 @@ def load_source(src: str, overrides: list[str]):
         run_dict = ckpt.read_trainer_state(path).get("config")
         if not isinstance(run_dict, dict):
             raise ConvertError(f"{path}: the checkpoint records no run config")
+        from model.provenance import check_plugins        # a checkpoint is data: its plugins need --plugin
+        check_plugins(run_dict.get("model"), plugins, f"checkpoint {path}")
         tensors = ckpt.load_tensors(path)
         origin = path
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(run_dict, keys, value)
-    return config_from_dict(run_dict), tensors, origin
+    return validated(run_dict, needs_data), tensors, origin
+
+
+def validated(run_dict: dict, needs_data: bool):
+    """The typed run config of ``run_dict``, validated; without ``needs_data`` an empty
+    ``data.paths`` (no data given) is accepted and kept empty."""
+    import copy
+
+    from model.configlib import from_dict
+    from pretrain.config import RunConfig
+    run = from_dict(RunConfig, run_dict)
+    if needs_data or run.data.paths or run.data.builtin_corpus:
+        run.validate()
+    else:
+        probe = copy.deepcopy(run)
+        probe.data.builtin_corpus = True           # every other setting is still checked
+        probe.validate()
+    return run
 
 
 def check_source(mcfg) -> None:
@@ -107,10 +125,11 @@ def batches(run, calib_samples: int) -> tuple[list[dict], list[dict]]:
     the trainer evaluates on with this run config)."""
     from data import build_data
     t = run.training
-    steps = max(1, math.ceil(calib_samples / t.global_batch_size))
+    global_batch = t.global_batch_size or t.micro_batch_size      # 0: auto, micro x data-parallel size (1)
+    steps = max(1, math.ceil(calib_samples / global_batch))
     has_valid = _split_has_valid(run.data.split)
     data = build_data(run.data, model_vocab_size=run.model.vocab_size, seed=t.seed,
-                      global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                      global_batch_size=global_batch, micro_batch_size=t.micro_batch_size,
                       dp_rank=0, dp_size=1, train_iterations=steps, eval_iterations=t.eval_iters,
                       eval_interval=1 if has_valid else 0)
     calib: list[dict] = []
@@ -164,7 +183,7 @@ def convert(args) -> dict:
     from model.dha.config import DHAConfig
     from tools.convert_checkpoint import check_destination
     torch.manual_seed(args.seed)
-    run, tensors, origin = load_source(args.src, args.overrides)
+    run, tensors, origin = load_source(args.src, args.overrides, plugins=tuple(args.plugins))
     mcfg = run.model
     check_source(mcfg)
     choose = plan_groups(args, mcfg)
@@ -258,7 +277,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in a non-empty DST")
     p.add_argument("overrides", nargs="*", help="run-config overrides section.key=value (e.g. data.paths=[P])")
+    from model.provenance import add_plugin_option
+    add_plugin_option(p)                     # plugins a checkpoint lists are imported only when named
     return p.parse_intermixed_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse counts and numbers no conversion can use (NaN and infinity included), naming the option."""
+    if args.calib_samples < 1 or args.fusion_steps < 0:
+        raise ConvertError("--calib-samples must be >= 1 and --fusion-steps >= 0")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise ConvertError(f"--budget {args.budget:g}: a fraction of the source's key+value heads, in (0, 1]")
+    for i, n in enumerate(args.layer_budget or []):
+        if not math.isfinite(n):
+            raise ConvertError(f"--layer-budget entry {i} = {n:g}: KV heads of the layer, a finite number")
+    if not 0 < args.fusion_lr < math.inf:
+        raise ConvertError(f"--fusion-lr {args.fusion_lr:g}: must be a finite number > 0")
 
 
 def main(argv: list[str]) -> int:
@@ -266,8 +300,7 @@ def main(argv: list[str]) -> int:
     from data.errors import DataError
     from model.configlib import ConfigError
     try:
-        if args.calib_samples < 1 or args.fusion_steps < 0:
-            raise ConvertError("--calib-samples must be >= 1 and --fusion-steps >= 0")
+        check_args(args)
         report = convert(args)
     except (ConvertError, CheckpointError, ConfigError, DataError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -9,7 +9,10 @@
 
 SRC is one of our checkpoints (a checkpoint directory, a checkpoint root or a run's output
 directory: its newest complete checkpoint) or a local Hugging Face Llama-family directory
-(``config.json`` + safetensors), read as tools/convert_mha_to_dha.py reads it.
+(``config.json`` + safetensors), read as tools/convert_mha_to_dha.py reads it. ``sparse``
+reads no data, so a Hugging Face source needs no ``data.paths``: the written config then
+names none, and training it takes ``data.paths=[PREFIX]`` (data tokenized with the
+source's tokenizer).
 
 ``sparse`` (Komatsuzaki et al. 2022): every routed expert a copy of the dense SwiGLU (down
 projection scaled by 1/(shared+1) when shared experts take copies too), optional
@@ -24,21 +27,31 @@ experts per MoE layer (other tensors: their mean); a genetic algorithm grows the
 dare, plus mutation; the most diverse of ``--candidates`` kept); then seed samples from the
 run config's data (or ``--seed-data`` prefixes, blended equally) are labelled with the expert whose dense model has the lowest loss, and
 only the routers train on those labels for ``--router-steps`` (held-out accuracy reported).
+The sources must share one tokenizer: the fingerprint each checkpoint records
+(``tokenizer_fingerprint`` in trainer_state.json), for an older checkpoint that of the
+tokenizer its run config names (relative paths looked up under its run directory) when it
+still loads, for a Hugging Face directory its own tokenizer's. Two known fingerprints that
+differ are refused with one line naming both (``--allow-tokenizer-change`` merges them
+anyway, with a note); sources whose tokenizer is unknown are compared by vocabulary size.
 
 DST receives ``checkpoint/`` (weights-only), ``config.yaml`` (continued training:
 ``python launch/pretrain.py --config DST/config.yaml``) and ``upcycle_report.json``. DST must
 be new or empty unless ``--overwrite``; the output is staged beside DST.
 
-Exit status 0; 2 with one ``error:`` line naming the bad input; 1 when writing fails.
+Exit status 0; 2 with one ``error:`` line naming the bad input (a ``config.json`` that is
+no JSON object, NaN or infinite numbers); 1 with one line when writing fails (a full disk:
+DST is left as it was).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,14 +88,15 @@ def exactness(moe, partition: bool, noise: float) -> str:
 def sparse(args) -> dict:
     from model.moe import upcycle as up
     from tools.convert_checkpoint import check_destination
-    if args.noise < 0:
-        raise ConvertError("--noise must be >= 0")
-    run, tensors, origin = load_source(args.src, args.overrides)
+    if not 0 <= args.noise < math.inf:
+        raise ConvertError(f"--noise {args.noise:g}: must be a finite number >= 0")
+    run, tensors, origin = load_source(args.src, args.overrides, needs_data=False, plugins=tuple(args.plugins))      # reads no data
     cfg = up.moe_config(run.model, moe_settings(args, run), args.partition)
     check_destination(args.dst, args.overwrite, [args.src])
     out = up.sparse_upcycle(tensors, cfg, partition=args.partition, noise=args.noise, seed=args.seed)
     report = {"mode": "sparse", "source": origin, "partition": args.partition, "noise": args.noise,
-              "moe": dataclasses.asdict(cfg.moe), "initial_output": exactness(cfg.moe, args.partition, args.noise)}
+              "moe": dataclasses.asdict(cfg.moe), "initial_output": exactness(cfg.moe, args.partition, args.noise),
+              "needs_data": not (run.data.paths or run.data.builtin_corpus)}
     _write(args, run, cfg, out, origin, report, "sparse")
     return report
 
@@ -96,9 +110,11 @@ def upit(args) -> dict:
         raise ConvertError("upit needs at least two source checkpoints (SRC1 SRC2 ... DST)")
     if args.experts < len(args.srcs):
         raise ConvertError(f"--experts {args.experts} is fewer than the {len(args.srcs)} source checkpoints")
-    loaded = [load_source(s, args.overrides) for s in args.srcs]
+    needs_data = args.router_steps > 0 and not args.seed_data       # seed samples from the run's data
+    loaded = [load_source(s, args.overrides, needs_data, tuple(args.plugins)) for s in args.srcs]
     runs_, sources, origins = zip(*loaded)
     up.check_same([r.model for r in runs_], list(sources), list(origins))
+    fingerprints = check_same_tokenizer(list(origins), args.allow_tokenizer_change)
     run = runs_[-1]
     cfg = up.moe_config(run.model, moe_settings(args, run), partition=False)
     check_destination(args.dst, args.overwrite, list(args.srcs))
@@ -107,13 +123,61 @@ def upit(args) -> dict:
                              candidates=args.candidates)
     start = time.perf_counter()
     out, logs, dense = up.upit_tensors(list(sources), cfg, args.experts, expansion, seed=args.seed)
-    report = {"mode": "upit", "sources": list(origins), "moe": dataclasses.asdict(cfg.moe),
+    report = {"mode": "upit", "sources": list(origins), "tokenizer_fingerprints": fingerprints,
+              "moe": dataclasses.asdict(cfg.moe),
               "expansion": dataclasses.asdict(expansion), "layers": _expansion_report(logs, args.experts)}
     report["expansion"]["seconds"] = round(time.perf_counter() - start, 2)
     if args.router_steps > 0:
         report["router"] = _pre_optimize(args, run, cfg, out, dense)
     _write(args, run, cfg, out, origins[-1], report, "upit")
     return report
+
+
+def tokenizer_fingerprint(origin: str) -> Optional[str]:
+    """The fingerprint of the tokenizer a source was trained with, None when unknown.
+
+    A checkpoint's recorded ``tokenizer_fingerprint`` (trainer_state.json); for an older
+    checkpoint without one, the fingerprint of the tokenizer its run config names (a relative
+    path looked up under its run directory, never this directory) when that still loads; for a
+    Hugging Face directory, its own tokenizer's when it has one."""
+    from data.errors import DataError
+    from data.tokenizer import load_tokenizer
+    from pretrain import checkpoint as ckpt
+    from tools.convert_checkpoint import resolve_tokenizer
+    if os.path.isfile(os.path.join(origin, "config.json")):             # a Hugging Face directory
+        path: Optional[str] = origin
+    else:
+        state = ckpt.read_trainer_state(origin)
+        recorded = state.get("tokenizer_fingerprint")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+        config = state.get("config")
+        try:
+            path = resolve_tokenizer(config if isinstance(config, dict) else {}, None, origin)
+        except (DataError, ConvertError, OSError):
+            return None
+    try:
+        return load_tokenizer(path).fingerprint if path else None
+    except (DataError, OSError, RuntimeError, ValueError):             # gone or unreadable: unknown
+        return None
+
+
+def check_same_tokenizer(origins: list[str], allow: bool) -> list[Optional[str]]:
+    """The sources' tokenizer fingerprints; two that are known and differ are refused (DataError
+    naming both), or with ``allow`` noted on stderr. Sources whose tokenizer is unknown are
+    compared by vocabulary size only (model.vocab_size, by check_same)."""
+    from data.errors import DataError
+    prints = [tokenizer_fingerprint(o) for o in origins]
+    known = [(fp, o) for fp, o in zip(prints, origins) if fp]
+    for fp, origin in known[1:]:
+        if fp != known[0][0]:
+            line = (f"tokenizer mismatch: {known[0][1]} was trained with tokenizer {known[0][0]}, {origin} with "
+                    f"{fp}")
+            if not allow:
+                raise DataError(f"{line}; UpIT experts must share one tokenizer (--allow-tokenizer-change "
+                                "merges them anyway)")
+            print(f"note: {line}; merging them as --allow-tokenizer-change asks", file=sys.stderr)
+    return prints
 
 
 def _expansion_report(logs: dict, n: int) -> list[dict]:
@@ -216,6 +280,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output in a non-empty DST")
     p.add_argument("overrides", nargs="*", default=[], help="run-config overrides section.key=value")
+    from model.provenance import add_plugin_option
+    add_plugin_option(p)                     # plugins a checkpoint lists are imported only when named
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -247,6 +313,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "for the accuracy (default 0.25)")
     u.add_argument("--router-steps", type=int, default=50, help="router pre-optimization steps; 0 skips (default 50)")
     u.add_argument("--router-lr", type=float, default=0.01, help="router pre-optimization Adam lr (default 0.01)")
+    u.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="merge checkpoints trained with different tokenizers (refused by default)")
     _common(u)
     args, rest = p.parse_known_args(argv)
     unknown = [x for x in rest if x.startswith("-") or "=" not in x]
@@ -275,6 +343,9 @@ def _check_args(args) -> None:
         if not (0 <= lo <= hi <= 1) or not (0 <= args.dare_drop < 1) or not (0 <= args.mutation_rate <= 1):
             raise ConvertError("--weight-range must lie in [0, 1] (LO <= HI), --dare-drop in [0, 1), "
                                "--mutation-rate in [0, 1]")
+        if not (0 <= args.mutation_scale < math.inf and 0 < args.router_lr < math.inf):
+            raise ConvertError(f"--mutation-scale {args.mutation_scale:g} / --router-lr {args.router_lr:g}: need a "
+                               "finite mutation scale >= 0 and a finite router learning rate > 0")
         if args.candidates < 1 or args.seed_samples < 2 or not (0 < args.held_out < 1) or args.router_steps < 0 \
                 or args.per_expert < 0:
             raise ConvertError("--candidates >= 1, --seed-samples >= 2, --held-out in (0, 1), --router-steps >= 0, --per-expert >= 0")
@@ -296,6 +367,10 @@ def main(argv: list[str]) -> int:
     moe = report["moe"]
     print(f"wrote {report['mode']} MoE checkpoint {os.path.join(args.dst, 'checkpoint')} ({moe['num_experts']} experts, "
           f"top-{moe['top_k']}, {moe['shared_experts']} shared) and run config {os.path.join(args.dst, 'config.yaml')}")
+    if report.get("needs_data"):
+        print(f"note: the run config names no training data; train with data.paths=[PREFIX] (data tokenized "
+              f"with the source's tokenizer): python launch/pretrain.py --config "
+              f"{os.path.join(args.dst, 'config.yaml')} data.paths=[PREFIX]")
     if "router" in report:
         r = report["router"]
         print(f"router pre-optimization: held-out routing accuracy {r['held_out_accuracy']:.3f} "

@@ -29,6 +29,7 @@ calibration batches and writes the result. The steps, after Chen et al. 2024 (DH
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -342,7 +343,7 @@ def dha_lists(groups: dict[tuple[int, str], Groups], num_layers: int, num_heads:
 def fraction_pool(fraction: float, num_layers: int, source_heads: int) -> list[Pool]:
     """One pool over every layer and both kinds, keeping ``fraction`` of the source key+value heads."""
     slots = fraction * 2 * num_layers * source_heads
-    target = round(slots)
+    target = round(slots) if math.isfinite(slots) else 0
     if not 0 < fraction <= 1 or abs(slots - target) > 1e-6:
         raise ValueError(f"--budget {fraction}: {fraction} x {2 * num_layers * source_heads} source key+value "
                          f"heads = {slots:g} must be a whole number, with the fraction in (0, 1]")
