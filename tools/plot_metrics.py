@@ -17,8 +17,9 @@ Usage::
     python tools/plot_metrics.py runs/my-run                # -> runs/my-run/metrics.png
     python tools/plot_metrics.py runs/my-run/metrics.jsonl --output curves.png
 
-A missing file, an empty file or a malformed line prints ``error: ...`` naming the
-file (and line) and exits with status 2.
+A missing file, an empty file, a malformed line or a binary file prints ``error: ...``
+naming the file (and line) and exits with status 2; a PNG that cannot be written, one line
+and status 1.
 """
 from __future__ import annotations
 
@@ -57,8 +58,13 @@ def resolve_paths(source: str, output: Optional[str]) -> tuple[str, str]:
 def read_metrics(path: str) -> list[dict]:
     """Parse every non-blank line of ``path`` into a dict with a numeric ``iteration``."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MetricsError(f"{path}, line {lineno}: not UTF-8 text (a binary file, not a metrics "
+                                   "JSONL?)") from None
             if not line.strip():
                 continue
             try:
@@ -196,7 +202,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_name = os.path.basename(os.path.dirname(os.path.abspath(jsonl)))
-    plotted = plot(records, png, title=run_name)
+    try:
+        plotted = plot(records, png, title=run_name)
+    except OSError as e:
+        print(f"error: cannot write {png}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {png} ({len(records)} lines; {', '.join(plotted) or 'no curves'})")
     return 0
 

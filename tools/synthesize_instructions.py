@@ -5,11 +5,18 @@
         --output pairs.jsonl [--json-key text] [--batch-size 8] [--rounds 1]
         [--max-new-tokens 400] [--max-model-len 0] [--temperature 0] [--top-p 1.0] [--seed 0]
         [--device cpu] [--dtype fp32|bf16|fp16] [--tokenizer PATH] [--keep-generation] [--no-progress]
+        [--trust-remote-code]
 
 SYNTH is a local Hugging Face causal-LM directory (``config.json`` + weights + tokenizer,
 loaded offline with ``local_files_only``; e.g. a downloaded copy of the released
 instruction synthesizer) or one of our checkpoints (a checkpoint directory, root or run
 directory; its run's tokenizer unless ``--tokenizer``).
+
+A model directory is data, never code: its weights are read from safetensors only (a
+directory holding only pickled ``pytorch_model.bin`` weights is refused before anything is
+unpickled), and transformers is called with ``trust_remote_code=False``, so custom
+modeling/tokenizer files named by ``auto_map`` are not run unless ``--trust-remote-code`` is
+given; the tool never prompts and never reads stdin.
 
 Each input document gets the released prompt (data/instruct.py); generation is batched
 (greedy at ``--temperature 0``, else temperature + top-p sampling seeded per batch) and
@@ -35,6 +42,7 @@ differing from the output being resumed, a prompt budget too small).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -78,6 +86,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
     p.add_argument("--tokenizer", help="checkpoints only: tokenizer instead of the run's")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="Hugging Face directories only: run the directory's own Python files (auto_map); "
+                        "off by default, and the tool never asks")
     p.add_argument("--keep-generation", action="store_true", help="store the raw generation in each record")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -132,18 +143,20 @@ def read_documents(paths: list[str], json_key: str, counts: InputCounts) -> Iter
 class HFSynthesizer:
     """A Hugging Face causal LM directory: left-padded batched ``generate`` with its KV cache."""
 
-    def __init__(self, path: str, device: str, dtype):
+    def __init__(self, path: str, device: str, dtype, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        check_safetensors(path)
+        opts = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"--model {path}: not a loadable Hugging Face causal LM "
-                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            with no_stdin():
+                self.tok = AutoTokenizer.from_pretrained(path, **opts)
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **opts)
+        except Exception as e:                  # a foreign directory: whatever transformers raises is bad input
+            raise BadInput(hf_load_error(path, e)) from None
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.eos = self.tok.eos_token_id
@@ -193,8 +206,8 @@ class CheckpointSynthesizer:
 
         path = ckpt.resolve_checkpoint(path)
         state = ckpt.read_trainer_state(path)
-        cfg = model_config(state, path)
-        self.tok = load_run_tokenizer(state.get("config", {}), tokenizer)
+        cfg = model_config(state, path)           # a checkpoint listing model.plugins is refused
+        self.tok = load_run_tokenizer(state.get("config", {}), tokenizer, path, state.get("tokenizer_fingerprint"))
         self.model = load_model(path, cfg, device).to(dtype)
         self.bos, self.eos = bos_id(self.tok), self.tok.eod_id
         self.max_len = cfg.max_seq_len
@@ -235,6 +248,45 @@ class CheckpointSynthesizer:
         return [cut_at(row.tolist(), self.eos) for row in tokens[:, width:]]
 
 
+#: Weight files that are pickles: unpickling can run code, so they are never read.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(path: str) -> None:
+    """A Hugging Face directory is data: its weights must be safetensors; one holding only
+    pickled weights (``pytorch_model.bin``) is refused before anything is unpickled."""
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHTS))
+    if pickled:
+        raise BadInput(f"--model {path}: its weights are pickled ({', '.join(pickled[:3])}), which can run code "
+                       "when loaded and are never read; convert them to safetensors")
+
+
+def hf_load_error(path: str, e: Exception) -> str:
+    """The one line for a Hugging Face directory transformers could not load."""
+    text = str(e).strip()
+    if "trust_remote_code" in text or "custom code" in text:
+        return (f"--model {path}: the directory names custom code (auto_map: its own modeling/tokenizer "
+                "Python files), which is not run; pass --trust-remote-code to run it if you trust its author")
+    return (f"--model {path}: not a loadable Hugging Face causal LM "
+            f"({text.splitlines()[0] if text else type(e).__name__})")
+
+
+@contextlib.contextmanager
+def no_stdin() -> Iterator[None]:
+    """Nothing a library does while loading may read stdin (transformers' "run the custom
+    code? [y/N]" prompt): stdin is an empty stream meanwhile."""
+    saved = sys.stdin
+    with open(os.devnull, encoding="utf-8") as empty:
+        sys.stdin = empty
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+
+
 def cut_at(ids: list[int], eos: Optional[int]) -> list[int]:
     """Generated ids up to (not including) the first end-of-sequence token."""
     return ids[:ids.index(eos)] if eos is not None and eos in ids else ids
@@ -247,7 +299,7 @@ def load_synthesizer(args: argparse.Namespace):
     if os.path.isfile(os.path.join(args.model, "config.json")):
         if args.tokenizer:
             raise BadInput("--tokenizer applies to polytron checkpoints; a Hugging Face directory brings its own")
-        return HFSynthesizer(args.model, args.device, dtype)
+        return HFSynthesizer(args.model, args.device, dtype, args.trust_remote_code)
     return CheckpointSynthesizer(args.model, args.device, dtype, args.tokenizer)
 
 

@@ -63,3 +63,23 @@ def test_malformed_line_named(tmp_path, capsys, bad, needle):
     assert plot_metrics.main([str(src)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "line 2" in err and str(src) in err and needle in err
+
+
+def test_binary_file_is_one_error_line(tmp_path, capsys):
+    """A binary file (not UTF-8) given as the metrics file: one line naming it, not a
+    UnicodeDecodeError traceback."""
+    src = tmp_path / "metrics.jsonl"
+    src.write_bytes(json.dumps({"iteration": 1, "loss": 2.0}).encode() + b"\n\x89PNG\r\n\x1a\n\xff\xfe\x00\x9a")
+    assert plot_metrics.main([str(src)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(src) in err[0] and "not UTF-8" in err[0], err
+
+
+def test_unwritable_png_is_one_error_line(tmp_path, capsys):
+    src = tmp_path / "m.jsonl"
+    write_metrics(src, n=4)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert plot_metrics.main([str(src), "--output", str(blocker / "curves.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {blocker / 'curves.png'}"), err
