@@ -83,8 +83,24 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         origin = path
     for text in overrides:
         keys, value = parse_override(text)
-        apply_override(run_dict, keys, value)
+        apply_override(run_dict, keys, absolute_override(keys, value))
     return validated(run_dict, needs_data), tensors, origin
+
+
+#: Run-config keys that hold paths.
+PATH_KEYS = {("data", "paths"), ("data", "tokenizer"), ("data", "cache_dir"), ("checkpoint", "load"),
+             ("checkpoint", "dir"), ("training", "output_dir")}
+
+
+def absolute_override(keys: list[str], value):
+    """A path given on this command line means this directory: made absolute before the
+    written config and checkpoint store it (whoever reads them later, from wherever)."""
+    if tuple(keys) not in PATH_KEYS:
+        return value
+
+    def one(p):
+        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and p else p
+    return [one(p) for p in value] if isinstance(value, list) else one(value)
 
 
 def validated(run_dict: dict, needs_data: bool):

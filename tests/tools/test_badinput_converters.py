@@ -111,6 +111,18 @@ def test_sparse_upcycling_of_a_hugging_face_directory_needs_no_data(inputs, tmp_
     assert cfg.model.moe.num_experts == 2 and cfg.data.tokenizer == inputs["hf"]
 
 
+def test_relative_paths_on_the_command_line_are_stored_absolute(inputs, tmp_path, monkeypatch):
+    """``data.paths=[corpus]`` given from the corpus's directory is written as its absolute
+    path: the config and checkpoint mean the same files to whoever reads them, from wherever."""
+    monkeypatch.chdir(inputs["root"])
+    dst = str(tmp_path / "moe")
+    assert upcycle.main(["sparse", "hf", dst, "--experts", "2", "data.paths=[corpus]"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert load_config(os.path.join(dst, "config.yaml")).data.paths == [inputs["prefix"]]
+    stored = ckpt.read_trainer_state(os.path.join(dst, "checkpoint"))["config"]["data"]
+    assert stored["paths"] == [inputs["prefix"]] and stored["tokenizer"] == inputs["hf"]
+
+
 # ---------------------------------------------------------------- a full disk
 
 @contextlib.contextmanager
