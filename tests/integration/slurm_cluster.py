@@ -1,4 +1,7 @@
-"""A real single-node SLURM cluster for tests: munged + slurmctld + slurmd on this machine.
+"""A real SLURM cluster for tests: munged + slurmctld + one slurmd per node on this machine.
+
+``SlurmCluster(workdir, nodes=2)`` runs two slurmd daemons (nodes ``n0``, ``n1``, own
+ports, spools and logs; names that do not resolve, so jobs need ``MASTER_ADDR=127.0.0.1``).
 
 ``SlurmCluster(workdir).start()`` writes a ``slurm.conf`` for this host (its
 short host name, all CPUs, the free memory, free TCP ports, state and spool
@@ -75,7 +78,7 @@ SlurmdSpoolDir={spool}/%n
 SlurmctldPidFile={run}/slurmctld.pid
 SlurmdPidFile={run}/slurmd-%n.pid
 SlurmctldLogFile={run}/slurmctld.log
-SlurmdLogFile={run}/slurmd.log
+SlurmdLogFile={run}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -92,18 +95,22 @@ InactiveLimit=0
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-NodeName={host} NodeAddr={addr} CPUs={cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
 class SlurmCluster:
     """munged + slurmctld + slurmd for one host, configured under ``workdir``."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, nodes: int = 1):
         self.root = Path(workdir).resolve()
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip() \
             or socket.gethostname().split(".")[0]
+        #: One slurmd per node name. Several nodes on this host are n0, n1, ... (each its own
+        #: slurmd, port and spool directory; all CPUs each); their names do not resolve, so
+        #: jobs must be given MASTER_ADDR=127.0.0.1.
+        self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(nodes)]
         self.conf = self.root / "etc" / "slurm.conf"
         # munged runs as user munge and must reach its socket directory, so that lives in its
         # own world-searchable temporary directory (pytest's tmp_path parents are mode 0700).
@@ -127,7 +134,8 @@ class SlurmCluster:
             self._write_conf()
             self._start_munged()
             self._spawn("slurmctld", ["-D", "-f", str(self.conf)])
-            self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", self.host])
+            for node in self.nodes:
+                self._spawn(f"slurmd-{node}", ["-D", "-f", str(self.conf), "-N", node], program="slurmd")
             self._wait_idle(timeout_s)
         except BaseException:
             self.stop()
@@ -157,10 +165,15 @@ class SlurmCluster:
         run = self.root / "run"
         for d in (self.conf.parent, self.root / "state", self.root / "spool", run):
             d.mkdir(parents=True, exist_ok=True)
+        cpus, mem = os.cpu_count() or 1, _free_memory_mb()
+        lines = [f"NodeName={n} NodeHostname={n} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} "
+                 f"RealMemory={mem // len(self.nodes)} State=UNKNOWN" for n in self.nodes]
+        if len(self.nodes) == 1:
+            lines = [f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN"]
         self.conf.write_text(SLURM_CONF.format(
             host=self.host, addr="127.0.0.1", ctld_port=free_port(), slurmd_port=free_port(),
             munge_socket=self.munge_dir / "munge.socket", state=self.root / "state",
-            spool=self.root / "spool", run=run, cpus=os.cpu_count() or 1, mem=_free_memory_mb()))
+            spool=self.root / "spool", run=run, node_lines="\n".join(lines), node_names=",".join(self.nodes)))
 
     def _start_munged(self) -> None:
         """A private munged (own socket, pid and key copy) running as user munge."""
@@ -200,10 +213,10 @@ class SlurmCluster:
         self.munged_pid = None
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], program: str | None = None) -> None:
         """Start a SLURM daemon in the foreground as our child; its output goes to run/<name>.out."""
         out = open(self.root / "run" / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen([_which(name), *args], stdout=out, stderr=subprocess.STDOUT,
+        self.procs[name] = subprocess.Popen([_which(program or name), *args], stdout=out, stderr=subprocess.STDOUT,
                                             env=self.env, start_new_session=True)
 
     def _kill_stray_steps(self) -> None:
@@ -220,7 +233,7 @@ class SlurmCluster:
                 continue
 
     def _wait_idle(self, timeout_s: float) -> None:
-        """Poll sinfo until the node is idle; raise with the daemon logs if it never gets there."""
+        """Poll sinfo until every node is idle; raise with the daemon logs if one never gets there."""
         deadline = time.monotonic() + timeout_s
         state = ""
         while time.monotonic() < deadline:
@@ -230,7 +243,8 @@ class SlurmCluster:
             r = subprocess.run([_which("sinfo"), "-h", "-N", "-o", "%T"], capture_output=True,
                                text=True, env=self.env, timeout=10)
             state = r.stdout.strip()
-            if r.returncode == 0 and state.startswith("idle"):
+            states = state.split()
+            if r.returncode == 0 and len(states) == len(self.nodes) and all(s.startswith("idle") for s in states):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"SLURM node not idle after {timeout_s} s (state {state!r}):\n{self.logs()}")
