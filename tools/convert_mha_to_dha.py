@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import math
 import os
 import sys
@@ -71,7 +72,7 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         run.data.tokenizer = os.path.abspath(src)
         run.data.seq_len = min(2048, mcfg.max_seq_len)
         run_dict = run.to_dict()
-        origin = os.path.abspath(src)
+        origin, path = os.path.abspath(src), None
     else:
         path = ckpt.resolve_checkpoint(src)
         run_dict = ckpt.read_trainer_state(path).get("config")
@@ -84,7 +85,36 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(run_dict, keys, absolute_override(keys, value))
+    if path:
+        anchor_stored_paths(run_dict, path)
     return validated(run_dict, needs_data), tensors, origin
+
+
+def anchor_stored_paths(run_dict: dict, ckpt_path: str) -> None:
+    """Relative data paths an older run stored (``data.tokenizer``, ``data.cache_dir``,
+    ``data.paths``) are looked up under its run directory, never this directory; one that is
+    not there is bad input naming the key (give it on the command line instead)."""
+    from tools.convert_checkpoint import run_directories
+    data = run_dict.get("data")
+    if not isinstance(data, dict):
+        return
+    bases = run_directories(run_dict, ckpt_path)
+
+    def anchor(value, key: str):
+        path = os.path.expanduser(value) if isinstance(value, str) else value
+        if not isinstance(path, str) or not path or os.path.isabs(path):
+            return path
+        for base in bases:
+            if glob.glob(glob.escape(os.path.join(base, path)) + "*"):    # a file, or a dataset prefix
+                return os.path.join(base, path)
+        raise ConvertError(f"checkpoint {ckpt_path} stores the relative path data.{key}={value!r} (not found "
+                           f"under {', '.join(bases)}); it is not resolved against this directory: give "
+                           f"data.{key}=... on the command line")
+    for key in ("tokenizer", "cache_dir"):
+        if key in data:
+            data[key] = anchor(data[key], key)
+    if isinstance(data.get("paths"), list):
+        data["paths"] = [anchor(p, "paths") for p in data["paths"]]
 
 
 #: Run-config keys that hold paths.

@@ -123,6 +123,34 @@ def test_relative_paths_on_the_command_line_are_stored_absolute(inputs, tmp_path
     assert stored["paths"] == [inputs["prefix"]] and stored["tokenizer"] == inputs["hf"]
 
 
+def test_relative_paths_stored_in_a_checkpoint_mean_its_run_directory(inputs, tmp_path, monkeypatch, capsys):
+    """An older run stored ``data.tokenizer=tok.model`` and ``data.paths=[corpus]`` relative:
+    they are looked up under its run directory, not under the tool's current directory (which
+    holds a decoy of the same name); a stored relative path that is not there is one line."""
+    import shutil
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(inputs["tok"], run_dir / "tok.model")
+    shutil.copy(inputs["prefix"] + ".idx", run_dir / "corpus.idx")
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    (here / "tok.model").write_text("a decoy")
+    monkeypatch.chdir(here)
+    for name, stored in (("good", "tok.model"), ("gone", "missing.model")):
+        src = _checkpoint(str(run_dir / "checkpoints" / f"iter_000000{len(name)}"), stored, None, 0,
+                          paths=["corpus"])
+        rc = upcycle.main(["sparse", src, str(tmp_path / name), "--experts", "2"])
+        if name == "good":
+            assert rc == 0
+            data = load_config(str(tmp_path / "good" / "config.yaml")).data
+            assert data.tokenizer == str(run_dir / "tok.model") and data.paths == [str(run_dir / "corpus")]
+            capsys.readouterr()
+        else:
+            assert rc == 2
+            line = one_error_line(capsys)
+            assert "data.tokenizer='missing.model'" in line and str(run_dir) in line, line
+
+
 # ---------------------------------------------------------------- a full disk
 
 @contextlib.contextmanager
@@ -164,14 +192,16 @@ def test_full_disk_is_one_line_and_exit_1(inputs, tmp_path, capsys, tool):
 
 # ---------------------------------------------------------------- UpIT: one tokenizer
 
-def _checkpoint(path: str, tokenizer: Optional[str], fingerprint: Optional[str], seed: int) -> str:
-    """A weights-only checkpoint of the tiny model whose run config names ``tokenizer`` and
-    whose trainer state records ``fingerprint`` (None: an older checkpoint without one)."""
+def _checkpoint(path: str, tokenizer: Optional[str], fingerprint: Optional[str], seed: int,
+                paths: tuple[str, ...] = ()) -> str:
+    """A weights-only checkpoint of the tiny model whose run config names ``tokenizer`` (and
+    data ``paths``) and whose trainer state records ``fingerprint`` (None: an older checkpoint
+    without one)."""
     import torch
     torch.manual_seed(seed)
     model = build_model(tiny_model_config())
     run = RunConfig(model=model.cfg)
-    run.data.tokenizer, run.data.seq_len = tokenizer or "", model.cfg.max_seq_len
+    run.data.tokenizer, run.data.seq_len, run.data.paths = tokenizer or "", model.cfg.max_seq_len, list(paths)
     state = {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
              "format_version": ckpt.FORMAT_VERSION, "config": run.to_dict()}
     if fingerprint:
