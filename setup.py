@@ -1,12 +1,29 @@
 """polytron: Megatron-style distributed pre-training in PyTorch."""
 from setuptools import find_packages, setup
 
+#: The repository's top-level folders, installed as subpackages of ``polytron`` (import
+#: ``polytron.model``, ``polytron.data``, ...): nothing named ``model`` or ``data`` lands at
+#: the top level of site-packages. ``polytron`` itself is a namespace package.
+FOLDERS = ("model", "parallel", "data", "pretrain", "launch", "tools")
+
+
+def polytron_packages() -> dict[str, str]:
+    """``{"polytron.model.moe": "model/moe", ...}`` for every package under FOLDERS."""
+    found = {}
+    for folder in FOLDERS:
+        for name in [folder] + [f"{folder}.{sub}" for sub in find_packages(folder)]:
+            found[f"polytron.{name}"] = name.replace(".", "/")
+    return found
+
+
 setup(
     name="polytron",
     version="0.1.0",
     description="Megatron-style distributed LLM pre-training (TP/SP/PP/FSDP/EP) with research architectures",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain*", "model*", "parallel*", "data*"]),
+    packages=list(polytron_packages()),
+    package_dir=polytron_packages(),
+    package_data={"polytron.launch": ["configs/*.yaml", "slurm/*.in"]},
     install_requires=[
         # A range the local torch 2.13.0 CPU build satisfies (and torch 2.11 on GPU machines):
         # an already-installed torch is kept, so CPU machines never pull a CUDA build.

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib
 
-from data.errors import DataError
+from polytron.data.errors import DataError
 
 #: public name -> the module that defines it
-_LAZY = {"DataBundle": "data.loader", "TrainLoader": "data.loader", "build_data": "data.loader",
-         "collate": "data.loader", "HFTokenizer": "data.tokenizer",
-         "SentencePieceTokenizer": "data.tokenizer", "load_tokenizer": "data.tokenizer"}
+_LAZY = {"DataBundle": "polytron.data.loader", "TrainLoader": "polytron.data.loader", "build_data": "polytron.data.loader",
+         "collate": "polytron.data.loader", "HFTokenizer": "polytron.data.tokenizer",
+         "SentencePieceTokenizer": "polytron.data.tokenizer", "load_tokenizer": "polytron.data.tokenizer"}
 
 __all__ = ["DataError", *_LAZY]
 

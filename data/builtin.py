@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from data.errors import DataError
+from polytron.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ def _relocate_summary(final: str) -> None:
 
 def _build(final: str, vocab_size: int) -> None:
     """Build corpus text -> tokenizer -> indexed dataset in a temp dir, then rename."""
-    from data.preprocess import preprocess
-    from data.tokenizer import train_sentencepiece
+    from polytron.data.preprocess import preprocess
+    from polytron.data.tokenizer import train_sentencepiece
 
     t0 = time.time()
     tmp = f"{final}.tmp{os.getpid()}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.configlib import bad, doc
+from polytron.model.configlib import bad, doc
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 import tempfile
 from typing import Iterator
 
-from data.errors import DataError
+from polytron.data.errors import DataError
 
 
 def os_reason(e: OSError) -> str:

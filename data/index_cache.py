@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data._megatron import GPTDataset
-from data.errors import DataError
-from data.files import os_reason
+from polytron.data._megatron import GPTDataset
+from polytron.data.errors import DataError
+from polytron.data.files import os_reason
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from data.errors import DataError
+from polytron.data.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

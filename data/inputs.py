@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from data.errors import DataError
-from data.files import is_own_output, os_reason
+from polytron.data.errors import DataError
+from polytron.data.files import is_own_output, os_reason
 
 COMPRESSED = (".gz", ".zst")
 

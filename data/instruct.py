@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-from data.tokenizer import SYNTHESIZER_MARKERS
+from polytron.data.tokenizer import SYNTHESIZER_MARKERS
 
 CON, CON_END, QUE, ANS, END = SYNTHESIZER_MARKERS
 #: Between the context block and the pairs, and between two pairs.

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from data.instruct import Pair, Synthesized
+from polytron.data.instruct import Pair, Synthesized
 
 COT_QUESTION = "\nLet's think step by step."
 COT_ANSWER = "\nTherefore, the answer is "

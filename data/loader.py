@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from data.builtin import ensure_builtin_corpus, file_lock
-from data.config import DataConfig
-from data.errors import DataError
-from data.files import ensure_writable_dir
-from data.tokenizer import Tokenizer, load_tokenizer
-from data.validate import IndexInfo, check_dataset, check_dataset_tokenizer, check_tokenizer_fits
+from polytron.data.builtin import ensure_builtin_corpus, file_lock
+from polytron.data.config import DataConfig
+from polytron.data.errors import DataError
+from polytron.data.files import ensure_writable_dir
+from polytron.data.tokenizer import Tokenizer, load_tokenizer
+from polytron.data.validate import IndexInfo, check_dataset, check_dataset_tokenizer, check_tokenizer_fits
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def _resolve(cfg: DataConfig) -> tuple[list[str], str]:
 
 def _check_splits(infos: list[IndexInfo], split: str) -> None:
     """Every split with a non-zero share must get at least one document of each dataset."""
-    from data._megatron import Split, convert_split_vector_to_split_matrix, parse_and_normalize_split
+    from polytron.data._megatron import Split, convert_split_vector_to_split_matrix, parse_and_normalize_split
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for info in infos:
@@ -315,7 +315,7 @@ def _check_splits(infos: list[IndexInfo], split: str) -> None:
 
 def _check_eval(split: str, eval_interval: int) -> None:
     """Evaluation asked for (``eval_interval > 0``) needs a validation share in the split."""
-    from data._megatron import parse_and_normalize_split
+    from polytron.data._megatron import parse_and_normalize_split
 
     if eval_interval > 0 and parse_and_normalize_split(split)[1] == 0:
         raise DataError(f"data.split={split!r} leaves no validation data, but training.eval_interval="
@@ -332,7 +332,7 @@ def _index_bytes(infos: list[IndexInfo], weights: list[float] | None, split: str
     2 x epochs x documents int64 grid) plus sample and shuffle indices of ``samples``
     entries, where ``epochs`` is how often the split's tokens must repeat.
     """
-    from data._megatron import parse_and_normalize_split
+    from polytron.data._megatron import parse_and_normalize_split
 
     share = parse_and_normalize_split(split)[0]
     total = sum(weights) if weights else 1.0
@@ -408,9 +408,9 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
 def _build_megatron(cfg: DataConfig, prefixes: list[str], weights: list[float] | None,
                     tok: Tokenizer, seed: int, sizes: list[int]) -> list:
     """Run megatron-core's BlendedMegatronDatasetBuilder for GPTDataset splits."""
-    from data._megatron import GPTDatasetConfig
-    from data.index_cache import CheckedGPTDataset
-    from data.lossmask import MaskedGPTDataset, has_loss_mask
+    from polytron.data._megatron import GPTDatasetConfig
+    from polytron.data.index_cache import CheckedGPTDataset
+    from polytron.data.lossmask import MaskedGPTDataset, has_loss_mask
 
     cache = ensure_writable_dir(os.path.join(os.path.expanduser(cfg.cache_dir), "megatron-index"),
                                 f"data.cache_dir {cfg.cache_dir}")
@@ -430,7 +430,7 @@ def _build_megatron(cfg: DataConfig, prefixes: list[str], weights: list[float] |
 
 
 def _builder_base():
-    from data._megatron import BlendedMegatronDatasetBuilder
+    from polytron.data._megatron import BlendedMegatronDatasetBuilder
 
     return BlendedMegatronDatasetBuilder
 
@@ -444,7 +444,7 @@ class _Builder(_builder_base()):  # type: ignore[misc]
 
     @staticmethod
     def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):  # noqa: D102
-        from data._megatron import BlendedDataset
+        from polytron.data._megatron import BlendedDataset
 
         if cls is BlendedDataset:
             import copy

@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from data.errors import DataError
-from data.index_cache import CheckedGPTDataset
+from polytron.data.errors import DataError
+from polytron.data.index_cache import CheckedGPTDataset
 
 MASK_SUFFIX = ".lossmask"
 
@@ -57,7 +57,7 @@ class MaskedGPTDataset(CheckedGPTDataset):
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
-        from data._megatron import IndexedDataset
+        from polytron.data._megatron import IndexedDataset
 
         self.masks = IndexedDataset(mask_prefix(dataset_path), mmap=True) if has_loss_mask(dataset_path) else None
         if self.masks is None:
@@ -99,7 +99,7 @@ def write_dataset(prefix: str, docs: Iterable[tuple[list[int], Optional[list[int
     """Write ``PREFIX.{bin,idx}`` (and ``PREFIX.lossmask.*`` when ``with_mask``) from
     (token ids, mask values) per document; returns (documents, tokens, loss tokens). Without
     any document nothing is written and ``DataError(empty())`` is raised."""
-    from data._megatron import IndexedDatasetBuilder
+    from polytron.data._megatron import IndexedDatasetBuilder
 
     tmp = f"{prefix}.tmp-{os.getpid()}"
     targets = [(tmp + MASK_SUFFIX, mask_prefix(prefix))] * with_mask + [(tmp, prefix)]

@@ -12,11 +12,11 @@ import os
 import re
 import time
 
-from data.errors import DataError
-from data.files import (check_output_prefix, ensure_writable_dir, file_id, missing_dirs, remove_empty_dirs,
+from polytron.data.errors import DataError
+from polytron.data.files import (check_output_prefix, ensure_writable_dir, file_id, missing_dirs, remove_empty_dirs,
                         remove_stale_temps, writing)
-from data.indexed import merge
-from data.preprocess import MAX_LISTED_SKIPS
+from polytron.data.indexed import merge
+from polytron.data.preprocess import MAX_LISTED_SKIPS
 
 
 def resolve_inputs(patterns: list[str]) -> tuple[list[str], list[dict]]:

@@ -35,13 +35,13 @@ from typing import Iterator, Literal, Optional
 
 import yaml
 
-from data.errors import DataError
-from data.files import ensure_writable_dir
-from data.instruct import Synthesized, chains, record_of
-from data.instruct_templates import FormatStats, format_chain
-from data.lossmask import has_loss_mask, remove_loss_mask, write_dataset
-from data.tokenizer import Tokenizer, load_tokenizer
-from model.configlib import ConfigError, bad, doc, from_dict, load_yaml
+from polytron.data.errors import DataError
+from polytron.data.files import ensure_writable_dir
+from polytron.data.instruct import Synthesized, chains, record_of
+from polytron.data.instruct_templates import FormatStats, format_chain
+from polytron.data.lossmask import has_loss_mask, remove_loss_mask, write_dataset
+from polytron.data.tokenizer import Tokenizer, load_tokenizer
+from polytron.model.configlib import ConfigError, bad, doc, from_dict, load_yaml
 
 KINDS = ("augmented", "raw", "instruction")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -186,7 +186,7 @@ def _fits(tok: Tokenizer, seq_len: int):
 
 def build_augmented(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tokenizer) -> SourceResult:
     """Format the synthesized records into pre-training texts and tokenize them."""
-    from data.preprocess import preprocess
+    from polytron.data.preprocess import preprocess
 
     stats, unreadable = FormatStats(), 0
     staged = os.path.join(os.path.dirname(prefix), f".{src.name}.formatted-{os.getpid()}.jsonl")
@@ -211,8 +211,8 @@ def build_augmented(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tok
 
 def build_raw(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tokenizer) -> SourceResult:
     """Tokenize raw text (or take an existing dataset as it is)."""
-    from data.preprocess import preprocess
-    from data.validate import check_dataset
+    from polytron.data.preprocess import preprocess
+    from polytron.data.validate import check_dataset
 
     if src.prefix:
         prefix = os.path.abspath(os.path.expanduser(src.prefix))
@@ -228,7 +228,7 @@ def build_raw(src: SourceConfig, prefix: str, cfg: MixtureConfig, tok: Tokenizer
 
 def _check_tokenizer_of(src: SourceConfig, prefix: str, tok: Tokenizer) -> None:
     """A dataset used as it is must be of the mixture's tokenizer (when its summary says)."""
-    from data.validate import dataset_fingerprint
+    from polytron.data.validate import dataset_fingerprint
 
     recorded = dataset_fingerprint(prefix)
     if recorded and recorded != tok.fingerprint:
@@ -298,7 +298,7 @@ def build_mixture(cfg: MixtureConfig) -> dict:
 def _check_no_output_is_an_input(cfg: MixtureConfig, out: str) -> None:
     """No source may read a file another source writes (``<out>/<name>.*``), compared as
     files (device and inode) and by real directory, not as path strings."""
-    from data.files import refuse_outputs_as_inputs
+    from polytron.data.files import refuse_outputs_as_inputs
 
     built = [os.path.join(out, s.name) for s in cfg.sources if not s.prefix]
     for i, src in enumerate(cfg.sources):
@@ -330,8 +330,8 @@ def realized_composition(paths: list[str], weights: list[float], tokenizer: str,
                          samples: int, seed: int, cache_dir: str, split: str = "100,0,0") -> list[dict]:
     """Per dataset of a blend: the samples, tokens and loss tokens the training loader draws
     in its first ``samples`` samples (the real loader: blending, packing, loss masks)."""
-    from data.config import DataConfig
-    from data.loader import build_data
+    from polytron.data.config import DataConfig
+    from polytron.data.loader import build_data
 
     cfg = DataConfig(paths=list(paths), weights=list(weights), tokenizer=tokenizer, seq_len=seq_len,
                      split=split, cache_dir=cache_dir, prefetch=0)

@@ -36,13 +36,13 @@ from typing import Iterator
 
 import numpy as np
 
-from data.errors import DataError
-from data.files import (check_input_files, check_output_prefix, ensure_writable_dir, missing_dirs, name_inputs,
+from polytron.data.errors import DataError
+from polytron.data.files import (check_input_files, check_output_prefix, ensure_writable_dir, missing_dirs, name_inputs,
                         refuse_outputs_as_inputs, remove_empty_dirs, remove_stale_temps, writing)
-from data.indexed import DatasetWriter, optimal_dtype
-from data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
-from data.segment_cache import build_encoder
-from data.tokenizer import Tokenizer, load_tokenizer
+from polytron.data.indexed import DatasetWriter, optimal_dtype
+from polytron.data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
+from polytron.data.segment_cache import build_encoder
+from polytron.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
-from data.errors import DataError
-from data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
+from polytron.data.errors import DataError
+from polytron.data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
 
 #: The instruction synthesizer's markers (Instruction Pre-Training, data/instruct.py): the
 #: context's start and end, a question, its answer, the end of a pair.

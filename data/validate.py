@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import DataError
+from polytron.data.errors import DataError
 
 log = logging.getLogger(__name__)
 

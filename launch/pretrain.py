@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXIT_BAD_INPUT = 2
 EXIT_NUMERICS = 3
@@ -37,29 +36,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def help_config() -> None:
-    from pretrain.config import RunConfig
-    from model.configlib import field_docs
+    from polytron.pretrain.config import RunConfig
+    from polytron.model.configlib import field_docs
     for key, text, default in field_docs(RunConfig):
         print(f"{key} = {default!r}\n    {text}")
 
 
 def run(argv: list[str]) -> int:
-    from launch.env import follow_launcher
+    from polytron.launch.env import follow_launcher
     follow_launcher()   # under torchrun: SIGTERM (save, exit 75) if the agent dies, never an orphan
     import warnings
     # megatron-core's package import warns about optional GPU kernels we never use.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch.distributed as dist
 
-    from data.errors import DataError
-    from launch.env import (LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env,
+    from polytron.data.errors import DataError
+    from polytron.launch.env import (LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env,
                             lost_peer)
-    from parallel.mesh import ParallelDims
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import load_config
-    from model.configlib import ConfigError
-    from pretrain.guards import NumericsError
-    from pretrain.errors import RunError
+    from polytron.parallel.mesh import ParallelDims
+    from polytron.pretrain.checkpoint import CheckpointError
+    from polytron.pretrain.config import load_config
+    from polytron.model.configlib import ConfigError
+    from polytron.pretrain.guards import NumericsError
+    from polytron.pretrain.errors import RunError
 
     args = parse_args(argv)
     if args.help_config:
@@ -80,7 +79,7 @@ def run(argv: list[str]) -> int:
             check_master_reachable(env)
         if env.rank == 0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
-        from pretrain.trainer import Trainer
+        from polytron.pretrain.trainer import Trainer
         trainer = Trainer(cfg, env.rank, env.world_size, env.local_rank, backend)
         return trainer.run()
     except (ConfigError, DataError, CheckpointError, LaunchError, RunError) as e:

@@ -31,9 +31,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.env import LAUNCHER_PID_VAR  # noqa: E402
+from polytron.launch.env import LAUNCHER_PID_VAR  # noqa: E402
 
 EXIT_REQUEUE = 75
 EXIT_BAD_INPUT = 2

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 TEMPLATE = REPO / "launch" / "slurm" / "pretrain.sbatch.in"
 NODE_AGENT = REPO / "launch" / "slurm" / "node_agent.py"
@@ -132,9 +130,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_run_config(config: Path, overrides: list[str], world_size: int):
     """Load and validate the run config and its layout for ``world_size`` processes."""
-    from parallel.mesh import LayoutError, ParallelDims
-    from pretrain.config import load_config
-    from model.configlib import ConfigError
+    from polytron.parallel.mesh import LayoutError, ParallelDims
+    from polytron.pretrain.config import load_config
+    from polytron.model.configlib import ConfigError
 
     try:
         cfg = load_config(str(config), overrides)
@@ -265,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, render, then print (--dry-run) or submit."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["preprocess"]:
-        from launch.slurm.preprocess_job import main as preprocess_main
+        from polytron.launch.slurm.preprocess_job import main as preprocess_main
 
         return preprocess_main(argv[1:])
     a = parse_args(argv)

@@ -77,7 +77,7 @@ def counts(cfg) -> Counts:
     import dataclasses
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     if key not in _CACHE:
-        from model.transformer import Transformer
+        from polytron.model.transformer import Transformer
         with torch.device("meta"):
             _CACHE[key] = _count(Transformer(cfg))
     return _CACHE[key]
@@ -93,7 +93,7 @@ def kv_cache_bytes_per_token(cfg, dtype: torch.dtype = torch.bfloat16):
     """Bytes the architecture's inference cache (``spec.make_cache``) grows by per token of one
     sequence, at ``dtype`` (None when the spec declares no cache). Measured on the meta device as
     the difference between caches of 2 and 1 positions, so it is the per-token part only."""
-    from model.spec import get_spec
+    from polytron.model.spec import get_spec
     make = get_spec(cfg.arch).make_cache
     if make is None:
         return None

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from model.bitnet.config import BitNetConfig
-from model.configlib import ConfigError, bad, doc
-from model.dha.config import DHAConfig
-from model.moe.config import MoEConfig
-from model.yoco.config import YOCOConfig
+from polytron.model.bitnet.config import BitNetConfig
+from polytron.model.configlib import ConfigError, bad, doc
+from polytron.model.dha.config import DHAConfig
+from polytron.model.moe.config import MoEConfig
+from polytron.model.yoco.config import YOCOConfig
 
 
 @dataclass
@@ -81,8 +81,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject impossible shapes and unknown slot kinds with a message naming the key."""
-        from model.layers import ATTENTIONS, LINEARS, MLPS
-        from model.spec import get_spec
+        from polytron.model.layers import ATTENTIONS, LINEARS, MLPS
+        from polytron.model.spec import get_spec
         load_plugins(self.plugins)
         get_spec(self.arch)
         for key, registry in (("attention", ATTENTIONS), ("mlp", MLPS), ("linear", LINEARS)):
@@ -107,14 +107,14 @@ class ModelConfig:
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count of the model this config builds (tied parameters once)."""
-        from model.accounting import counts
+        from polytron.model.accounting import counts
         c = counts(self)
         return c.total if include_embedding else c.total - c.embedding
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), attention included
         (model/accounting.py: 6 x activated matmul parameters + attention, PaLM convention)."""
-        from model.accounting import flops_per_token
+        from polytron.model.accounting import flops_per_token
         return flops_per_token(self, seq_len)
 
 

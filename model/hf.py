@@ -84,7 +84,7 @@ class NameMapAdapter(abc.ABC):
 
     def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
         """Rename to our names and check against the model's shapes, first mismatch named."""
-        from model.transformer import param_shapes
+        from polytron.model.transformer import param_shapes
         ours: dict[str, torch.Tensor] = {}
         for name, t in hf.items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -142,7 +142,7 @@ def read_hf_config(src: str) -> tuple[dict, str]:
 
 def find_adapter(model_type: Optional[str], file: str):
     """The registered adapter that reads Hugging Face ``model_type``."""
-    from model.spec import SPECS, get_spec
+    from polytron.model.spec import SPECS, get_spec
     get_spec("llama")                          # makes sure the built-in specs are registered
     for spec in SPECS.values():
         if spec.hf is not None and model_type in spec.hf.model_types:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention_kernels import causal_attention
+from polytron.model.attention_kernels import causal_attention
 
 #: Projection roles a linear factory receives.
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "head", "proj")

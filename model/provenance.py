@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from model.configlib import ConfigError
+from polytron.model.configlib import ConfigError
 
 PLUGIN_FLAG = "--plugin"
 
@@ -57,8 +57,8 @@ def check_plugins(model_section: Any, named: Sequence[str], source: str) -> None
 def trusted_model_config(model_section: Any, named: Sequence[str], source: str):
     """The validated ModelConfig of a stored model section, importing only the plugins the
     user named (after :func:`check_plugins`)."""
-    from model.config import ModelConfig, load_plugins
-    from model.configlib import from_dict
+    from polytron.model.config import ModelConfig, load_plugins
+    from polytron.model.configlib import from_dict
     check_plugins(model_section, named, source)
     if not isinstance(model_section, dict):
         raise ConfigError(f"{source}: the model config is {type(model_section).__name__}, not a mapping")

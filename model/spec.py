@@ -71,9 +71,9 @@ def register_spec(spec: ModelSpec) -> ModelSpec:
 
 def get_spec(name: str) -> ModelSpec:
     """The spec registered as ``name`` (importing the built-in architectures first)."""
-    import model.architectures  # noqa: F401  (registers every built-in spec)
+    import polytron.model.architectures  # noqa: F401  (registers every built-in spec)
     if name not in SPECS:
-        from model.configlib import bad
+        from polytron.model.configlib import bad
         raise bad("model.arch", name, "one of " + ", ".join(repr(n) for n in sorted(SPECS)))
     return SPECS[name]
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import OUTPUT_ROLES, Context, rope_table, select_rope
-from model.spec import Unit, get_spec
+from polytron.model.layers import OUTPUT_ROLES, Context, rope_table, select_rope
+from polytron.model.spec import Unit, get_spec
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

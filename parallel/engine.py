@@ -43,13 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.hooks import StatsCollector, report, step_scope
-from model.transformer import Transformer, cross_entropy_sum
-from parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
-from parallel.config import ParallelConfig
-from parallel.mesh import LayoutError, ParallelDims
-from parallel.runtime import autocast_context
+from polytron.model.config import ModelConfig
+from polytron.model.hooks import StatsCollector, report, step_scope
+from polytron.model.transformer import Transformer, cross_entropy_sum
+from polytron.parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.mesh import LayoutError, ParallelDims
+from polytron.parallel.runtime import autocast_context
 
 Batch = dict[str, torch.Tensor]
 SIDE_INPUTS = ("position_ids", "doc_ids")
@@ -331,7 +331,7 @@ class PipelineEngine(TrainEngine):
         key = (n, train)
         if key not in self._schedules:
             from torch.distributed.pipelining import PipelineStage
-            from parallel.pipeline import schedule_class
+            from polytron.parallel.pipeline import schedule_class
             stages = [PipelineStage(part, idx, self.dims.num_stages, self.device, group=self.pp_group)
                       for part, idx in zip(self.model_parts, self.stage_indices)]
             for stage in stages:
@@ -432,13 +432,13 @@ def parallelize(part: nn.Module, model_cfg: ModelConfig, pcfg: ParallelConfig, d
     if fp8 is not None:
         fp8.convert(part)
     if dims.tp > 1:
-        from parallel.tensor_parallel import apply_tensor_parallel
+        from polytron.parallel.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(part, mesh["tp"], pcfg.sequence_parallel)
     apply_activation_checkpointing(part, pcfg.activation_checkpoint)
     if pcfg.compile:
         apply_compile(part)
     if dims.dp > 1:
-        from parallel.fsdp import apply_fsdp
+        from polytron.parallel.fsdp import apply_fsdp
         reduce_dtype = torch.float32 if pcfg.fsdp_reduce_dtype == "fp32" else dtype
         reshard = {"auto": dims.pp == 1, "always": True, "never": False}[pcfg.fsdp_reshard_after_forward]
         apply_fsdp(part, mesh, dims, param_dtype=dtype, reduce_dtype=reduce_dtype,
@@ -460,12 +460,12 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
 
     ``fp8_cfg`` (``precision.fp8``) makes the engine's ``fp8`` plan; its post-optimizer
     hooks are the engine's ``post_optimizer_hooks`` (run by :class:`pretrain.step.TrainStep`)."""
-    from parallel.fp8 import build_fp8
+    from polytron.parallel.fp8 import build_fp8
     fp8 = build_fp8(fp8_cfg, dims, mesh, device)
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if dims.pp > 1:
-        from parallel.pipeline import cut_stage, split_layers, stage_ids, stage_units
+        from polytron.parallel.pipeline import cut_stage, split_layers, stage_ids, stage_units
         blocks = sum(u.kind == "block" for u in model.units)
         stages = stage_units(model.units, split_layers(blocks, dims.num_stages, pcfg.pipeline_split or None))
         ids = stage_ids(mesh["pp"].get_local_rank(), dims.pp, dims.virtual_stages)

@@ -95,7 +95,7 @@ class ExpertDispatch:
 
     def __call__(self, rows: torch.Tensor, groups, experts: nn.Module) -> torch.Tensor:
         """(M, w) rows sorted by (global) expert, kept rows first -> (M, w) expert outputs."""
-        from model.moe.experts import Groups
+        from polytron.model.moe.experts import Groups
         send, recv, per_expert, received = self.splits(groups.counts)
         local = len(per_expert)
         kept = sum(send)

@@ -49,7 +49,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
-from model.configlib import ConfigError, bad, doc
+from polytron.model.configlib import ConfigError, bad, doc
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_gw_hp", "delayed", "mxfp8")
 #: recipe -> backends that implement it
@@ -121,7 +121,7 @@ class FP8Config:
             raise bad("precision.fp8.format", self.format, "'e4m3' or 'auto' with recipe 'mxfp8'")
 
     def _validate_selection(self) -> None:
-        from model.layers import ROLES
+        from polytron.model.layers import ROLES
         for i, role in enumerate(self.keep_roles):
             if role not in ROLES:
                 raise bad(f"precision.fp8.keep_roles[{i}]", role, "one of " + ", ".join(ROLES))

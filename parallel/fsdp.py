@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from model.spec import PLAIN_KINDS
-from parallel.mesh import ParallelDims
+from polytron.model.spec import PLAIN_KINDS
+from polytron.parallel.mesh import ParallelDims
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
@@ -50,7 +50,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dty
     all-gathers by the micro-batch count.
     """
     from torch.distributed.fsdp import fully_shard
-    from parallel.expert_parallel import attach_load_reduction
+    from polytron.parallel.expert_parallel import attach_load_reduction
     fmesh = dp_mesh(mesh, dims)
     mp = mixed_precision(param_dtype, reduce_dtype)
     inner = [m for u, m in model.unit_modules() if u.kind not in PLAIN_KINDS]
@@ -78,7 +78,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, mp,
     if dims.ep == 1:
         return []
     from torch.distributed.fsdp import fully_shard
-    from parallel.expert_parallel import apply_expert_parallel
+    from polytron.parallel.expert_parallel import apply_expert_parallel
     experts = apply_expert_parallel(model, mesh["ep"])
     emesh = expert_mesh(mesh, dims)
     for module in experts:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from model.config import ModelConfig
-from parallel.config import ParallelConfig
-from model.configlib import ConfigError
+from polytron.model.config import ModelConfig
+from polytron.parallel.config import ParallelConfig
+from polytron.model.configlib import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: The mesh with expert parallelism: dp_shard = efsdp x ep (flattened back to "dp_shard").
@@ -80,7 +80,7 @@ class ParallelDims:
         return dims
 
     def _check_model(self, p: ParallelConfig, m: ModelConfig) -> None:
-        from model.spec import get_spec, layer_units
+        from polytron.model.spec import get_spec, layer_units
         spec = get_spec(m.arch)
         err = spec.check_layout(m, self.tp) if self.tp > 1 else None
         if err:
@@ -113,7 +113,7 @@ class ParallelDims:
 
     def _check_experts(self, m: ModelConfig) -> None:
         """Expert parallelism needs routed experts that ep divides, carved from dp_shard."""
-        from model.layers import MLPS
+        from polytron.model.layers import MLPS
         experts = getattr(MLPS.get(m.mlp), "num_experts_of", None)
         if experts is None:
             raise LayoutError(f"parallel.expert={self.ep} needs a mixture-of-experts model "

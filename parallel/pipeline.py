@@ -22,8 +22,8 @@ import copy
 
 from torch import nn
 
-from model.spec import Unit
-from parallel.mesh import LayoutError
+from polytron.model.spec import Unit
+from polytron.parallel.mesh import LayoutError
 
 
 def split_layers(num_layers: int, num_stages: int, split: list[int] | None = None) -> list[list[int]]:

@@ -141,7 +141,7 @@ def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Opti
     residual = Shard(1) if sequence_parallel else Replicate()
     fp8_role = "kv" if isinstance(role, tuple) and role[0] == "kv" and role[1] % tp == 0 else role
     if fp8_role in ("colwise", "kv", "rowwise", "gather"):
-        from parallel.fp8 import float8_tp_style
+        from polytron.parallel.fp8 import float8_tp_style
         style = float8_tp_style(fp8_role, module, tp, sequence_parallel)
         if style is not None:            # a tensor-wise torchao Float8Linear (or its input gather)
             return style

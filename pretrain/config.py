@@ -13,11 +13,11 @@ from typing import Literal
 
 import yaml
 
-from data.config import DataConfig
-from model.config import ModelConfig
-from parallel.config import ParallelConfig
-from parallel.fp8 import FP8Config
-from model.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
+from polytron.data.config import DataConfig
+from polytron.model.config import ModelConfig
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.fp8 import FP8Config
+from polytron.model.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
                                 parse_override, to_dict)
 
 

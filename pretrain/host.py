@@ -19,7 +19,7 @@ import ctypes.util
 
 import torch
 
-from pretrain.config import TrainingConfig
+from polytron.pretrain.config import TrainingConfig
 
 #: glibc ``mallopt`` parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain.config import LoggingConfig, RunConfig
+from polytron.pretrain.config import LoggingConfig, RunConfig
 
 #: Default per-device peak TFLOP/s for MFU when logging.peak_tflops is 0: H100 SXM
 #: dense bf16 / fp32 (non-tensor-core) figures.

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:

@@ -28,9 +28,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from pretrain.config import OptimizerConfig, ScheduleConfig
-from pretrain.guards import finite
-from pretrain.optim import lr_at, set_lr, weight_decay_at
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.guards import finite
+from polytron.pretrain.optim import lr_at, set_lr, weight_decay_at
 
 _LOCAL = threading.local()
 

@@ -20,25 +20,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import build_data
-from pretrain.errors import RunError  # noqa: F401  (raised here; the launcher catches it)
-from parallel.engine import build_engine
-from parallel.runtime import pick_device, pick_dtype
-from parallel.mesh import ParallelDims
-from model.accounting import describe_kv_cache
-from model.config import weight_meaning_change
-from model.transformer import param_shapes
-from pretrain import checkpoint as ckpt
-from pretrain.checkpoint.discovery import describe_incomplete
-from pretrain.config import RunConfig, check_run_length
-from model.configlib import bad
-from pretrain.faults import fault_point
-from pretrain.guards import SPIKE_WINDOW, NumericsGuard
-from pretrain.host import setup_host
-from pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
-from pretrain.optim import build_optimizer, lr_at
-from pretrain.step import TrainStep, host_sync
-from pretrain.runlock import RunLock, RunLockError
+from polytron.data import build_data
+from polytron.pretrain.errors import RunError  # noqa: F401  (raised here; the launcher catches it)
+from polytron.parallel.engine import build_engine
+from polytron.parallel.runtime import pick_device, pick_dtype
+from polytron.parallel.mesh import ParallelDims
+from polytron.model.accounting import describe_kv_cache
+from polytron.model.config import weight_meaning_change
+from polytron.model.transformer import param_shapes
+from polytron.pretrain import checkpoint as ckpt
+from polytron.pretrain.checkpoint.discovery import describe_incomplete
+from polytron.pretrain.config import RunConfig, check_run_length
+from polytron.model.configlib import bad
+from polytron.pretrain.faults import fault_point
+from polytron.pretrain.guards import SPIKE_WINDOW, NumericsGuard
+from polytron.pretrain.host import setup_host
+from polytron.pretrain.metrics import MetricsLogger, format_line, peak_flops, peak_memory_bytes, perplexity
+from polytron.pretrain.optim import build_optimizer, lr_at
+from polytron.pretrain.step import TrainStep, host_sync
+from polytron.pretrain.runlock import RunLock, RunLockError
 
 #: Exit status after a signal-triggered save: "state saved, please requeue" (sysexits EX_TEMPFAIL).
 EXIT_REQUEUE = 75

@@ -29,16 +29,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def training(args) -> dict:
     """Alternating training steps of the BitNet and the dense config: median tokens/s."""
     import torch
 
-    from pretrain.config import load_config
-    from tools.benchmark import Runner, polytron_step
+    from polytron.pretrain.config import load_config
+    from polytron.tools.benchmark import Runner, polytron_step
     overrides = ["training.device=cpu", "precision.dtype=fp32", "logging.wandb=false"]
     cfgs = {name: load_config(path, overrides) for name, path in (("bitnet", args.bitnet), ("dense", args.dense))}
     device = torch.device("cpu")
@@ -56,7 +54,7 @@ def training(args) -> dict:
 
 
 def eval_model_config(args):
-    from pretrain.config import load_config
+    from polytron.pretrain.config import load_config
     return load_config(args.eval_config, [f"model.num_layers={args.eval_layers}", "data.paths=[unused]"]).model
 
 
@@ -80,9 +78,9 @@ def eval_memory(kind: str, args) -> dict:
     """(In a subprocess) build the ``kind`` model and run one eval forward; memory and time."""
     import torch
 
-    from model.bitnet.layers import BitLinear
-    from model.bitnet.packed import PackedBitLinear, packed_skeleton
-    from model.transformer import Transformer
+    from polytron.model.bitnet.layers import BitLinear
+    from polytron.model.bitnet.packed import PackedBitLinear, packed_skeleton
+    from polytron.model.transformer import Transformer
     cfg = eval_model_config(args)
     base = reset_peak_rss()
     if kind == "packed":
@@ -127,9 +125,9 @@ def packed_size(args) -> dict:
     """Packed bytes of the quantized projections against their bf16 bytes (from shapes)."""
     import torch
 
-    from model.bitnet.layers import BitLinear
-    from model.transformer import Transformer
-    from pretrain.config import load_config
+    from polytron.model.bitnet.layers import BitLinear
+    from polytron.model.transformer import Transformer
+    from polytron.pretrain.config import load_config
     cfg = load_config(args.bitnet, []).model
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -28,8 +28,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 _PART = re.compile(r"^(tp|pp|vs|fsdp|hsdp)(\d+)(?:x(\d+))?$")
 
@@ -73,13 +71,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
-    from parallel.engine import build_engine
-    from parallel.mesh import ParallelDims
-    from pretrain.config import load_config
-    from pretrain.host import setup_host
-    from parallel.runtime import pick_device, pick_dtype
-    from pretrain.optim import build_optimizer
-    from pretrain.step import TrainStep
+    from polytron.parallel.engine import build_engine
+    from polytron.parallel.mesh import ParallelDims
+    from polytron.pretrain.config import load_config
+    from polytron.pretrain.host import setup_host
+    from polytron.parallel.runtime import pick_device, pick_dtype
+    from polytron.pretrain.optim import build_optimizer
+    from polytron.pretrain.step import TrainStep
 
     over, _ = layout_overrides(args.layout)
     cfg = load_config(args.config, list(args.overrides) + over)
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides.")
     args = p.parse_args(argv)
-    from model.configlib import ConfigError
+    from polytron.model.configlib import ConfigError
     try:
         res = run(args)
     except (ConfigError, ValueError) as e:

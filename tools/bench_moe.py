@@ -33,16 +33,14 @@ import time
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
 
 def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: str = "grouped"):
     """One-layer model whose MLP is ``mlp``; the dense SwiGLU has top_k x expert_ffn inner width."""
-    from model.config import ModelConfig
-    from model.moe.config import MoEConfig
+    from polytron.model.config import ModelConfig
+    from polytron.model.moe.config import MoEConfig
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_ffn_hidden_size=args.expert_ffn,
                     heads=heads, gemm=gemm, aux_loss_coeff=0.01, log_expert_load=False)
     cfg = ModelConfig(arch="moe" if mlp != "swiglu" else "llama", mlp=mlp, moe=moe, vocab_size=128,
@@ -54,7 +52,7 @@ def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: str = "grouped"):
 
 def build_layer(cfg) -> torch.nn.Module:
     """The MLP of a one-layer model built and initialized like any model (model.transformer)."""
-    from model.transformer import build_model
+    from polytron.model.transformer import build_model
     return build_model(cfg, seed=0).layers["0"].mlp
 
 
@@ -67,7 +65,7 @@ def timed(fn: Callable[[], None], iters: int) -> float:
 
 
 def layer_bench(args) -> dict:
-    from model.hooks import StatsCollector, step_scope
+    from polytron.model.hooks import StatsCollector, step_scope
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(0))
     variants: dict[str, torch.nn.Module] = {
         "dense SwiGLU (same activated params)": build_layer(layer_config(args, "swiglu"))}
@@ -107,15 +105,15 @@ def _ep_worker(rank: int, port: int, args, queue) -> None:
 
 
 def _ep_run(args, ep: int) -> dict:
-    import parallel.expert_parallel as xp
-    from model.config import ModelConfig
-    from model.moe.config import MoEConfig
-    from parallel.config import ParallelConfig
-    from parallel.engine import build_engine
-    from parallel.mesh import ParallelDims
-    from pretrain.config import OptimizerConfig, ScheduleConfig
-    from pretrain.optim import build_optimizer
-    from pretrain.step import TrainStep
+    import polytron.parallel.expert_parallel as xp
+    from polytron.model.config import ModelConfig
+    from polytron.model.moe.config import MoEConfig
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.engine import build_engine
+    from polytron.parallel.mesh import ParallelDims
+    from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+    from polytron.pretrain.optim import build_optimizer
+    from polytron.pretrain.step import TrainStep
     cfg = ModelConfig(arch="moe", mlp="moe", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8,
                       num_kv_heads=4, ffn_hidden_size=704, max_seq_len=256,
                       moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_hidden_size=176, shared_experts=1,
@@ -168,7 +166,7 @@ def dist_rank() -> int:
 
 def ep_bench(args) -> dict:
     import torch.multiprocessing as mp
-    from launch.env import free_port
+    from polytron.launch.env import free_port
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -31,7 +31,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -54,9 +53,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data.builtin import iter_builtin_documents
-    from data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
-    from tools.convert_checkpoint import write_tokenizer
+    from polytron.data.builtin import iter_builtin_documents
+    from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
+    from polytron.tools.convert_checkpoint import write_tokenizer
 
     os.makedirs(args.workdir, exist_ok=True)
     docs = [d for d in itertools.islice(iter_builtin_documents(), 4000) if len(d) >= args.chars]
@@ -81,7 +80,7 @@ def reference(model_dir: str, texts: list[str], max_new: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.instruct import parse_pairs, render_prompt, synthesis_prompt
+    from polytron.data.instruct import parse_pairs, render_prompt, synthesis_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
@@ -100,7 +99,7 @@ def reference(model_dir: str, texts: list[str], max_new: int) -> dict:
 
 
 def ours(model_dir: str, raw: str, out: str, args: argparse.Namespace) -> dict:
-    from tools import synthesize_instructions as tool
+    from polytron.tools import synthesize_instructions as tool
 
     for path in (out, out + ".meta.json"):
         if os.path.exists(path):
@@ -114,7 +113,7 @@ def ours(model_dir: str, raw: str, out: str, args: argparse.Namespace) -> dict:
 def mixture(tok: str, syn: str, raw: str, args: argparse.Namespace) -> list[dict]:
     import yaml
 
-    from data.mixture import build_mixture, load_mixture, realized_composition
+    from polytron.data.mixture import build_mixture, load_mixture, realized_composition
 
     instr = os.path.join(args.workdir, "general.jsonl")
     with open(instr, "w") as f:

@@ -33,14 +33,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.config import ModelConfig  # noqa: E402
-from model.configlib import from_dict  # noqa: E402
+from polytron.model.config import ModelConfig  # noqa: E402
+from polytron.model.configlib import from_dict  # noqa: E402
 
 #: The shape the memory section compares (Llama-3.2-1B-like: d=2048, 16 layers, 32 heads of 64, 8 KV heads).
 MEMORY_SHAPE = dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -82,8 +80,8 @@ def storage_bytes(cache) -> int:
 # ---------------------------------------------------------------- sections
 
 def bench_memory(args) -> list[dict]:
-    from model.spec import get_spec
-    from model.yoco.cache import cache_bytes, dense_cache_bytes
+    from polytron.model.spec import get_spec
+    from polytron.model.yoco.cache import cache_bytes, dense_cache_bytes
     rows = []
     for context in CONTEXTS:
         row = {"context": context}
@@ -101,7 +99,7 @@ def bench_memory(args) -> list[dict]:
 
 
 def _prefill_once(model, prompt: torch.Tensor, early_exit: bool) -> float:
-    from model.yoco.cache import YOCOCache
+    from polytron.model.yoco.cache import YOCOCache
     cache = YOCOCache.build(model.cfg, 1, prompt.shape[1], early_exit=early_exit)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -110,7 +108,7 @@ def _prefill_once(model, prompt: torch.Tensor, early_exit: bool) -> float:
 
 
 def bench_prefill(args) -> list[dict]:
-    from model.transformer import build_model
+    from polytron.model.transformer import build_model
     rows = []
     for kind in ("swa", "retention"):
         model = build_model(config(PREFILL_SHAPE, arch="yoco", yoco=dict(self_decoder=kind, sliding_window=1024,
@@ -128,8 +126,8 @@ def bench_prefill(args) -> list[dict]:
 
 
 def bench_train(args) -> dict:
-    from pretrain.config import load_config
-    from tools.benchmark import Runner, polytron_step
+    from polytron.pretrain.config import load_config
+    from polytron.tools.benchmark import Runner, polytron_step
     device = torch.device("cpu")
     common = ["training.device=cpu", "precision.dtype=fp32", "logging.wandb=false", "parallel.compile=false"]
     runners = {}
@@ -161,7 +159,7 @@ def _time_fwd_bwd(fn, q, k, v, repeats: int) -> float:
 
 
 def bench_swa(args) -> list[dict]:
-    from model.yoco.kernels import sliding_window_attention
+    from polytron.model.yoco.kernels import sliding_window_attention
     T, H, hd = 4096, 8, 64
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, T, hd, generator=gen).requires_grad_() for _ in range(3))

@@ -46,20 +46,18 @@ import time
 from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from parallel.engine import build_engine  # noqa: E402
-from parallel.mesh import ParallelDims  # noqa: E402
-from pretrain.config import RunConfig, load_config  # noqa: E402
-from model.configlib import ConfigError  # noqa: E402
-from pretrain.host import setup_host  # noqa: E402
-from parallel.runtime import autocast_context, pick_device, pick_dtype  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
-from pretrain.step import TrainStep  # noqa: E402
+from polytron.parallel.engine import build_engine  # noqa: E402
+from polytron.parallel.mesh import ParallelDims  # noqa: E402
+from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
+from polytron.model.configlib import ConfigError  # noqa: E402
+from polytron.pretrain.host import setup_host  # noqa: E402
+from polytron.parallel.runtime import autocast_context, pick_device, pick_dtype  # noqa: E402
+from polytron.pretrain.optim import build_optimizer  # noqa: E402
+from polytron.pretrain.step import TrainStep  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -153,7 +151,7 @@ def hf_llama(cfg: RunConfig, device: torch.device) -> nn.Module:
     """Hugging Face ``LlamaForCausalLM`` of the same shape, built offline, fp32, sdpa."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model.llama.hf import LlamaAdapter
+    from polytron.model.llama.hf import LlamaAdapter
     hf_cfg = LlamaConfig(**LlamaAdapter().to_hf_config(cfg.model, None, None, "float32"))
     hf_cfg.use_cache = False
     hf_cfg._attn_implementation = "sdpa"
@@ -360,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.layouts:
-        from tools.bench_layout import format_layouts, measure_layouts
+        from polytron.tools.bench_layout import format_layouts, measure_layouts
         rows = measure_layouts(args.config, args.layouts.split(","), args.steps, args.warmup, args.overrides)
         print(format_layouts(rows))
         if args.json:

@@ -34,7 +34,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXIT_BAD_INPUT = 2
 
@@ -50,15 +49,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def help_config() -> None:
-    from data.mixture import MixtureConfig, SourceConfig
-    from model.configlib import field_docs
+    from polytron.data.mixture import MixtureConfig, SourceConfig
+    from polytron.model.configlib import field_docs
 
     for key, text, default in field_docs(MixtureConfig) + field_docs(SourceConfig, "sources[i]."):
         print(f"{key} = {default!r}\n    {text}")
 
 
 def overrides_of(texts: list[str]) -> dict:
-    from model.configlib import ConfigError, parse_override
+    from polytron.model.configlib import ConfigError, parse_override
 
     out = {}
     for text in texts:
@@ -71,7 +70,7 @@ def overrides_of(texts: list[str]) -> dict:
 
 def check_run_config(path: str) -> None:
     """The written pretrain.yaml must load as a run config (key names, types, ranges)."""
-    from pretrain.config import load_config
+    from polytron.pretrain.config import load_config
 
     load_config(path)
 
@@ -85,7 +84,7 @@ def report(manifest: dict) -> None:
 
 
 def composition(manifest: dict, samples: int, out: str) -> None:
-    from data.mixture import realized_composition
+    from polytron.data.mixture import realized_composition
 
     rows = realized_composition(manifest["paths"], manifest["weights"], manifest["tokenizer"],
                                 manifest["seq_len"], samples, manifest["seed"], os.path.join(out, ".cache"))
@@ -101,9 +100,9 @@ def main(argv: list[str]) -> int:
     if args.help_config:
         help_config()
         return 0
-    from data.errors import DataError
-    from data.mixture import build_mixture, load_mixture
-    from model.configlib import ConfigError
+    from polytron.data.errors import DataError
+    from polytron.data.mixture import build_mixture, load_mixture
+    from polytron.model.configlib import ConfigError
 
     try:
         if not args.config:

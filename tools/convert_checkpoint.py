@@ -59,13 +59,12 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from typing import Any, Iterator, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from model.hf import ConvertError, find_adapter, read_hf_config  # noqa: E402
-from model.provenance import UntrustedCode, add_plugin_option, trusted_model_config  # noqa: E402
-from pretrain.checkpoint import CheckpointError  # noqa: E402
+from polytron.model.hf import ConvertError, find_adapter, read_hf_config  # noqa: E402
+from polytron.model.provenance import UntrustedCode, add_plugin_option, trusted_model_config  # noqa: E402
+from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -172,7 +171,7 @@ def resolve_tokenizer(run_cfg: dict, override: Optional[str], ckpt_path: Optiona
     if data.get("tokenizer"):
         return stored_path(data["tokenizer"], "data.tokenizer", run_cfg, ckpt_path)
     if data.get("builtin_corpus"):
-        from data.builtin import ensure_builtin_corpus
+        from polytron.data.builtin import ensure_builtin_corpus
         cache = stored_path(data.get("cache_dir", "~/.cache/polytron"), "data.cache_dir", run_cfg, ckpt_path)
         return ensure_builtin_corpus(cache, int(data.get("tokenizer_vocab_size", 4096))).tokenizer
     return None
@@ -199,7 +198,7 @@ def stored_path(value: Any, key: str, run_cfg: dict, ckpt_path: Optional[str]) -
     Absolute (or ``~``) paths are used as stored. A relative one (written by older runs)
     is resolved against the run directory when it exists there; otherwise the tool
     refuses, since the current directory of whoever reads the checkpoint is unrelated."""
-    from data.errors import DataError
+    from polytron.data.errors import DataError
     path = os.path.expanduser(str(value))
     if os.path.isabs(path):
         return path
@@ -217,8 +216,8 @@ def checkpoint_tokenizer(state: dict, ckpt_path: str, override: Optional[str]):
     """The tokenizer to use with a checkpoint (None when the run names none), loaded without
     remote code and checked against the checkpoint's ``tokenizer_fingerprint`` when it
     records one: a mismatch is refused, or, for an explicit ``override``, noted on stderr."""
-    from data.errors import DataError
-    from data.tokenizer import load_tokenizer
+    from polytron.data.errors import DataError
+    from polytron.data.tokenizer import load_tokenizer
     path = resolve_tokenizer(state.get("config", {}), override, ckpt_path)
     if not path:
         return None
@@ -359,7 +358,7 @@ class WriteFailed(OSError):
 def write_failure(dst: str, e: BaseException) -> WriteFailed:
     """One-line WriteFailed for an error raised while writing DST (OSError, safetensors'
     or torch's serialization errors, a checkpoint save that could not complete)."""
-    from pretrain.checkpoint.common import first_line
+    from polytron.pretrain.checkpoint.common import first_line
     if isinstance(e, WriteFailed):
         return e
     code = getattr(e, "errno", None)
@@ -409,9 +408,9 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
     refused (its lock)."""
     import yaml
 
-    from model.configlib import to_dict
-    from pretrain import checkpoint as ckpt
-    from pretrain.runlock import RunLockError, retire_run_dir
+    from polytron.model.configlib import to_dict
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.pretrain.runlock import RunLockError, retire_run_dir
     dst_abs = os.path.abspath(dst)
     old_run = os.path.join(dst_abs, "run")
     run.model = model_cfg
@@ -453,8 +452,8 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
     ``plugins`` named here are imported, whatever the checkpoint lists (model/provenance.py).
     On a live run directory, a checkpoint removed by retention while it is read is replaced
     by the newest complete one that still exists."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.checkpoint.discovery import read_newest
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.pretrain.checkpoint.discovery import read_newest
     shard_bytes = parse_size(max_shard_size)
     check_destination(dst, overwrite, [src, ckpt.resolve_checkpoint(src)])
     path, (mcfg, adapter, hf, out_dtype, tok) = read_newest(
@@ -478,9 +477,9 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
 def _read_for_export(path: str, tokenizer: Optional[str], dtype: Optional[str], packed: Optional[str],
                      plugins: tuple[str, ...]):
     """(model config, adapter, HF tensors, dtype, tokenizer) of checkpoint ``path``."""
-    from model.configlib import ConfigError
-    from model.spec import get_spec
-    from pretrain import checkpoint as ckpt
+    from polytron.model.configlib import ConfigError
+    from polytron.model.spec import get_spec
+    from polytron.pretrain import checkpoint as ckpt
     state = ckpt.read_trainer_state(path)
     run_cfg = state.get("config") if isinstance(state, dict) else None
     try:
@@ -514,9 +513,9 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     DST must be new or empty unless ``overwrite`` (see the module docstring)."""
     import yaml
 
-    from pretrain import checkpoint as ckpt
-    from pretrain.config import RunConfig
-    from model.configlib import to_dict
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.pretrain.config import RunConfig
+    from polytron.model.configlib import to_dict
     check_destination(dst, overwrite, [src])
     hf_cfg, cfg_file = read_hf_config(src)
     adapter = find_adapter(hf_cfg.get("model_type"), cfg_file)
@@ -602,7 +601,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except ValueError as e:  # DataError (tokenizer, built-in corpus) without importing data eagerly
-        data_errors = sys.modules.get("data.errors")
+        data_errors = sys.modules.get("polytron.data.errors")
         if data_errors is None or not isinstance(e, data_errors.DataError):
             raise
         print(f"error: {e}", file=sys.stderr)

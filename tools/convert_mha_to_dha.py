@@ -42,12 +42,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from model.hf import ConvertError  # noqa: E402
-from pretrain.checkpoint import CheckpointError  # noqa: E402
+from polytron.model.hf import ConvertError  # noqa: E402
+from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -59,12 +58,12 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
     """(run config, source tensors, origin): our checkpoint or a Hugging Face directory.
     ``needs_data=False`` (a conversion that reads no data) accepts a run config without
     ``data.paths``; the written config then needs them when training starts."""
-    from model.configlib import apply_override, parse_override
-    from pretrain import checkpoint as ckpt
-    from pretrain.config import RunConfig
+    from polytron.model.configlib import apply_override, parse_override
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.pretrain.config import RunConfig
     if os.path.isfile(os.path.join(src, "config.json")):
-        from tools.convert_checkpoint import hf_config_to_model, read_safetensors
-        from model.hf import find_adapter, read_hf_config
+        from polytron.tools.convert_checkpoint import hf_config_to_model, read_safetensors
+        from polytron.model.hf import find_adapter, read_hf_config
         hf_cfg, cfg_file = read_hf_config(src)
         mcfg = hf_config_to_model(hf_cfg, cfg_file)
         tensors = find_adapter(hf_cfg.get("model_type"), cfg_file).from_hf_tensors(mcfg, read_safetensors(src), src)
@@ -78,7 +77,7 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         run_dict = ckpt.read_trainer_state(path).get("config")
         if not isinstance(run_dict, dict):
             raise ConvertError(f"{path}: the checkpoint records no run config")
-        from model.provenance import check_plugins        # a checkpoint is data: its plugins need --plugin
+        from polytron.model.provenance import check_plugins        # a checkpoint is data: its plugins need --plugin
         check_plugins(run_dict.get("model"), plugins, f"checkpoint {path}")
         tensors = ckpt.load_tensors(path)
         origin = path
@@ -94,7 +93,7 @@ def anchor_stored_paths(run_dict: dict, ckpt_path: str) -> None:
     """Relative data paths an older run stored (``data.tokenizer``, ``data.cache_dir``,
     ``data.paths``) are looked up under its run directory, never this directory; one that is
     not there is bad input naming the key (give it on the command line instead)."""
-    from tools.convert_checkpoint import run_directories
+    from polytron.tools.convert_checkpoint import run_directories
     data = run_dict.get("data")
     if not isinstance(data, dict):
         return
@@ -138,8 +137,8 @@ def validated(run_dict: dict, needs_data: bool):
     ``data.paths`` (no data given) is accepted and kept empty."""
     import copy
 
-    from model.configlib import from_dict
-    from pretrain.config import RunConfig
+    from polytron.model.configlib import from_dict
+    from polytron.pretrain.config import RunConfig
     run = from_dict(RunConfig, run_dict)
     if needs_data or run.data.paths or run.data.builtin_corpus:
         run.validate()
@@ -158,7 +157,7 @@ def check_source(mcfg) -> None:
 
 
 def source_model(mcfg, tensors: dict):
-    from model.transformer import build_model
+    from polytron.model.transformer import build_model
     model = build_model(mcfg, "cpu", seed=0)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.float().eval()
@@ -169,7 +168,7 @@ def source_model(mcfg, tensors: dict):
 def batches(run, calib_samples: int) -> tuple[list[dict], list[dict]]:
     """(calibration micro-batches from the training split, validation micro-batches: the ones
     the trainer evaluates on with this run config)."""
-    from data import build_data
+    from polytron.data import build_data
     t = run.training
     global_batch = t.global_batch_size or t.micro_batch_size      # 0: auto, micro x data-parallel size (1)
     steps = max(1, math.ceil(calib_samples / global_batch))
@@ -198,7 +197,7 @@ def _split_has_valid(split: str) -> bool:
 def plan_groups(args, mcfg):
     """The grouping rule for ``args``' budget, checked before any data is read: a function
     grams -> groups per (layer, kind)."""
-    from model.dha import fusion
+    from polytron.model.dha import fusion
     L, H = mcfg.num_layers, mcfg.num_kv_heads
     if args.grouping == "contiguous":
         counts = _uniform_counts(args, L, H)
@@ -223,11 +222,11 @@ def _uniform_counts(args, L: int, H: int) -> list[int]:
 
 def convert(args) -> dict:
     """Run the conversion; returns the report (also written to DST)."""
-    from model.accounting import kv_cache_bytes_per_token
-    from model.config import ModelConfig  # noqa: F401  (config classes for replace)
-    from model.dha import fusion
-    from model.dha.config import DHAConfig
-    from tools.convert_checkpoint import check_destination
+    from polytron.model.accounting import kv_cache_bytes_per_token
+    from polytron.model.config import ModelConfig  # noqa: F401  (config classes for replace)
+    from polytron.model.dha import fusion
+    from polytron.model.dha.config import DHAConfig
+    from polytron.tools.convert_checkpoint import check_destination
     torch.manual_seed(args.seed)
     run, tensors, origin = load_source(args.src, args.overrides, plugins=tuple(args.plugins))
     mcfg = run.model
@@ -268,7 +267,7 @@ def convert(args) -> dict:
 
 
 def _layer_report(grams: dict, groups: dict) -> list[dict]:
-    from model.dha import fusion
+    from polytron.model.dha import fusion
     layers = sorted({layer for layer, _ in grams})
     out = []
     for layer in layers:
@@ -286,12 +285,12 @@ def _layer_report(grams: dict, groups: dict) -> list[dict]:
 def _eval(cfg, tensors: dict, valid: list[dict]):
     if not valid:
         return None
-    from model.dha import fusion
+    from polytron.model.dha import fusion
     return fusion.eval_loss(source_model(cfg, tensors), valid)
 
 
 def _write(args, run, dha_cfg, tensors: dict, origin: str, report: dict) -> None:
-    from tools.convert_checkpoint import write_converted_run
+    from polytron.tools.convert_checkpoint import write_converted_run
     write_converted_run(args.dst, run, dha_cfg, tensors, origin, suffix="dha",
                         what="converted to DHA (tools/convert_mha_to_dha.py)", report_name="dha_report.json",
                         report=report)
@@ -323,7 +322,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in a non-empty DST")
     p.add_argument("overrides", nargs="*", help="run-config overrides section.key=value (e.g. data.paths=[P])")
-    from model.provenance import add_plugin_option
+    from polytron.model.provenance import add_plugin_option
     add_plugin_option(p)                     # plugins a checkpoint lists are imported only when named
     return p.parse_intermixed_args(argv)
 
@@ -343,8 +342,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from data.errors import DataError
-    from model.configlib import ConfigError
+    from polytron.data.errors import DataError
+    from polytron.model.configlib import ConfigError
     try:
         check_args(args)
         report = convert(args)

@@ -36,20 +36,18 @@ import time
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from data import DataError  # noqa: E402
-from model.configlib import ConfigError  # noqa: E402
-from parallel.engine import build_engine  # noqa: E402
-from parallel.mesh import ParallelDims  # noqa: E402
-from parallel.runtime import pick_device, pick_dtype  # noqa: E402
-from pretrain.config import RunConfig, load_config  # noqa: E402
-from pretrain.host import setup_host  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
-from pretrain.step import TrainStep  # noqa: E402
+from polytron.data import DataError  # noqa: E402
+from polytron.model.configlib import ConfigError  # noqa: E402
+from polytron.parallel.engine import build_engine  # noqa: E402
+from polytron.parallel.mesh import ParallelDims  # noqa: E402
+from polytron.parallel.runtime import pick_device, pick_dtype  # noqa: E402
+from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
+from polytron.pretrain.host import setup_host  # noqa: E402
+from polytron.pretrain.optim import build_optimizer  # noqa: E402
+from polytron.pretrain.step import TrainStep  # noqa: E402
 
 
 def batches(cfg: RunConfig, steps: int, random_data: bool) -> list[list[dict]]:
@@ -62,7 +60,7 @@ def batches(cfg: RunConfig, steps: int, random_data: bool) -> list[list[dict]]:
             ids = torch.randint(0, cfg.model.vocab_size, (gb, cfg.data.seq_len + 1), generator=gen)
             out.append([{"tokens": ids[i:i + mb, :-1], "labels": ids[i:i + mb, 1:]} for i in range(0, gb, mb)])
         return out
-    from data import build_data
+    from polytron.data import build_data
     data = build_data(cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed,
                       global_batch_size=gb, micro_batch_size=mb, dp_rank=0, dp_size=1,
                       train_iterations=cfg.training.iterations, eval_iterations=0, eval_interval=0)
@@ -114,7 +112,7 @@ def relative(a: float, b: float) -> float:
 
 def compare(cfg: RunConfig, n_steps: int, warmup: int, window: int, random_data: bool) -> dict:
     """Both sides over the same batches; the comparison as a dict (see the module docstring)."""
-    from tools.benchmark import resolve_peak
+    from polytron.tools.benchmark import resolve_peak
     device = pick_device(cfg.training.device)
     setup_host(device, cfg.training)
     high_cfg, fp8_cfg = sides(cfg)

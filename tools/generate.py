@@ -36,9 +36,8 @@ import sys
 import warnings
 from typing import Any, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.provenance import UntrustedCode, add_plugin_option  # noqa: E402  (light: no torch)
+from polytron.model.provenance import UntrustedCode, add_plugin_option  # noqa: E402  (light: no torch)
 
 EXIT_BAD_INPUT = 2
 
@@ -79,8 +78,8 @@ def check_args(args: argparse.Namespace) -> None:
 def model_config(state: dict, path: str, plugins: tuple[str, ...] = ()):
     """The validated ModelConfig a checkpoint's trainer state records. Only ``plugins``
     (the user's ``--plugin`` names) are imported; a checkpoint listing others is refused."""
-    from model.configlib import ConfigError
-    from model.provenance import trusted_model_config
+    from polytron.model.configlib import ConfigError
+    from polytron.model.provenance import trusted_model_config
     try:
         run_cfg = state["config"]
         cfg = trusted_model_config(run_cfg.get("model"), plugins, f"checkpoint {path}")
@@ -95,9 +94,9 @@ def load_model(path: str, cfg, device: str):
     """Meta build, materialize on ``device``, copy the checkpoint's full tensors in."""
     import torch
 
-    from model.layers import rope_table
-    from model.transformer import Transformer
-    from pretrain import checkpoint as ckpt
+    from polytron.model.layers import rope_table
+    from polytron.model.transformer import Transformer
+    from polytron.pretrain import checkpoint as ckpt
     with warnings.catch_warnings():       # DCP's note that it loads in one process: that is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         tensors = ckpt.load_tensors(path)
@@ -140,7 +139,7 @@ def load_run_tokenizer(run_cfg: dict, override: Optional[str], ckpt_path: Option
     is looked up under the run directory of ``ckpt_path``, never this process's working
     directory; ``fingerprint`` (the checkpoint's ``tokenizer_fingerprint``) must match unless
     ``override`` names the tokenizer (then a mismatch is a note on stderr)."""
-    from tools.convert_checkpoint import checkpoint_tokenizer
+    from polytron.tools.convert_checkpoint import checkpoint_tokenizer
     tok = checkpoint_tokenizer({"config": run_cfg, "tokenizer_fingerprint": fingerprint}, ckpt_path, override)
     if tok is None:
         raise BadInput("the run names no tokenizer (no data.tokenizer, no built-in corpus); pass --tokenizer PATH")
@@ -183,7 +182,7 @@ def run(args: argparse.Namespace) -> str:
     """Everything after argument parsing; returns the text to print. On a live run
     directory, a checkpoint that retention removes while it is read is replaced by the
     newest complete one that still exists."""
-    from pretrain.checkpoint.discovery import read_newest
+    from polytron.pretrain.checkpoint.discovery import read_newest
     check_args(args)
     if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         return continue_prompt(args, *packed_model(args.checkpoint, args.tokenizer))
@@ -195,7 +194,7 @@ def continue_prompt(args: argparse.Namespace, cfg, tok, load) -> str:
     """The prompt and its continuation by the model ``load(device)`` builds."""
     import torch
 
-    from model.generate import check_length, generate
+    from polytron.model.generate import check_length, generate
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only {cfg.vocab_size} "
                        "embeddings: not the tokenizer this model was trained with")
@@ -222,7 +221,7 @@ def continue_prompt(args: argparse.Namespace, cfg, tok, load) -> str:
 
 def checkpoint_model(path: str, tokenizer: Optional[str], plugins: tuple[str, ...] = ()):
     """(config, tokenizer, loader(device)) of the polytron checkpoint directory ``path``."""
-    from pretrain import checkpoint as ckpt
+    from polytron.pretrain import checkpoint as ckpt
     state = ckpt.read_trainer_state(path)
     cfg = model_config(state, path, plugins)
     tok = load_run_tokenizer(state.get("config", {}), tokenizer, path, state.get("tokenizer_fingerprint"))
@@ -232,8 +231,8 @@ def checkpoint_model(path: str, tokenizer: Optional[str], plugins: tuple[str, ..
 def packed_model(src: str, tokenizer: Optional[str]):
     """(config, tokenizer, loader(device)) of a packed BitNet Hugging Face directory
     (``convert_checkpoint.py to-hf --packed``): the ternary weights stay packed in memory."""
-    from data.tokenizer import load_tokenizer
-    from model.bitnet.packed import load_packed, packed_config
+    from polytron.data.tokenizer import load_tokenizer
+    from polytron.model.bitnet.packed import load_packed, packed_config
     cfg = packed_config(src)
     return cfg, load_tokenizer(tokenizer or src), lambda device: load_packed(src, device)
 
@@ -265,9 +264,9 @@ def _is_bad_input(e: Exception) -> bool:
     """Errors the tool reports in one line: its own, checkpoint, config, tokenizer, generation."""
     mods = sys.modules
     kinds = [BadInput]
-    for mod, name in (("pretrain.checkpoint.common", "CheckpointError"), ("data.errors", "DataError"),
-                      ("model.generate", "GenerationError"), ("model.configlib", "ConfigError"),
-                      ("model.hf", "ConvertError")):
+    for mod, name in (("polytron.pretrain.checkpoint.common", "CheckpointError"), ("polytron.data.errors", "DataError"),
+                      ("polytron.model.generate", "GenerationError"), ("polytron.model.configlib", "ConfigError"),
+                      ("polytron.model.hf", "ConvertError")):
         if mod in mods:
             kinds.append(getattr(mods[mod], name))
     return isinstance(e, tuple(kinds))

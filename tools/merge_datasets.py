@@ -22,10 +22,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.errors import DataError  # noqa: E402
-from data.merge import merge_datasets, resolve_inputs  # noqa: E402
+from polytron.data.errors import DataError  # noqa: E402
+from polytron.data.merge import merge_datasets, resolve_inputs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.plan:
-            from data.shard_plan import merge_plan
+            from polytron.data.shard_plan import merge_plan
 
             summ = merge_plan(args.plan, args.output_prefix)
         else:

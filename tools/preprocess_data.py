@@ -23,12 +23,10 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from data.errors import DataError  # noqa: E402
-from data.inputs import read_input_list  # noqa: E402
-from data.preprocess import ENCODERS, TEXT_UNITS, preprocess  # noqa: E402
+from polytron.data.errors import DataError  # noqa: E402
+from polytron.data.inputs import read_input_list  # noqa: E402
+from polytron.data.preprocess import ENCODERS, TEXT_UNITS, preprocess  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_task(args: argparse.Namespace) -> int:
     """One SLURM array task: its files of the plan, each to its own shard, finished ones skipped."""
-    from data.shard_plan import run_plan_task
+    from polytron.data.shard_plan import run_plan_task
 
     index = args.task_index if args.task_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "-1"))
     if index < 0:

@@ -52,11 +52,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.instruct import (Synthesized, encode_prompt, history_of, parse_pairs,  # noqa: E402
+from polytron.data.instruct import (Synthesized, encode_prompt, history_of, parse_pairs,  # noqa: E402
                            record_of, render_prompt, synthesis_prompt)
-from pretrain.faults import fault_point  # noqa: E402
+from polytron.pretrain.faults import fault_point  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 META_VERSION = 1
@@ -201,8 +200,8 @@ class CheckpointSynthesizer:
     positions and a document mask that hides the padding (exact for any spec)."""
 
     def __init__(self, path: str, device: str, dtype, tokenizer: Optional[str]):
-        from pretrain import checkpoint as ckpt
-        from tools.generate import bos_id, load_model, load_run_tokenizer, model_config
+        from polytron.pretrain import checkpoint as ckpt
+        from polytron.tools.generate import bos_id, load_model, load_run_tokenizer, model_config
 
         path = ckpt.resolve_checkpoint(path)
         state = ckpt.read_trainer_state(path)
@@ -226,7 +225,7 @@ class CheckpointSynthesizer:
                  seed: int) -> list[list[int]]:
         import torch
 
-        from model.generate import sample_next
+        from polytron.model.generate import sample_next
 
         device = next(self.model.parameters()).device
         width = max(len(r) for r in rows)
@@ -565,9 +564,9 @@ def main(argv: list[str]) -> int:
 def _is_bad_input(e: Exception) -> bool:
     """Errors reported in one line: the tool's own, checkpoint, config, tokenizer, generation."""
     kinds = [BadInput]
-    for mod, name in (("pretrain.checkpoint.common", "CheckpointError"), ("data.errors", "DataError"),
-                      ("model.generate", "GenerationError"), ("model.configlib", "ConfigError"),
-                      ("tools.generate", "BadInput")):
+    for mod, name in (("polytron.pretrain.checkpoint.common", "CheckpointError"), ("polytron.data.errors", "DataError"),
+                      ("polytron.model.generate", "GenerationError"), ("polytron.model.configlib", "ConfigError"),
+                      ("polytron.tools.generate", "BadInput")):
         if mod in sys.modules:
             kinds.append(getattr(sys.modules[mod], name))
     return isinstance(e, tuple(kinds))

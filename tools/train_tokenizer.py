@@ -15,12 +15,11 @@ import os
 import sys
 from typing import Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.errors import DataError  # noqa: E402
-from data.files import check_input_files, name_inputs  # noqa: E402
-from data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks  # noqa: E402
-from data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece  # noqa: E402
+from polytron.data.errors import DataError  # noqa: E402
+from polytron.data.files import check_input_files, name_inputs  # noqa: E402
+from polytron.data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks  # noqa: E402
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -53,18 +53,17 @@ import sys
 import time
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from model.hf import ConvertError  # noqa: E402
-from pretrain.checkpoint import CheckpointError  # noqa: E402
-from tools.convert_mha_to_dha import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, batches, load_source, source_model  # noqa: E402
+from polytron.model.hf import ConvertError  # noqa: E402
+from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
+from polytron.tools.convert_mha_to_dha import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, batches, load_source, source_model  # noqa: E402
 
 
 def moe_settings(args, run):
     """The run config's model.moe section (defaults and overrides) with the command's counts."""
-    from model.moe.config import MoEConfig
+    from polytron.model.moe.config import MoEConfig
     moe = run.model.moe if isinstance(run.model.moe, MoEConfig) else MoEConfig()
     moe = dataclasses.replace(moe, num_experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts)
     if getattr(args, "partition", False):
@@ -86,8 +85,8 @@ def exactness(moe, partition: bool, noise: float) -> str:
 # ====================================================================== sparse
 
 def sparse(args) -> dict:
-    from model.moe import upcycle as up
-    from tools.convert_checkpoint import check_destination
+    from polytron.model.moe import upcycle as up
+    from polytron.tools.convert_checkpoint import check_destination
     if not 0 <= args.noise < math.inf:
         raise ConvertError(f"--noise {args.noise:g}: must be a finite number >= 0")
     run, tensors, origin = load_source(args.src, args.overrides, needs_data=False, plugins=tuple(args.plugins))      # reads no data
@@ -104,8 +103,8 @@ def sparse(args) -> dict:
 # ====================================================================== upit
 
 def upit(args) -> dict:
-    from model.moe import upcycle as up
-    from tools.convert_checkpoint import check_destination
+    from polytron.model.moe import upcycle as up
+    from polytron.tools.convert_checkpoint import check_destination
     if len(args.srcs) < 2:
         raise ConvertError("upit needs at least two source checkpoints (SRC1 SRC2 ... DST)")
     if args.experts < len(args.srcs):
@@ -140,10 +139,10 @@ def tokenizer_fingerprint(origin: str) -> Optional[str]:
     checkpoint without one, the fingerprint of the tokenizer its run config names (a relative
     path looked up under its run directory, never this directory) when that still loads; for a
     Hugging Face directory, its own tokenizer's when it has one."""
-    from data.errors import DataError
-    from data.tokenizer import load_tokenizer
-    from pretrain import checkpoint as ckpt
-    from tools.convert_checkpoint import resolve_tokenizer
+    from polytron.data.errors import DataError
+    from polytron.data.tokenizer import load_tokenizer
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.tools.convert_checkpoint import resolve_tokenizer
     if os.path.isfile(os.path.join(origin, "config.json")):             # a Hugging Face directory
         path: Optional[str] = origin
     else:
@@ -166,7 +165,7 @@ def check_same_tokenizer(origins: list[str], allow: bool) -> list[Optional[str]]
     """The sources' tokenizer fingerprints; two that are known and differ are refused (DataError
     naming both), or with ``allow`` noted on stderr. Sources whose tokenizer is unknown are
     compared by vocabulary size only (model.vocab_size, by check_same)."""
-    from data.errors import DataError
+    from polytron.data.errors import DataError
     prints = [tokenizer_fingerprint(o) for o in origins]
     known = [(fp, o) for fp, o in zip(prints, origins) if fp]
     for fp, origin in known[1:]:
@@ -190,7 +189,7 @@ def _expansion_report(logs: dict, n: int) -> list[dict]:
 def _pre_optimize(args, run, cfg, tensors: dict, dense: list[dict]) -> dict:
     """Seed samples each expert excels at (by its dense model's loss), split per expert into
     router-training and held-out samples; only the routers train; held-out accuracy reported."""
-    from model.moe import upcycle as up
+    from polytron.model.moe import upcycle as up
     pool, _ = batches(seed_run(run, args.seed_data), args.seed_samples)
     _, losses = up.seed_labels([source_model(run.model, t) for t in dense], pool)       # (N, S)
     n = cfg.moe.num_experts
@@ -240,7 +239,7 @@ def seed_run(run, paths: list[str]):
     equal weights, tokenized with the run's tokenizer."""
     if not paths:
         return run
-    from data.builtin import ensure_builtin_corpus
+    from polytron.data.builtin import ensure_builtin_corpus
     run = copy.deepcopy(run)
     resolved = []
     for p in paths:
@@ -265,7 +264,7 @@ def _per_source_counts(pool: list[dict], losses: torch.Tensor, n: int):
 # ====================================================================== output
 
 def _write(args, run, cfg, tensors: dict, origin: str, report: dict, mode: str) -> None:
-    from tools.convert_checkpoint import write_converted_run
+    from polytron.tools.convert_checkpoint import write_converted_run
     write_converted_run(args.dst, run, cfg, tensors, origin, suffix=f"{mode}-moe",
                         what=f"upcycled to MoE ({mode}, tools/upcycle.py)", report_name="upcycle_report.json",
                         report=report)
@@ -280,7 +279,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output in a non-empty DST")
     p.add_argument("overrides", nargs="*", default=[], help="run-config overrides section.key=value")
-    from model.provenance import add_plugin_option
+    from polytron.model.provenance import add_plugin_option
     add_plugin_option(p)                     # plugins a checkpoint lists are imported only when named
 
 
@@ -353,8 +352,8 @@ def _check_args(args) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from data.errors import DataError
-    from model.configlib import ConfigError
+    from polytron.data.errors import DataError
+    from polytron.model.configlib import ConfigError
     try:
         _check_args(args)
         report = sparse(args) if args.mode == "sparse" else upit(args)

@@ -24,9 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launch.run import (EXIT_BAD_INPUT, EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
+from polytron.launch.run import (EXIT_BAD_INPUT, EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
                         requeue_requested)
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.submit import EXIT_BAD_INPUT, REPO, SubmitError, parse_time, positive, q
+from polytron.launch.submit import EXIT_BAD_INPUT, REPO, SubmitError, parse_time, positive, q
 
 ARRAY_TEMPLATE = REPO / "launch" / "slurm" / "preprocess.sbatch.in"
 MERGE_TEMPLATE = REPO / "launch" / "slurm" / "merge.sbatch.in"
@@ -76,9 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def make_plan(a: argparse.Namespace):
     """Validate inputs and settings into a plan (not written yet)."""
     # the plan code needs neither torch nor megatron-core (data/__init__.py loads lazily)
-    from data.errors import DataError
-    from data.inputs import read_input_list
-    from data.shard_plan import make_plan as plan_of
+    from polytron.data.errors import DataError
+    from polytron.data.inputs import read_input_list
+    from polytron.data.shard_plan import make_plan as plan_of
 
     try:
         inputs = a.input + (read_input_list(a.input_list) if a.input_list else [])
@@ -90,8 +90,8 @@ def make_plan(a: argparse.Namespace):
 
 def write_plan(plan) -> Path:
     """Write ``WORK/plan.json`` (creating the work directory); SubmitError when it cannot."""
-    from data.errors import DataError
-    from data.shard_plan import write_plan as write
+    from polytron.data.errors import DataError
+    from polytron.data.shard_plan import write_plan as write
 
     try:
         return Path(write(plan))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.configlib import bad, doc
+from polytron.model.configlib import bad, doc
 
 #: Projection roles quantized by default: every one but the output head and MoE routers.
 DEFAULT_QUANTIZED = ["q", "k", "v", "o", "gate", "up", "down", "proj"]
@@ -25,7 +25,7 @@ class BitNetConfig:
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
-        from model.layers import ROLES
+        from polytron.model.layers import ROLES
         for i, role in enumerate(self.quantize):
             if role not in ROLES + ("embedding",):
                 raise bad(f"model.bitnet.quantize[{i}]", role,

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from model.hf import ConvertError, NameMapAdapter, require_fields
-from model.llama.hf import llama_config_fields, llama_model_fields
+from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
+from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -103,8 +103,8 @@ class BitNetAdapter(NameMapAdapter):
 
     def model_config(self, hf: dict, file: str, quantize: list[str]):
         """Our ModelConfig for a ``bitnet`` config.json whose quantized roles are ``quantize``."""
-        from model.bitnet.config import BitNetConfig
-        from model.config import ModelConfig
+        from polytron.model.bitnet.config import BitNetConfig
+        from polytron.model.config import ModelConfig
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads"))
         fields = llama_model_fields(hf, file)
@@ -186,7 +186,7 @@ class PackedBitNetAdapter(BitNetAdapter):
                 "quantization_mode": "offline"}
 
     def to_hf_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from model.bitnet.quant import pack_ternary, ternary, weight_scale
+        from polytron.model.bitnet.quant import pack_ternary, ternary, weight_scale
         out = super().to_hf_tensors(cfg, tensors)
         for name in quantized_weights(cfg, tensors):
             hf = self.to_hf_name(cfg, name)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.bitnet import quant
-from model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, attend,
+from polytron.model.bitnet import quant
+from polytron.model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, attend,
                           make_linear, project_qkv, register)
 
 

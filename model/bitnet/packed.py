@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from model.bitnet.layers import BitLinear
-from model.bitnet.quant import (PER_BYTE, bitlinear_packed, pack_ternary, rms_normalize, ternary, unpack_ternary,
+from polytron.model.bitnet.layers import BitLinear
+from polytron.model.bitnet.quant import (PER_BYTE, bitlinear_packed, pack_ternary, rms_normalize, ternary, unpack_ternary,
                                 weight_scale)
-from model.hf import ConvertError
+from polytron.model.hf import ConvertError
 
 
 class PackedBitLinear(nn.Module):
@@ -88,8 +88,8 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 def read_packed_config(src: str) -> tuple[dict, str]:
     """(config.json contents, linear class) of a packed BitNetForCausalLM directory."""
-    from model.bitnet.hf import LINEAR_CLASSES
-    from model.hf import read_hf_config
+    from polytron.model.bitnet.hf import LINEAR_CLASSES
+    from polytron.model.hf import read_hf_config
     hf, file = read_hf_config(src)
     qc = hf.get("quantization_config") or {}
     qc = qc if isinstance(qc, dict) else {}
@@ -129,7 +129,7 @@ def read_tensors(src: str) -> dict[str, torch.Tensor]:
 
 def packed_config(src: str):
     """Our ModelConfig of a packed BitNetForCausalLM directory."""
-    from model.bitnet.hf import BitNetAdapter, quantized_roles
+    from polytron.model.bitnet.hf import BitNetAdapter, quantized_roles
     hf, _ = read_packed_config(src)
     file = os.path.join(src, "config.json")
     return BitNetAdapter().model_config(hf, file, quantized_roles(hf["quantization_config"], file))
@@ -138,8 +138,8 @@ def packed_config(src: str):
 def packed_skeleton(cfg, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Our model for ``cfg`` with PackedBitLinear layers, uninitialized (built on meta, then
     allocated once: the latent weights never exist)."""
-    from model.layers import rope_table
-    from model.transformer import Transformer
+    from polytron.model.layers import rope_table
+    from polytron.model.transformer import Transformer
     with torch.device("meta"):
         model = Transformer(cfg)
         _replace(model, lambda m: PackedBitLinear(m.in_features, m.out_features, m.bias is not None,
@@ -157,7 +157,7 @@ def load_packed(src: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
     Full-precision tensors (embedding, norms, head) are cast to ``dtype``; ``weight_scale``
     is turned back into beta for whichever transformers class the config names."""
-    from model.bitnet.hf import BitNetAdapter
+    from polytron.model.bitnet.hf import BitNetAdapter
     _, linear_class = read_packed_config(src)
     adapter, cfg = BitNetAdapter(), packed_config(src)
     model = packed_skeleton(cfg, device, dtype)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.bitnet import layers  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
-from model.bitnet.hf import BitNetAdapter
-from model.bitnet.quant import weight_ste
-from model.llama import build_unit as llama_build_unit
-from model.llama import check_layout, make_cache, tied, units
-from model.spec import ModelSpec, Unit, register_spec
+from polytron.model.bitnet import layers  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
+from polytron.model.bitnet.hf import BitNetAdapter
+from polytron.model.bitnet.quant import weight_ste
+from polytron.model.llama import build_unit as llama_build_unit
+from polytron.model.llama import check_layout, make_cache, tied, units
+from polytron.model.spec import ModelSpec, Unit, register_spec
 
 
 class BitEmbedding(nn.Embedding):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from model.configlib import ConfigError, bad, doc
+from polytron.model.configlib import ConfigError, bad, doc
 
 
 @dataclass(frozen=True)

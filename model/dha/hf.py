@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from model.dha.config import DHAConfig, layer_heads
-from model.hf import ConvertError, require_fields
-from model.llama.hf import _MUST_BE, LlamaAdapter, llama_config_fields, llama_model_fields
+from polytron.model.dha.config import DHAConfig, layer_heads
+from polytron.model.hf import ConvertError, require_fields
+from polytron.model.llama.hf import _MUST_BE, LlamaAdapter, llama_config_fields, llama_model_fields
 
 MODEL_TYPE = "dha_llama"
 REMOTE_FILE = "modeling_dha.py"
@@ -46,8 +46,8 @@ class DHAAdapter(LlamaAdapter):
                 "torch_dtype": dtype_name, "dtype": dtype_name}
 
     def from_hf_config(self, hf: dict, file: str):
-        from model.config import ModelConfig
-        from model.configlib import ConfigError
+        from polytron.model.config import ModelConfig
+        from polytron.model.configlib import ConfigError
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads"))
         missing = [k for k in _FIELDS if not isinstance(hf.get(k), list)]

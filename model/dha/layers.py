@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from model.dha.config import LayerHeads, layer_heads
-from model.layers import ATTENTIONS, Context, attend, make_linear, project_qkv, register
+from polytron.model.dha.config import LayerHeads, layer_heads
+from polytron.model.layers import ATTENTIONS, Context, attend, make_linear, project_qkv, register
 
 NAME = "dha"
 
@@ -186,7 +186,7 @@ class DecoupledHeadAttention(nn.Module):
 def kv_heads(cfg, layer_idx: int) -> tuple[int, int]:
     """(key heads, value heads) the attention of layer ``layer_idx`` caches per position:
     DHA's own counts, or ``model.num_kv_heads`` for the dense kinds."""
-    from model.layers import layer_attention
+    from polytron.model.layers import layer_attention
     if layer_attention(cfg, layer_idx) == NAME:
         heads = layer_heads(cfg, layer_idx)
         return heads.key_heads, heads.value_heads

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from model.dha import layers  # noqa: F401  (registers the "dha" attention slot)
-from model.dha.hf import DHAAdapter
-from model.dha.layers import kv_heads
-from model.llama import build_unit, check_layout, tied, units
-from model.spec import ModelSpec, register_spec
+from polytron.model.dha import layers  # noqa: F401  (registers the "dha" attention slot)
+from polytron.model.dha.hf import DHAAdapter
+from polytron.model.dha.layers import kv_heads
+from polytron.model.llama import build_unit, check_layout, tied, units
+from polytron.model.spec import ModelSpec, register_spec
 
 
 def make_cache(cfg, batch: int, max_len: int, device, dtype):
     """A DenseKVCache whose layer ``i`` holds (B, Gk_i, max_len, hd) keys and (B, Gv_i, max_len,
     hd) values."""
-    from model.generate import DenseKVCache
+    from polytron.model.generate import DenseKVCache
     keys, values = {}, {}
     for i in range(cfg.num_layers):
         gk, gv = kv_heads(cfg, i)

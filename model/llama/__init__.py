@@ -10,9 +10,9 @@ from typing import Optional
 
 from torch import nn
 
-from model.layers import Block, RMSNorm, block_tp_requirements, layer_attention, layer_mlp, make_linear
-from model.llama.hf import LlamaAdapter
-from model.spec import ModelSpec, Unit, register_spec
+from polytron.model.layers import Block, RMSNorm, block_tp_requirements, layer_attention, layer_mlp, make_linear
+from polytron.model.llama.hf import LlamaAdapter
+from polytron.model.spec import ModelSpec, Unit, register_spec
 
 
 def units(cfg) -> list[Unit]:
@@ -48,7 +48,7 @@ def tied(cfg) -> list[tuple[str, str]]:
 
 
 def make_cache(cfg, batch: int, max_len: int, device, dtype):
-    from model.generate import DenseKVCache
+    from polytron.model.generate import DenseKVCache
     return DenseKVCache.for_layers(cfg, range(cfg.num_layers), batch, max_len, device, dtype)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.hf import ConvertError, NameMapAdapter, require_fields
+from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -42,7 +42,7 @@ def rope_to_hf(m) -> tuple[dict, Any]:
 
 def rope_from_hf(hf: dict, file: str):
     """(rope_theta, RopeScaling) from either the 5.x or the 4.x RoPE fields."""
-    from model.config import RopeScaling
+    from polytron.model.config import RopeScaling
     params = hf.get("rope_parameters") or {}
     legacy = hf.get("rope_scaling") or {}
     field_name = "rope_parameters" if params else "rope_scaling"
@@ -121,7 +121,7 @@ class LlamaAdapter(NameMapAdapter):
                 "torch_dtype": dtype_name, "dtype": dtype_name}
 
     def from_hf_config(self, hf: dict, file: str):
-        from model.config import ModelConfig
+        from polytron.model.config import ModelConfig
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads"))
         cfg = ModelConfig(arch="llama", **llama_model_fields(hf, file))

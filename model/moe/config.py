@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.configlib import ConfigError, bad, doc
+from polytron.model.configlib import ConfigError, bad, doc
 
 MOE_KINDS = ("moe", "mh_moe")
 

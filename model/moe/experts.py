@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import make_linear
+from polytron.model.layers import make_linear
 
 
 @dataclass

@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from model.hf import ConvertError, require_fields
-from model.llama.hf import llama_config_fields, llama_model_fields
+from polytron.model.hf import ConvertError, require_fields
+from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
 REMOTE_FILE = "modeling_polytron_moe.py"
 REMOTE_TYPE = "polytron_moe"
@@ -76,7 +76,7 @@ def target(cfg) -> str:
 
 
 def moe_layer(cfg, i: int) -> bool:
-    from model.moe.config import is_moe_layer
+    from polytron.model.moe.config import is_moe_layer
     return is_moe_layer(cfg.moe, i)
 
 
@@ -179,9 +179,9 @@ class MoEAdapter:
     # ------------------------------------------------------------ import
 
     def from_hf_config(self, hf: dict, file: str):
-        from model.config import ModelConfig
-        from model.configlib import ConfigError
-        from model.moe.config import MoEConfig
+        from polytron.model.config import ModelConfig
+        from polytron.model.configlib import ConfigError
+        from polytron.model.moe.config import MoEConfig
         kind = hf.get("model_type")
         routed = () if kind == REMOTE_TYPE else ("num_experts_per_tok",)
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
@@ -200,7 +200,7 @@ class MoEAdapter:
 
     def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
         """Our tensors from a Mixtral / GLM-4-MoE / polytron_moe directory; every name and shape checked."""
-        from model.transformer import param_shapes
+        from polytron.model.transformer import param_shapes
         kind = target(cfg)
         expected = param_shapes(cfg)
         ours: dict[str, torch.Tensor] = {}

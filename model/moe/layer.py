@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.hooks import add_aux_loss, report
-from model.layers import MLP_PLACEMENT, MLPS, make_linear, register
-from model.moe.config import MOE_KINDS, is_moe_layer
-from model.moe.experts import Experts, Groups
-from model.moe.router import Router, Routing
+from polytron.model.hooks import add_aux_loss, report
+from polytron.model.layers import MLP_PLACEMENT, MLPS, make_linear, register
+from polytron.model.moe.config import MOE_KINDS, is_moe_layer
+from polytron.model.moe.experts import Experts, Groups
+from polytron.model.moe.router import Router, Routing
 
 Dispatch = Callable[[torch.Tensor, Groups, nn.Module], torch.Tensor]
 

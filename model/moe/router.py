@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from model.hooks import _recording, current
+from polytron.model.hooks import _recording, current
 
 
 class Routing(NamedTuple):

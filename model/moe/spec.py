@@ -9,10 +9,10 @@ MLP kinds and the spec.
 """
 from __future__ import annotations
 
-from model.llama import build_unit, check_layout, make_cache, tied, units
-from model.moe.hf import MoEAdapter
-from model.moe import layer  # noqa: F401  (registers the moe and mh_moe MLP kinds)
-from model.spec import ModelSpec, register_spec
+from polytron.model.llama import build_unit, check_layout, make_cache, tied, units
+from polytron.model.moe.hf import MoEAdapter
+from polytron.model.moe import layer  # noqa: F401  (registers the moe and mh_moe MLP kinds)
+from polytron.model.spec import ModelSpec, register_spec
 
 MOE = register_spec(ModelSpec(
     name="moe", units=units, build_unit=build_unit, check_layout=check_layout,

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from model.hf import ConvertError
-from model.moe.config import MoEConfig, is_moe_layer
+from polytron.model.hf import ConvertError
+from polytron.model.moe.config import MoEConfig, is_moe_layer
 
 DENSE = ("w1", "w3", "w2")                                   # gate, up, down of the dense SwiGLU
 STACKED = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -187,7 +187,7 @@ def sparse_upcycle(tensors: dict, cfg, partition: bool = False, noise: float = 0
 def with_buffers(tensors: dict, cfg) -> dict[str, torch.Tensor]:
     """Add the MoE model's persistent buffers (the balancing bias / load: zeros) and check
     every name and shape against the model."""
-    from model.transformer import param_shapes
+    from polytron.model.transformer import param_shapes
     shapes = param_shapes(cfg)
     for k, shape in shapes.items():
         if k not in tensors and (k.endswith("expert_bias") or k.endswith("expert_load")):
@@ -415,7 +415,7 @@ class _RouterTap:
     """Forward hooks collecting every router's logits (N_tokens, E) over detached inputs."""
 
     def __init__(self, model):
-        from model.moe.router import Router
+        from polytron.model.moe.router import Router
         self.logits: list[torch.Tensor] = []
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.handles = [r.register_forward_hook(self._hook) for r in self.routers]
@@ -481,7 +481,7 @@ def pre_optimize_routers(model, batches: list[dict], labels: list[torch.Tensor],
     """Train only the router weights for ``steps`` Adam steps (cycling over ``batches``):
     cross-entropy of every MoE layer's router logits, averaged over the sample's tokens,
     against the sample's label, averaged over layers. Returns the loss per step."""
-    from model.moe.router import Router
+    from polytron.model.moe.router import Router
     model.eval()
     routers = [m.weight for m in model.modules() if isinstance(m, Router)]
     opt = torch.optim.Adam(routers, lr=lr)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from model.generate import GenerationError
+from polytron.model.generate import GenerationError
 
 
 class YOCOCache:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.configlib import bad, doc
+from polytron.model.configlib import bad, doc
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from model.hf import ConvertError, NameMapAdapter, require_fields
+from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
 
 MODEL_TYPE = "polytron_yoco"
 MODELING_FILE = "modeling_polytron_yoco.py"
@@ -80,9 +80,9 @@ class YOCOAdapter(NameMapAdapter):
         }
 
     def from_hf_config(self, hf: dict, file: str):
-        from model.config import ModelConfig, RopeScaling
-        from model.configlib import ConfigError
-        from model.yoco.config import YOCOConfig
+        from polytron.model.config import ModelConfig, RopeScaling
+        from polytron.model.configlib import ConfigError
+        from polytron.model.yoco.config import YOCOConfig
         require_fields(hf, file, {}, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                       "num_self_layers", "num_attention_heads", "num_key_value_heads",
                                       "head_dim", "yoco_sliding_window", "self_kv_heads"))

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from model.attention_kernels import causal_attention
+from polytron.model.attention_kernels import causal_attention
 
 #: Query rows per block of the sliding-window kernel (128 measured best on CPU at
 #: T = 4096, W = 512; larger blocks waste work on the band's empty corners).

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import (ATTENTIONS, MLPS, Block, Context, GroupedQueryAttention, RMSNorm, apply_rope,
+from polytron.model.layers import (ATTENTIONS, MLPS, Block, Context, GroupedQueryAttention, RMSNorm, apply_rope,
                           attend, make_linear, project_qkv, register)
-from model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
+from polytron.model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
 
 #: Carry names of the shared key and value (produced by :class:`SharedKV`).
 CARRY = ("yoco_k", "yoco_v")
@@ -149,7 +149,7 @@ class GatedRetention(nn.Module):
         if cache is None:
             return chunk_retention(q, k, v, log_decay, self.chunk, segments(ctx.mask))[0]
         if not hasattr(cache, "recurrent_state"):
-            from model.generate import GenerationError
+            from polytron.model.generate import GenerationError
             raise GenerationError(f"the retention layer {self.layer_idx} needs a cache with recurrent "
                                   f"states (model.yoco.cache.YOCOCache), not {type(cache).__name__}")
         state = cache.recurrent_state(self.layer_idx)                    # (B, H, hd, hd) fp32

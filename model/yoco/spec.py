@@ -19,11 +19,11 @@ from typing import Optional
 
 from torch import nn
 
-from model.layers import ATTENTIONS, MLPS, Block, RMSNorm, layer_mlp, make_linear
-from model.spec import ModelSpec, Unit, register_spec
-from model.yoco.cache import make_cache
-from model.yoco.hf import YOCOAdapter
-from model.yoco.layers import CARRY, CrossAttention, CrossDecoderBlock, ScaledEmbedding, SharedKV
+from polytron.model.layers import ATTENTIONS, MLPS, Block, RMSNorm, layer_mlp, make_linear
+from polytron.model.spec import ModelSpec, Unit, register_spec
+from polytron.model.yoco.cache import make_cache
+from polytron.model.yoco.hf import YOCOAdapter
+from polytron.model.yoco.layers import CARRY, CrossAttention, CrossDecoderBlock, ScaledEmbedding, SharedKV
 
 NAME = "yoco"
 KV_KIND = "yoco_kv"

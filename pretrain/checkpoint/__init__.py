@@ -30,15 +30,15 @@ The package is split by job:
 It never builds a model: callers pass the full model's tensor shapes when they want
 them checked.
 """
-from pretrain.checkpoint.common import (FORMAT_VERSION, MANIFEST, POINTER, STATE_FILE, CheckpointError,
+from polytron.pretrain.checkpoint.common import (FORMAT_VERSION, MANIFEST, POINTER, STATE_FILE, CheckpointError,
                                         ckpt_iteration, ckpt_name)
-from pretrain.checkpoint.discovery import (is_complete, latest_checkpoint, resolve_checkpoint, scan,
+from polytron.pretrain.checkpoint.discovery import (is_complete, latest_checkpoint, resolve_checkpoint, scan,
                                            start_lineage)
-from pretrain.checkpoint.manifest import build_manifest, identity, verify_files
-from pretrain.checkpoint.offline import load_tensors, save_tensors
-from pretrain.checkpoint.safe_read import load_rank_file, read_metadata, read_trainer_state, tensor_shapes
-from pretrain.checkpoint.save import PendingSave, save
-from pretrain.checkpoint.state import check_model_shapes, load
+from polytron.pretrain.checkpoint.manifest import build_manifest, identity, verify_files
+from polytron.pretrain.checkpoint.offline import load_tensors, save_tensors
+from polytron.pretrain.checkpoint.safe_read import load_rank_file, read_metadata, read_trainer_state, tensor_shapes
+from polytron.pretrain.checkpoint.save import PendingSave, save
+from polytron.pretrain.checkpoint.state import check_model_shapes, load
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "POINTER", "STATE_FILE", "CheckpointError", "ckpt_iteration",
            "ckpt_name", "is_complete", "latest_checkpoint", "resolve_checkpoint", "scan", "start_lineage",

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, TypeVar
 
-from pretrain.checkpoint.common import (MANIFEST, POINTER, STATE_FILE, CheckpointError, ckpt_iteration,
+from polytron.pretrain.checkpoint.common import (MANIFEST, POINTER, STATE_FILE, CheckpointError, ckpt_iteration,
                                         write_json)
-from pretrain.faults import fault_point
+from polytron.pretrain.faults import fault_point
 
 ABANDONED = "abandoned"
 T = TypeVar("T")

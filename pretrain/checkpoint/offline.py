@@ -14,11 +14,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from pretrain.checkpoint import discovery
-from pretrain.checkpoint.common import MANIFEST, STATE_FILE, CheckpointError, write_json
-from pretrain.checkpoint.manifest import build_manifest, verify_files, verify_tmp
-from pretrain.checkpoint.safe_read import tensor_shapes
-from pretrain.checkpoint.state import dcp_load
+from polytron.pretrain.checkpoint import discovery
+from polytron.pretrain.checkpoint.common import MANIFEST, STATE_FILE, CheckpointError, write_json
+from polytron.pretrain.checkpoint.manifest import build_manifest, verify_files, verify_tmp
+from polytron.pretrain.checkpoint.safe_read import tensor_shapes
+from polytron.pretrain.checkpoint.state import dcp_load
 
 
 def load_tensors(path: str, prefix: str = "model") -> dict[str, torch.Tensor]:

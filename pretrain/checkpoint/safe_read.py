@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from pretrain.checkpoint.common import STATE_FILE, CheckpointError, first_line
+from polytron.pretrain.checkpoint.common import STATE_FILE, CheckpointError, first_line
 
 #: The only globals a DCP ``.metadata`` pickle may reference.
 _METADATA_GLOBALS = {

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from pretrain.checkpoint import discovery
-from pretrain.checkpoint.common import (MANIFEST, STATE_FILE, CheckpointError, agree, ckpt_name, first_line,
+from polytron.pretrain.checkpoint import discovery
+from polytron.pretrain.checkpoint.common import (MANIFEST, STATE_FILE, CheckpointError, agree, ckpt_name, first_line,
                                         fsync_dir, is_dist, is_rank0, write_json)
-from pretrain.checkpoint.manifest import build_manifest, checksum_files, own_files, verify_tmp
-from pretrain.checkpoint.state import DCP_ERRORS, extras_state, flat_keys, merge, model_state, optim_state
-from pretrain.faults import fault_point
+from polytron.pretrain.checkpoint.manifest import build_manifest, checksum_files, own_files, verify_tmp
+from polytron.pretrain.checkpoint.state import DCP_ERRORS, extras_state, flat_keys, merge, model_state, optim_state
+from polytron.pretrain.faults import fault_point
 
 _CKPT_GROUP: Optional[dist.ProcessGroup] = None
 

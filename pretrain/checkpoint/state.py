@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from pretrain.checkpoint.common import CheckpointError, first_line, is_dist
-from pretrain.checkpoint.manifest import verify_files
-from pretrain.checkpoint.safe_read import SafeLoadPlanner, SafeReader, read_trainer_state, tensor_shapes
+from polytron.pretrain.checkpoint.common import CheckpointError, first_line, is_dist
+from polytron.pretrain.checkpoint.manifest import verify_files
+from polytron.pretrain.checkpoint.safe_read import SafeLoadPlanner, SafeReader, read_trainer_state, tensor_shapes
 
 _OPT_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
 

@@ -18,18 +18,17 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from model.config import ModelConfig  # noqa: E402
-from parallel.config import ParallelConfig  # noqa: E402
-from parallel.engine import build_engine  # noqa: E402
-from parallel.mesh import ParallelDims  # noqa: E402
-from pretrain import checkpoint as ckpt  # noqa: E402
-from pretrain.config import OptimizerConfig, ScheduleConfig  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
-from pretrain.step import TrainStep  # noqa: E402
+from polytron.model.config import ModelConfig  # noqa: E402
+from polytron.parallel.config import ParallelConfig  # noqa: E402
+from polytron.parallel.engine import build_engine  # noqa: E402
+from polytron.parallel.mesh import ParallelDims  # noqa: E402
+from polytron.pretrain import checkpoint as ckpt  # noqa: E402
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig  # noqa: E402
+from polytron.pretrain.optim import build_optimizer  # noqa: E402
+from polytron.pretrain.step import TrainStep  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                   ffn_hidden_size=2048, max_seq_len=128)

@@ -6,15 +6,15 @@ from typing import Optional
 
 import torch
 
-from model.config import ModelConfig, RopeScaling
-from model.transformer import Transformer, build_model
+from polytron.model.config import ModelConfig, RopeScaling
+from polytron.model.transformer import Transformer, build_model
 
 
 def train_spm(tmp: str, vocab: int = 384) -> str:
     """A small byte-fallback SentencePiece model trained on pydoc topics (< 1 s)."""
     import pydoc_data.topics as topics
 
-    from data.tokenizer import train_sentencepiece
+    from polytron.data.tokenizer import train_sentencepiece
     return train_sentencepiece(list(topics.topics.values()), os.path.join(tmp, "spm"), vocab, threads=1)
 
 
@@ -34,7 +34,7 @@ def hf_llama(dst: str, *, vocab: int = 384, tied: bool = False, kv_heads: int = 
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(dst)
     if tokenizer:
-        from tools.convert_checkpoint import write_tokenizer
+        from polytron.tools.convert_checkpoint import write_tokenizer
         write_tokenizer(tokenizer, dst)
     return model.eval()
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from typing import Callable, Optional
-from launch.env import free_port
+from polytron.launch.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain.py")

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 import transformers  # noqa: F401  (dev dependency: a missing install fails, not skips)
-from model.bitnet.packed import PackedBitLinear, load_packed, pack_model
-from model.config import ModelConfig
-from model.configlib import from_dict
-from model.transformer import build_model
-from pretrain import checkpoint as ckpt
+from polytron.model.bitnet.packed import PackedBitLinear, load_packed, pack_model
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.model.transformer import build_model
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint.helpers import train_spm
 from tests.distributed.layouts_bitnet import B2B4T
-from tools.convert_checkpoint import from_hf, main, to_hf
+from polytron.tools.convert_checkpoint import from_hf, main, to_hf
 
 @pytest.fixture(autouse=True)
 def eager_transformers():
@@ -55,7 +55,7 @@ def bitnet_config(**kw) -> ModelConfig:
 
 def trained_run(tmp, spm_model: str, cfg: ModelConfig) -> tuple[str, torch.nn.Module]:
     """A few AdamW steps (so norms and weights move off their init), saved as a checkpoint."""
-    from pretrain.config import RunConfig
+    from polytron.pretrain.config import RunConfig
     model = build_model(cfg, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +171,7 @@ def test_packed_export_matches_unpacked(tmp_path, spm_model, linear_class):
 
 
 def test_our_packed_model_generates_like_unpacked(tmp_path):
-    from model.generate import generate
+    from polytron.model.generate import generate
     cfg = bitnet_config()
     model = build_model(cfg, seed=5).eval()
     packed = pack_model(build_model(cfg, seed=5))
@@ -230,7 +230,7 @@ def test_bitnet_tiny_trains_under_tp2_and_exports(tmp_path, capsys):
     assert_close_up_to_flips(hf_logits(str(tmp_path / "packed"), tokens), want)
     assert torch.equal(ours(load_packed(str(tmp_path / "packed")), tokens), want)
 
-    from tools.generate import main as generate
+    from polytron.tools.generate import main as generate
     assert generate([out, "--prompt", "The", "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert generate([str(tmp_path / "packed"), "--prompt", "The", "--max-new-tokens", "8"]) == 0

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from model.transformer import param_shapes
-from pretrain import checkpoint as ckpt
+from polytron.model.transformer import param_shapes
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import build_model, tiny_model_config
 

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.configlib import from_dict
-from model.generate import generate
-from model.transformer import build_model, param_shapes
-from pretrain import checkpoint as ckpt
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.model.generate import generate
+from polytron.model.transformer import build_model, param_shapes
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import assert_close, hf_logits, our_logits, train_spm
-from tools.convert_checkpoint import from_hf, to_hf
+from polytron.tools.convert_checkpoint import from_hf, to_hf
 
 DHA = {"key_heads": [1, 4, 2], "value_heads": [2, 3, 4],
        "key_map": [[], [2, 0, 3, 1], []], "value_map": [[], [0, 2, 1, 1], []]}
@@ -30,7 +30,7 @@ def spm_model(tmp_path_factory) -> str:
 
 def dha_checkpoint(tmp, spm_model: str, tied: bool):
     """A DHA model (norms randomized) saved as a complete checkpoint of a run."""
-    from pretrain.config import RunConfig
+    from polytron.pretrain.config import RunConfig
     mcfg = from_dict(ModelConfig, {"vocab_size": 384, "hidden_size": 64, "num_layers": 3, "num_heads": 4,
                                    "num_kv_heads": 2, "ffn_hidden_size": 96, "max_seq_len": 64, "init_std": 0.1,
                                    "tie_embeddings": tied, "arch": "dha", "attention": "dha", "dha": DHA},

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from pretrain import checkpoint as ckpt
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 
 ITERS = 8

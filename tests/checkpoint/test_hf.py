@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from model.transformer import param_shapes
-from pretrain import checkpoint as ckpt
+from polytron.model.transformer import param_shapes
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint.helpers import (assert_close, build_model, hf_llama, hf_logits, our_logits,
                                       tiny_model_config, train_spm)
-from tools.convert_checkpoint import from_hf, hf_config_to_model, main, to_hf
+from polytron.tools.convert_checkpoint import from_hf, hf_config_to_model, main, to_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -28,8 +28,8 @@ def spm_model(tmp_path_factory) -> str:
 
 def _load_ours(path: str):
     state = ckpt.read_trainer_state(path)
-    from model.configlib import from_dict
-    from model.config import ModelConfig
+    from polytron.model.configlib import from_dict
+    from polytron.model.config import ModelConfig
     mcfg = from_dict(ModelConfig, state["config"]["model"])
     model = build_model(mcfg)
     ckpt.load(path, [model], expected_shapes=param_shapes(mcfg))
@@ -51,9 +51,9 @@ def test_from_hf_logits_match(tmp_path, variant):
 
 def _trained_checkpoint(tmp, spm_model: str, tied: bool) -> tuple[str, torch.nn.Module]:
     """A tiny model trained a few AdamW steps, saved as a complete checkpoint."""
-    from pretrain.config import RunConfig
+    from polytron.pretrain.config import RunConfig
     mcfg = tiny_model_config(tie_embeddings=tied,
-                             rope_scaling=__import__("model.config").config.RopeScaling(
+                             rope_scaling=__import__("polytron.model.config").model.config.RopeScaling(
                                  type="llama3", factor=4.0, original_max_position_embeddings=32))
     model = build_model(mcfg, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.moe.config import MoEConfig
-from pretrain import checkpoint as ckpt
+from polytron.model.config import ModelConfig
+from polytron.model.moe.config import MoEConfig
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint.helpers import assert_close, build_model, hf_logits, our_logits, train_spm
-from tools.convert_checkpoint import from_hf, hf_config_to_model, to_hf
+from polytron.tools.convert_checkpoint import from_hf, hf_config_to_model, to_hf
 
 BASE = dict(arch="moe", vocab_size=384, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
             ffn_hidden_size=96, max_seq_len=64, rope_theta=500.0)
@@ -41,7 +41,7 @@ def spm_model(tmp_path_factory) -> str:
 
 def _checkpoint(tmp, spm_model: str, cfg: ModelConfig):
     """A model trained three AdamW steps (balancing bias set off zero), saved as a checkpoint."""
-    from pretrain.config import RunConfig
+    from polytron.pretrain.config import RunConfig
     cfg.validate()
     model = build_model(cfg, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.configlib import from_dict
-from model.transformer import build_model, cross_entropy, param_shapes
-from model.yoco.hf import MODELING_FILE, YOCOAdapter
-from pretrain import checkpoint as ckpt
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.model.transformer import build_model, cross_entropy, param_shapes
+from polytron.model.yoco.hf import MODELING_FILE, YOCOAdapter
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
-from tools.convert_checkpoint import from_hf, write_safetensors
+from polytron.tools.convert_checkpoint import from_hf, write_safetensors
 
 import transformers  # in the dev extra: a missing install must fail, not skip
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from data.builtin import iter_builtin_documents
-from data.preprocess import preprocess
-from data.tokenizer import train_sentencepiece
+from polytron.data.builtin import iter_builtin_documents
+from polytron.data.preprocess import preprocess
+from polytron.data.tokenizer import train_sentencepiece
 
 VOCAB = 512
 

@@ -5,11 +5,11 @@ import os
 
 import torch
 
-from data import build_data
-from data.builtin import cache_key
-from data.config import DataConfig
-from data.tokenizer import load_tokenizer
-from data.validate import dataset_fingerprint
+from polytron.data import build_data
+from polytron.data.builtin import cache_key
+from polytron.data.config import DataConfig
+from polytron.data.tokenizer import load_tokenizer
+from polytron.data.validate import dataset_fingerprint
 from tests.distributed.harness import run_distributed
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError, build_data
-from data.config import DataConfig
-from data.index_cache import CacheFiles, write_manifest
+from polytron.data import DataError, build_data
+from polytron.data.config import DataConfig
+from polytron.data.index_cache import CacheFiles, write_manifest
 
 SAMPLES = 12
 
@@ -77,11 +77,11 @@ def test_damaged_cache_is_rebuilt_with_identical_samples(corpus, tmp_path, caplo
             f.write(b"\xff\xff\xff")
     else:  # e.g. a build killed before its manifest, or a cache from an older version
         os.remove(_cache_file(tmp_path, "train", "manifest.json"))
-    with caplog.at_level(logging.WARNING, logger="data.index_cache"):
+    with caplog.at_level(logging.WARNING, logger="polytron.data.index_cache"):
         rebuilt = _build(corpus, tmp_path)
     assert _same(ref, _samples(rebuilt))
     assert "rebuilding" in caplog.text and "-train-" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="data.index_cache"):
+    with caplog.at_level(logging.WARNING, logger="polytron.data.index_cache"):
         caplog.clear()
         _build(corpus, tmp_path)
     assert "rebuilding" not in caplog.text  # the rebuilt cache verifies
@@ -124,7 +124,7 @@ def test_pickle_planted_in_cache_never_runs(corpus, tmp_path, caplog, kind):
     os.remove(marker)
     _plant(path, marker, kind)
     write_manifest(_files_of(path))  # an attacker who can write the cache can write this too
-    with caplog.at_level(logging.WARNING, logger="data.index_cache"):
+    with caplog.at_level(logging.WARNING, logger="polytron.data.index_cache"):
         rebuilt = _build(corpus, tmp_path)
     assert not os.path.exists(marker)
     assert _same(ref, _samples(rebuilt))

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from data.builtin import iter_builtin_documents
-from data.instruct import (BOS, EOS, Pair, Synthesized, chains, encode_prompt, history_of, pairs_block,
+from polytron.data.builtin import iter_builtin_documents
+from polytron.data.instruct import (BOS, EOS, Pair, Synthesized, chains, encode_prompt, history_of, pairs_block,
                            parse_pairs, record_json, record_of, render_prompt, synthesis_prompt)
-from data.instruct_templates import FormatStats, format_chain, pack, task_of
-from data.tokenizer import INSTRUCTION_MARKERS, SYNTHESIZER_MARKERS, load_tokenizer, train_sentencepiece
+from polytron.data.instruct_templates import FormatStats, format_chain, pack, task_of
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, SYNTHESIZER_MARKERS, load_tokenizer, train_sentencepiece
 
 #: A generation in the released synthesizer's format (pairs of the kinds it was fine-tuned on:
 #: free-form, multiple choice, chain of thought, both), then the end-of-sequence cut.

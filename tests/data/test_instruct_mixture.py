@@ -8,15 +8,15 @@ import os
 import pytest
 import yaml
 
-from data.config import DataConfig
-from data.instruct import Pair, Synthesized, record_json
-from data.loader import build_data
-from data.lossmask import has_loss_mask
-from data.mixture import build_mixture, load_mixture, realized_composition
-from data.tokenizer import load_tokenizer
-from model.configlib import ConfigError
-from pretrain.config import load_config
-from tools import build_mixture as tool
+from polytron.data.config import DataConfig
+from polytron.data.instruct import Pair, Synthesized, record_json
+from polytron.data.loader import build_data
+from polytron.data.lossmask import has_loss_mask
+from polytron.data.mixture import build_mixture, load_mixture, realized_composition
+from polytron.data.tokenizer import load_tokenizer
+from polytron.model.configlib import ConfigError
+from polytron.pretrain.config import load_config
+from polytron.tools import build_mixture as tool
 
 SEQ = 256
 QUESTION_WORDS = "the of and to in is"          # questions and responses use disjoint words

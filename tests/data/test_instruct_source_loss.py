@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine, labels_of
-from parallel.mesh import ParallelDims
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.engine import build_engine, labels_of
+from polytron.parallel.mesh import ParallelDims
 from tests.distributed import equivalence as eq
 
 

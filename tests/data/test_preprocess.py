@@ -12,12 +12,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from data._megatron import IndexedDataset
-from data.errors import DataError
-from data.preprocess import preprocess
-from data.tokenizer import load_tokenizer
+from polytron.data._megatron import IndexedDataset
+from polytron.data.errors import DataError
+from polytron.data.preprocess import preprocess
+from polytron.data.tokenizer import load_tokenizer
 from tests.data.conftest import write_jsonl
-from tools import preprocess_data
+from polytron.tools import preprocess_data
 
 BAD_JSONL = (b'{"text": "Hello world."}\n'
              b'{"text": ""}\n'
@@ -121,7 +121,7 @@ def test_strict_error_type(tmp_path, corpus):
 
 @pytest.mark.parametrize("unit", ["paragraph", "line", "file"])
 def test_chunks_cut_only_at_document_boundaries(tmp_path, corpus, unit):
-    from data.preprocess import iter_chunks
+    from polytron.data.preprocess import iter_chunks
 
     raw = "\n\n".join(corpus.docs[:10]).replace("\n\n\n", "\n\r\n\n").encode()
     (tmp_path / "t.txt").write_bytes(raw)

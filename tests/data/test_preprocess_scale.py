@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data._megatron import DType, IndexedDataset, IndexedDatasetBuilder
-from data.errors import DataError
-from data.indexed import DatasetWriter, read_index
-from data.preprocess import preprocess
-from data.segment_cache import PlainEncoder, SegmentCachedEncoder, _load_proto, build_encoder
-from data.shard_plan import load_plan, make_plan, merge_plan, run_plan_task, write_plan
-from data.tokenizer import INSTRUCTION_MARKERS, load_tokenizer, train_sentencepiece
+from polytron.data._megatron import DType, IndexedDataset, IndexedDatasetBuilder
+from polytron.data.errors import DataError
+from polytron.data.indexed import DatasetWriter, read_index
+from polytron.data.preprocess import preprocess
+from polytron.data.segment_cache import PlainEncoder, SegmentCachedEncoder, _load_proto, build_encoder
+from polytron.data.shard_plan import load_plan, make_plan, merge_plan, run_plan_task, write_plan
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, load_tokenizer, train_sentencepiece
 from tests.data.conftest import write_jsonl
-from tools import merge_datasets, preprocess_data
+from polytron.tools import merge_datasets, preprocess_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from data.tokenizer import INSTRUCTION_MARKERS, load_tokenizer
-from tools import train_tokenizer
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, load_tokenizer
+from polytron.tools import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import sys
 import pytest
 import torch
 
-from data import DataError, build_data
-from data.config import DataConfig
-from data.preprocess import preprocess
-from data.tokenizer import load_tokenizer, train_sentencepiece
-from data.validate import dataset_fingerprint
+from polytron.data import DataError, build_data
+from polytron.data.config import DataConfig
+from polytron.data.preprocess import preprocess
+from polytron.data.tokenizer import load_tokenizer, train_sentencepiece
+from polytron.data.validate import dataset_fingerprint
 from tests.data.conftest import write_jsonl
-from tools import build_mixture, merge_datasets, preprocess_data
+from polytron.tools import build_mixture, merge_datasets, preprocess_data
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from data import DataError, build_data
-from data.config import DataConfig
-from data.validate import check_dataset
+from polytron.data import DataError, build_data
+from polytron.data.config import DataConfig
+from polytron.data.validate import check_dataset
 
 
 def _copy(prefix: str, dst: str) -> str:

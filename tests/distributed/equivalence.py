@@ -15,14 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.config import ModelConfig
-from model.configlib import from_dict
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine
-from parallel.mesh import ParallelDims
-from pretrain.config import OptimizerConfig, ScheduleConfig
-from pretrain.optim import build_optimizer
-from pretrain.step import TrainStep
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.engine import build_engine
+from polytron.parallel.mesh import ParallelDims
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.optim import build_optimizer
+from polytron.pretrain.step import TrainStep
 from tests.distributed import hetero_spec  # noqa: F401  (registers arch "test_hetero")
 from tests.distributed.harness import device_for
 

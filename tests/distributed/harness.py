@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
-from launch.env import free_port
+from polytron.launch.env import free_port
 
 
 class DistributedTestError(AssertionError):

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.hooks import add_aux_loss, report
-from model.layers import (ATTENTIONS, MLPS, Block, Context, RMSNorm, block_tp_requirements, make_linear,
+from polytron.model.hooks import add_aux_loss, report
+from polytron.model.layers import (ATTENTIONS, MLPS, Block, Context, RMSNorm, block_tp_requirements, make_linear,
                           register)
-from model.spec import ModelSpec, Unit, register_spec
+from polytron.model.spec import ModelSpec, Unit, register_spec
 
 NAME = "test_hetero"
 RELU2 = "test_relu2"

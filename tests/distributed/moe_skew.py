@@ -10,8 +10,8 @@ losses, gradients and parameters as one process.
 """
 from __future__ import annotations
 
-from model.layers import MLPS, register
-from model.moe.layer import MoE
+from polytron.model.layers import MLPS, register
+from polytron.model.moe.layer import MoE
 
 NAME = "test_moe_skewed"
 

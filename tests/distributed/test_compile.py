@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.config import ParallelConfig
+from polytron.parallel.config import ParallelConfig
 from tests.distributed import equivalence as eq
 
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from model.config import ModelConfig
-from parallel.config import ParallelConfig
-from parallel.mesh import LayoutError, ParallelDims
-from parallel.pipeline import split_layers, stage_ids
+from polytron.model.config import ModelConfig
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.mesh import LayoutError, ParallelDims
+from polytron.parallel.pipeline import split_layers, stage_ids
 from tests.distributed.harness import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from data.builtin import iter_builtin_documents
-from data.preprocess import preprocess
-from data.tokenizer import train_sentencepiece
+from polytron.data.builtin import iter_builtin_documents
+from polytron.data.preprocess import preprocess
+from polytron.data.tokenizer import train_sentencepiece
 from tests.integration.slurm_cluster import SlurmCluster, missing_requirements
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from launch.run import EXIT_REQUEUE, child_pids, failure_status, narrow_signals
+from polytron.launch.run import EXIT_REQUEUE, child_pids, failure_status, narrow_signals
 from tests.checkpoint import runs
 
 ITERATIONS = 100000          # never reached: every run here ends by a signal
@@ -122,7 +122,7 @@ def test_plain_torchrun_sigusr1_workers_save_after_it_dies(tmp_path, leftovers):
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from launch.env import follow_launcher
+    from polytron.launch.env import follow_launcher
     print(follow_launcher(), flush=True)
     time.sleep(60)
 """)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch.slurm.node_agent import requeue_requested, torchrun_args
-from launch.submit import SubmitError, main, parse_time
+from polytron.launch.slurm.node_agent import requeue_requested, torchrun_args
+from polytron.launch.submit import SubmitError, main, parse_time
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "launch" / "configs" / "tiny.yaml"

@@ -33,10 +33,10 @@ import time
 
 import pytest
 
-from launch.env import free_port, lost_peer
-from launch.run import child_pids
-from launch.slurm.node_agent import main as node_agent_main
-from launch.slurm.node_agent import torchrun_args
+from polytron.launch.env import free_port, lost_peer
+from polytron.launch.run import child_pids
+from polytron.launch.slurm.node_agent import main as node_agent_main
+from polytron.launch.slurm.node_agent import torchrun_args
 from tests.checkpoint import runs
 from tests.integration.slurm_cluster import SlurmCluster, missing_requirements
 

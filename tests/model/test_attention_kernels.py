@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import attention_kernels as ak
+from polytron.model import attention_kernels as ak
 
 
 def qkv(B, Hq, Hkv, T, hd, dtype=torch.float32, seed=0):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.bitnet import quant
-from model.bitnet.layers import BitLinear, SubNorm
-from model.bitnet.packed import PackedBitLinear, pack_model
-from model.config import ModelConfig
-from model.configlib import ConfigError, from_dict
-from model.layers import make_linear
-from model.transformer import build_model
+from polytron.model.bitnet import quant
+from polytron.model.bitnet.layers import BitLinear, SubNorm
+from polytron.model.bitnet.packed import PackedBitLinear, pack_model
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import ConfigError, from_dict
+from polytron.model.layers import make_linear
+from polytron.model.transformer import build_model
 from tests.distributed.layouts_bitnet import B2B4T, PAPER
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.bitnet import quant
-from model.bitnet.layers import BitLinear
-from model.layers import LINEARS
+from polytron.model.bitnet import quant
+from polytron.model.bitnet.layers import BitLinear
+from polytron.model.layers import LINEARS
 from tests.distributed import equivalence as eq
 from tests.distributed.harness import run_distributed
 from tests.distributed.layouts_bitnet import B2B4T
@@ -67,9 +67,9 @@ def _overrides(linear: str) -> dict:
 
 def first_loss(linear: str, world: int) -> float:
     """Loss of the suite's first batch for ``bitnet_tp2``'s layout (world 2) or one process."""
-    from parallel.config import ParallelConfig
-    from parallel.engine import build_engine
-    from parallel.mesh import ParallelDims
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.engine import build_engine
+    from polytron.parallel.mesh import ParallelDims
     _, par, _, variant = eq.LAYOUTS["bitnet_tp2"]
     mcfg, pcfg = eq.model_config(**_overrides(linear)), ParallelConfig(**(par if world > 1 else {}))
     dims = ParallelDims.resolve(pcfg, mcfg, world)

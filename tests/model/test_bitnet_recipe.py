@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from model.configlib import ConfigError
-from pretrain.config import OptimizerConfig, ScheduleConfig, load_config
-from pretrain.optim import lr_at, weight_decay_at
+from polytron.model.configlib import ConfigError
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig, load_config
+from polytron.pretrain.optim import lr_at, weight_decay_at
 
 OPT = OptimizerConfig(lr=1.5e-3, min_lr=1e-5, weight_decay=0.1)
 SCHED = ScheduleConfig(kind="two_stage", warmup_iters=10, stage2_start=0.5, stage2_lr=8e-4)
@@ -37,11 +37,11 @@ def test_weight_decay_switches_off_at_stage_two():
 
 def test_train_step_applies_the_weight_decay_schedule():
     """Matrices decay in stage 1 only; norms never; the schedule survives an optimizer reload."""
-    from parallel.config import ParallelConfig
-    from parallel.engine import build_engine
-    from parallel.mesh import ParallelDims
-    from pretrain.optim import build_optimizer
-    from pretrain.step import TrainStep
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.engine import build_engine
+    from polytron.parallel.mesh import ParallelDims
+    from polytron.pretrain.optim import build_optimizer
+    from polytron.pretrain.step import TrainStep
     from tests.distributed import equivalence as eq
     from tests.distributed.layouts_bitnet import B2B4T
     mcfg = eq.model_config(**B2B4T, num_layers=1)

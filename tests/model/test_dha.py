@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from model.accounting import describe_kv_cache, kv_cache_bytes_per_token
-from model.config import ModelConfig
-from model.configlib import ConfigError, from_dict
-from model.dha.config import DHAConfig, layer_heads
-from model.dha.layers import HeadMaps, _plan
-from model.generate import generate, stream
-from model.transformer import build_model, document_mask
+from polytron.model.accounting import describe_kv_cache, kv_cache_bytes_per_token
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import ConfigError, from_dict
+from polytron.model.dha.config import DHAConfig, layer_heads
+from polytron.model.dha.layers import HeadMaps, _plan
+from polytron.model.generate import generate, stream
+from polytron.model.transformer import build_model, document_mask
 
 BASE = dict(vocab_size=97, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
             max_seq_len=200, init_std=0.1)
@@ -87,7 +87,7 @@ def test_gather_plan_merges_contiguous_pairs():
 def reference_attention(attn, x: torch.Tensor, cos, sin, mask=None) -> torch.Tensor:
     """Per-query-head softmax attention written out: query head h scores against key head
     key_map[h] and mixes value head value_map[h]."""
-    from model.layers import apply_rope
+    from polytron.model.layers import apply_rope
     B, T, _ = x.shape
     hd = attn.head_dim
     q = apply_rope(attn.wq(x).view(B, T, -1, hd), cos, sin).transpose(1, 2)
@@ -171,8 +171,8 @@ def test_dha_slot_in_the_dense_spec_refuses_a_wrong_cache():
 # ---------------------------------------------------------------- tensor parallelism
 
 def test_tp_rules_accept_rank_local_maps_and_name_the_rest():
-    from parallel.config import ParallelConfig
-    from parallel.mesh import LayoutError, ParallelDims
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.mesh import LayoutError, ParallelDims
     ok = dha_config({"key_heads": [1, 4, 2], "key_map": [[], [1, 0, 3, 2], []]}, vocab_size=98)
     ParallelDims.resolve(ParallelConfig(tensor=2), ok, 2)                # split, permuted, replicated
     bad = dha_config(UNEVEN, vocab_size=98)                               # key_map[1] crosses ranks

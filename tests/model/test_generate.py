@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.generate import (DenseKVCache, GenerationError, InferenceCache, NoCacheWarning, generate,
+from polytron.model.config import ModelConfig
+from polytron.model.generate import (DenseKVCache, GenerationError, InferenceCache, NoCacheWarning, generate,
                             sample_next, stream)
-from model.transformer import build_model
+from polytron.model.transformer import build_model
 
 ATOL = 1e-5
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.configlib import ConfigError
-from model.hooks import StatsCollector, step_scope
-from model.layers import LINEARS, layer_mlp
-from model.moe.config import MoEConfig
-from model.transformer import build_model
-from parallel.config import ParallelConfig
-from parallel.mesh import LayoutError, ParallelDims
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import ConfigError
+from polytron.model.hooks import StatsCollector, step_scope
+from polytron.model.layers import LINEARS, layer_mlp
+from polytron.model.moe.config import MoEConfig
+from polytron.model.transformer import build_model
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.mesh import LayoutError, ParallelDims
 
 BASE = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
             max_seq_len=32)
@@ -311,7 +311,7 @@ def test_accounting_counts_activated_parameters():
     d, f, E, k = cfg.hidden_size, 24, 4, 2
     moe_total = E * d + E * 3 * d * f + 3 * d * f
     moe_active = E * d + k * 3 * d * f + 3 * d * f
-    from model.accounting import counts
+    from polytron.model.accounting import counts
     c = counts(cfg)
     assert c.matmul - c.active == 2 * (moe_total - moe_active)
     mh = config("mh_moe", heads=4, model={"num_layers": 2})

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import plot_metrics
+from polytron.tools import plot_metrics
 
 
 def test_expert_load_panels(tmp_path, capsys):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.layers import ATTENTIONS, LINEARS, MLPS, apply_rope, rope_table, select_rope
-from model.transformer import Transformer, build_model, cross_entropy, document_mask
+from polytron.model.config import ModelConfig
+from polytron.model.layers import ATTENTIONS, LINEARS, MLPS, apply_rope, rope_table, select_rope
+from polytron.model.transformer import Transformer, build_model, cross_entropy, document_mask
 
 
 def tiny(**kw) -> ModelConfig:

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
-from model.configlib import ConfigError, from_dict
-from model.generate import DenseKVCache, GenerationError, InferenceCache, stream
-from model.transformer import build_model, document_mask
-from model.yoco import kernels
-from model.yoco.cache import YOCOCache, cache_bytes, dense_cache_bytes
-from model.yoco.kernels import (chunk_retention, parallel_retention, recurrent_retention, segments,
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import ConfigError, from_dict
+from polytron.model.generate import DenseKVCache, GenerationError, InferenceCache, stream
+from polytron.model.transformer import build_model, document_mask
+from polytron.model.yoco import kernels
+from polytron.model.yoco.cache import YOCOCache, cache_bytes, dense_cache_bytes
+from polytron.model.yoco.kernels import (chunk_retention, parallel_retention, recurrent_retention, segments,
                                 sliding_window_attention)
 
 ATOL = 1e-5
@@ -290,8 +290,8 @@ def test_derived_settings_are_written_in():
 ])
 def test_layout_rules_name_the_key(kind, over, tp, message):
     """Each layer kind's tensor-parallel rule is checked before any process group exists."""
-    from parallel.config import ParallelConfig
-    from parallel.mesh import LayoutError, ParallelDims
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.mesh import LayoutError, ParallelDims
     cfg = yoco_config(kind, num_heads=6, hidden_size=96, vocab_size=96, **over)
     with pytest.raises(LayoutError, match=message):
         ParallelDims.resolve(ParallelConfig(tensor=tp), cfg, tp)

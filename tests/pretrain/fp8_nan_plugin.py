@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from model.spec import get_spec
+from polytron.model.spec import get_spec
 
 _SPEC = get_spec("llama")
 

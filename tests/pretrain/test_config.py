@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pretrain.config import RunConfig, load_config
-from model.configlib import ConfigError
+from polytron.pretrain.config import RunConfig, load_config
+from polytron.model.configlib import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")
@@ -142,7 +142,7 @@ def test_duplicate_yaml_key_is_refused(tmp_path):
 def test_absurd_run_lengths_are_refused_before_any_work():
     with pytest.raises(ConfigError, match="training.iterations.*at most 1e\\+09"):
         load_config(TINY, ["training.iterations=1000000001"])
-    from pretrain.config import check_run_length
+    from polytron.pretrain.config import check_run_length
     check_run_length(10**6, 1024, 4096)                        # 4.3e12 tokens: a real run
     with pytest.raises(ConfigError, match="training.iterations.*1e\\+15 tokens"):
         check_run_length(10**9, 4096, 8192)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from model.configlib import ConfigError
-from model.layers import LINEARS
-from model.transformer import param_shapes
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine
-from parallel.fp8 import FP8Config
-from parallel.mesh import ParallelDims
-from pretrain.config import load_config
+from polytron.model.configlib import ConfigError
+from polytron.model.layers import LINEARS
+from polytron.model.transformer import param_shapes
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.engine import build_engine
+from polytron.parallel.fp8 import FP8Config
+from polytron.parallel.mesh import ParallelDims
+from polytron.pretrain.config import load_config
 from tests.distributed.equivalence import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,7 +132,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, dim=None, pow2: bool = False) 
 
 
 def float8_linear(recipe: str, fmt: str, weight: torch.Tensor) -> nn.Module:
-    from parallel.fp8 import to_float8_linear, torchao_config
+    from polytron.parallel.fp8 import to_float8_linear, torchao_config
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data.copy_(weight)
     linear.role = "up"

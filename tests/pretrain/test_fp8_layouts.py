@@ -27,13 +27,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine
-from parallel.fp8 import FP8Config
-from parallel.mesh import ParallelDims
-from pretrain.config import OptimizerConfig, ScheduleConfig
-from pretrain.optim import build_optimizer
-from pretrain.step import TrainStep
+from polytron.parallel.config import ParallelConfig
+from polytron.parallel.engine import build_engine
+from polytron.parallel.fp8 import FP8Config
+from polytron.parallel.mesh import ParallelDims
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.optim import build_optimizer
+from polytron.pretrain.step import TrainStep
 from tests.distributed import equivalence as eq
 from tests.distributed.harness import run_distributed
 

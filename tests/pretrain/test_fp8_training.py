@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from launch.env import free_port
+from polytron.launch.env import free_port
 from tests.checkpoint import runs
 
 ITERS = 50

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from pretrain.config import TrainingConfig
-from pretrain.host import keep_freed_memory, setup_host
+from polytron.pretrain.config import TrainingConfig
+from polytron.pretrain.host import keep_freed_memory, setup_host
 
 #: mallopt and its thresholds are glibc's; elsewhere the setting is a documented no-op.
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -19,7 +19,7 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 # blocks are reused and most steps fault no page in.
 PROBE = textwrap.dedent("""
     import resource, sys, torch
-    from pretrain.host import keep_freed_memory
+    from polytron.pretrain.host import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
     torch.manual_seed(0)

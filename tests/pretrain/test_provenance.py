@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from data.builtin import iter_builtin_documents
-from data.preprocess import preprocess
-from data.tokenizer import fingerprint_of, train_sentencepiece
-from launch.pretrain import run as launch
+from polytron.data.builtin import iter_builtin_documents
+from polytron.data.preprocess import preprocess
+from polytron.data.tokenizer import fingerprint_of, train_sentencepiece
+from polytron.launch.pretrain import run as launch
 from tests.checkpoint import runs
 
 TINY_YAML = os.path.join(runs.ROOT, "launch", "configs", "tiny.yaml")
@@ -207,9 +207,9 @@ def test_fp8_settings_without_fp8_are_named_in_a_note(base):
 def _convert(base: Base, dst: str, scale: float) -> dict:
     """What upcycle.py / convert_mha_to_dha.py do at their end: write_converted_run of the
     base run's weights (scaled) into DST."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.config import config_from_dict
-    from tools.convert_checkpoint import write_converted_run
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.pretrain.config import config_from_dict
+    from polytron.tools.convert_checkpoint import write_converted_run
     src = _checkpoint(base.run, 2)
     tensors = {k: v * scale for k, v in ckpt.load_tensors(src).items()}
     run = config_from_dict(_state(src)["config"])
@@ -222,7 +222,7 @@ def _convert(base: Base, dst: str, scale: float) -> dict:
 
 
 def test_conversion_sets_aside_the_earlier_run_and_training_refuses_a_shadowed_load(base, tmp_path):
-    from pretrain import checkpoint as ckpt
+    from polytron.pretrain import checkpoint as ckpt
     dst = str(tmp_path / "dst")
     _convert(base, dst, 1.0)
     rc, out, err = _launch(["--config", os.path.join(dst, "config.yaml"), "training.iterations=3"])
@@ -258,7 +258,7 @@ def test_ranks_started_in_different_directories_are_refused(tmp_path):
     import subprocess
     import sys
 
-    from launch.env import free_port
+    from polytron.launch.env import free_port
     env = {k: v for k, v in runs.env().items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), WANDB_MODE="disabled")
@@ -279,7 +279,7 @@ def test_ranks_started_in_different_directories_are_refused(tmp_path):
 def test_older_run_checkpoint_without_a_record_is_refused_only_for_a_newer_load_target(base, tmp_path):
     """A run checkpoint saved before runs recorded initialized_from: refused when the load
     target was written after it; an older target lets the resume go on as before."""
-    from pretrain import checkpoint as ckpt
+    from polytron.pretrain import checkpoint as ckpt
     src = _checkpoint(base.run, 2)
     tensors, state = ckpt.load_tensors(src), _state(src)
     state.pop("initialized_from")

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.transformer import build_model
-from pretrain.config import OptimizerConfig, ScheduleConfig
-from pretrain.optim import build_optimizer, lr_at, param_groups
+from polytron.model.config import ModelConfig
+from polytron.model.transformer import build_model
+from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.optim import build_optimizer, lr_at, param_groups
 
 OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
 

@@ -21,7 +21,7 @@ import threading
 import pytest
 import torch
 
-from pretrain import step as step_module
+from polytron.pretrain import step as step_module
 from tests.checkpoint import runs
 
 HETERO = ["model.plugins=[tests.distributed.hetero_spec]", "model.arch=test_hetero", "model.num_layers=4"]
@@ -69,9 +69,9 @@ class ReadbackCounter:
 def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch):
     """Run the trainer in this process; count reads during every step that is not at a log,
     eval or save boundary (those are the marked host_sync points)."""
-    from model.configlib import ConfigError  # noqa: F401  (config import before the counter)
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from polytron.model.configlib import ConfigError  # noqa: F401  (config import before the counter)
+    from polytron.pretrain.config import load_config
+    from polytron.pretrain.trainer import Trainer
     cfg = load_config(os.path.join(runs.ROOT, "launch", "configs", "tiny.yaml"),
                       runs.TINY + HETERO + [f"training.output_dir={tmp_path}", "training.iterations=8",
                                             "training.log_interval=4", "checkpoint.interval=0",
@@ -97,10 +97,10 @@ def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch):
 def test_clipping_still_matches_after_removing_syncs():
     """The device-side clip gives the reference norm: covered per layout by the
     equivalence suite; here a direct check that the coefficient is applied on the device."""
-    from model.config import ModelConfig
-    from parallel.config import ParallelConfig
-    from parallel.engine import build_engine
-    from parallel.mesh import ParallelDims
+    from polytron.model.config import ModelConfig
+    from polytron.parallel.config import ParallelConfig
+    from polytron.parallel.engine import build_engine
+    from polytron.parallel.mesh import ParallelDims
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64,
                       max_seq_len=16)
     engine = build_engine(cfg, ParallelConfig(), ParallelDims.resolve(ParallelConfig(), cfg, 1), None,
@@ -133,7 +133,7 @@ def test_post_optimizer_hook_state_survives_kill_and_resume(tmp_path, hetero_ref
     for it, values in got.items():
         assert values == [hetero_reference[it]], (it, values, hetero_reference[it])
     # the hook's buffer is in the checkpoint, and its value is the number of updates
-    from pretrain import checkpoint as ckpt
+    from polytron.pretrain import checkpoint as ckpt
     tensors = ckpt.load_tensors(os.path.join(out, "checkpoints", f"iter_{ITERS:07d}"))
     assert float(tensors["layers.2.updates"]) == ITERS
 

@@ -15,12 +15,12 @@ from typing import Iterator, Optional
 
 import pytest
 
-from model.transformer import build_model
-from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, load_config
+from polytron.model.transformer import build_model
+from polytron.pretrain import checkpoint as ckpt
+from polytron.pretrain.config import RunConfig, load_config
 from tests.checkpoint.helpers import hf_llama, tiny_model_config, train_spm
-from tools import convert_mha_to_dha as dha
-from tools import upcycle
+from polytron.tools import convert_mha_to_dha as dha
+from polytron.tools import upcycle
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def inputs(tmp_path_factory) -> dict:
     config.json is a JSON list."""
     import pydoc_data.topics as topics
 
-    from data.preprocess import preprocess
+    from polytron.data.preprocess import preprocess
     root = tmp_path_factory.mktemp("converters")
     tok = train_spm(str(root))
     hf = str(root / "hf")
@@ -215,7 +215,7 @@ def tokenizers(inputs) -> tuple[str, str]:
     """Two SentencePiece tokenizers of the same vocabulary size, trained on different text."""
     import pydoc_data.topics as topics
 
-    from data.tokenizer import fingerprint_of, train_sentencepiece
+    from polytron.data.tokenizer import fingerprint_of, train_sentencepiece
     docs = list(topics.topics.values())
     other = train_sentencepiece(docs[::-1][:80], str(inputs["root"] / "other"), 384, threads=1)
     assert fingerprint_of(other) != fingerprint_of(inputs["tok"])
@@ -227,7 +227,7 @@ UPIT = ["--experts", "3", "--top-k", "1", "--router-steps", "0", "--candidates",
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded-fingerprints", "run-config-tokenizers"])
 def test_upit_refuses_checkpoints_of_different_tokenizers(tokenizers, tmp_path, capsys, recorded):
-    from data.tokenizer import fingerprint_of
+    from polytron.data.tokenizer import fingerprint_of
     fps = [fingerprint_of(t) if recorded else None for t in tokenizers]
     a = _checkpoint(str(tmp_path / "a"), tokenizers[0], fps[0], 0)
     b = _checkpoint(str(tmp_path / "b"), tokenizers[1], fps[1], 1)
@@ -242,7 +242,7 @@ def test_upit_refuses_checkpoints_of_different_tokenizers(tokenizers, tmp_path, 
 
 def test_upit_merges_checkpoints_of_one_tokenizer(tokenizers, tmp_path):
     """One checkpoint records the fingerprint, the other (older) only names the same tokenizer."""
-    from data.tokenizer import fingerprint_of
+    from polytron.data.tokenizer import fingerprint_of
     fp = fingerprint_of(tokenizers[0])
     a = _checkpoint(str(tmp_path / "a"), tokenizers[0], fp, 0)
     b = _checkpoint(str(tmp_path / "b"), tokenizers[0], None, 1)

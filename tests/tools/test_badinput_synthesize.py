@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.checkpoint.helpers import hf_llama, train_spm
-from tools import synthesize_instructions as tool
+from polytron.tools import synthesize_instructions as tool
 
 
 class _Payload:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import benchmark as bench
+from polytron.tools import benchmark as bench
 
 
 TINY = """
@@ -70,7 +70,7 @@ def test_bad_config_exits_2(tiny_config, capsys, args, needle):
 def test_layouts_each_run_under_torchrun(tiny_config):
     """--layouts: each layout is its own torchrun job (free port via --standalone, timeout);
     an unknown layout reports an error row instead of stopping the others."""
-    from tools.bench_layout import measure_layouts
+    from polytron.tools.bench_layout import measure_layouts
     res = measure_layouts(tiny_config, ["single", "fsdp2", "nosuch3"], steps=1, warmup=0,
                           timeout_s=300)
     by = {r["layout"]: r for r in res}

@@ -10,16 +10,16 @@ import sys
 import pytest
 import torch
 
-from model.accounting import kv_cache_bytes_per_token
-from model.config import ModelConfig
-from model.configlib import from_dict
-from model.dha import fusion
-from model.transformer import build_model, param_shapes
-from pretrain import checkpoint as ckpt
+from polytron.model.accounting import kv_cache_bytes_per_token
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.model.dha import fusion
+from polytron.model.transformer import build_model, param_shapes
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import hf_llama
-from tools import convert_mha_to_dha as tool
-from tools.convert_checkpoint import hf_config_to_model
+from polytron.tools import convert_mha_to_dha as tool
+from polytron.tools.convert_checkpoint import hf_config_to_model
 
 #: a 2-layer MHA model (4 heads) on the built-in corpus, short sequences
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4",
@@ -94,7 +94,7 @@ def test_adaptive_fusion_beats_mean_pooling(trained):
         tensors[f"layers.{layer}.attention.wv.weight"][:hd] *= 4.0
         tensors[f"layers.{layer}.attention.wo.weight"][:, :hd] /= 4.0
     model.load_state_dict(tensors)
-    from pretrain.config import config_from_dict
+    from polytron.pretrain.config import config_from_dict
     run = config_from_dict(ckpt.read_trainer_state(path)["config"])
     calib, valid = tool.batches(run, 16)
     source_loss = fusion.eval_loss(model, valid)
@@ -107,7 +107,7 @@ def test_adaptive_fusion_beats_mean_pooling(trained):
     fusion.fuse(model, [fp for _, fp in fusing.values()], calib, 40, lr=0.05)
     fused = fusion.merged_tensors(tensors, fusing)
     import dataclasses
-    from model.dha.config import DHAConfig
+    from polytron.model.dha.config import DHAConfig
     cfg = dataclasses.replace(model.cfg, arch="dha", attention="dha", dha=DHAConfig(**lists))
     losses = {}
     for name, t in (("mean", mean), ("fused", fused)):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.checkpoint import runs
-from tools.generate import main
+from polytron.tools.generate import main
 
 TOOL = os.path.join(runs.ROOT, "tools", "generate.py")
 PROMPT = "The function returns"
@@ -78,7 +78,7 @@ def test_bad_input_is_one_error_line(run_dir, tmp_path, capsys):
 
 def test_config_without_model_is_one_error_line(run_dir, tmp_path, capsys):
     """A trainer state with no model config (and a manifest that still matches it)."""
-    from pretrain.checkpoint import build_manifest
+    from polytron.pretrain.checkpoint import build_manifest
     bad = tmp_path / "nomodel"
     shutil.copytree(os.path.join(run_dir, "checkpoints", "iter_0000003"), bad)
     state = json.loads((bad / "trainer_state.json").read_text())

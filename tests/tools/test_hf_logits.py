@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.llama.hf import LlamaAdapter
-from model.transformer import build_model
+from polytron.model.config import ModelConfig
+from polytron.model.llama.hf import LlamaAdapter
+from polytron.model.transformer import build_model
 
 import transformers  # in the dev extra: a missing install must fail, not skip
 
@@ -44,8 +44,8 @@ def test_logits_match_hf(tied, kv_heads):
 
 def test_long_sequence_logits_and_gradients_match_hf():
     """T = 320 > model.attention_kernels.CPU_CHUNK: the blocked CPU causal kernel, in training."""
-    from model.attention_kernels import CPU_CHUNK
-    from model.transformer import cross_entropy
+    from polytron.model.attention_kernels import CPU_CHUNK
+    from polytron.model.transformer import cross_entropy
     T = 320
     assert T > CPU_CHUNK
     cfg = ModelConfig(vocab_size=211, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tools import plot_metrics
+from polytron.tools import plot_metrics
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

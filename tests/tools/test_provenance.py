@@ -17,9 +17,9 @@ import uuid
 import pytest
 import torch
 
-from pretrain import checkpoint as ckpt
-from pretrain.checkpoint import discovery
-from pretrain.config import RunConfig
+from polytron.pretrain import checkpoint as ckpt
+from polytron.pretrain.checkpoint import discovery
+from polytron.pretrain.config import RunConfig
 from tests.checkpoint.helpers import build_model, tiny_model_config, train_spm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +33,7 @@ def toks(tmp_path_factory) -> dict[str, str]:
     """Three SentencePiece models: the run's, another of the same size, a smaller one."""
     import pydoc_data.topics as topics
 
-    from data.tokenizer import train_sentencepiece
+    from polytron.data.tokenizer import train_sentencepiece
     d = str(tmp_path_factory.mktemp("toks"))
     docs = list(topics.topics.values())
     return {"run": train_spm(d),
@@ -91,12 +91,12 @@ def one_error(capsys, main, *args: str) -> str:
 
 
 def generate_main(argv):
-    from tools.generate import main
+    from polytron.tools.generate import main
     return main(argv)
 
 
 def convert_main(argv):
-    from tools.convert_checkpoint import main
+    from polytron.tools.convert_checkpoint import main
     return main(argv)
 
 
@@ -108,11 +108,11 @@ def _tool_args(tool: str, run_dir: str, tmp) -> tuple:
     return {
         "generate": (generate_main, run_dir, "--prompt", "x"),
         "to-hf": (convert_main, "to-hf", run_dir, str(tmp / "hf")),
-        "upcycle": (lambda a: __import__("tools.upcycle").upcycle.main(a), "sparse", run_dir, str(tmp / "moe"),
+        "upcycle": (lambda a: __import__("polytron.tools.upcycle").tools.upcycle.main(a), "sparse", run_dir, str(tmp / "moe"),
                     "--experts", "2"),
-        "dha": (lambda a: __import__("tools.convert_mha_to_dha").convert_mha_to_dha.main(a), run_dir,
+        "dha": (lambda a: __import__("polytron.tools.convert_mha_to_dha").tools.convert_mha_to_dha.main(a), run_dir,
                 str(tmp / "dha"), "--budget", "0.5"),
-        "synthesize": (lambda a: __import__("tools.synthesize_instructions").synthesize_instructions.main(a),
+        "synthesize": (lambda a: __import__("polytron.tools.synthesize_instructions").tools.synthesize_instructions.main(a),
                        "--model", run_dir, "--input", str(jsonl), "--output", str(tmp / "out.jsonl")),
     }[tool]
 
@@ -148,7 +148,7 @@ def test_no_prompt_no_code_with_yes_on_stdin(tmp_path, toks, weights, plugin, pl
     save_run(run_dir, weights, toks["run"], plugins=[name])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
     custom = tmp_path / "custom_tok"
-    from tools.convert_checkpoint import write_tokenizer
+    from polytron.tools.convert_checkpoint import write_tokenizer
     custom.mkdir()
     write_tokenizer(toks["run"], str(custom))
     (custom / "tokenization_custom.py").write_text(
@@ -201,7 +201,7 @@ def test_tokenizer_fingerprint_is_verified(tmp_path, toks, weights, capsys):
     """The checkpoint records the fingerprint of the tokenizer it was trained with; its
     data.tokenizer now holds another tokenizer of the same size: refused naming both;
     an explicit --tokenizer is used with a note."""
-    from data.tokenizer import fingerprint_of
+    from polytron.data.tokenizer import fingerprint_of
     run_dir = str(tmp_path / "run")
     trained, other = fingerprint_of(toks["run"]), fingerprint_of(toks["other"])
     save_run(run_dir, weights, toks["other"], fingerprint=trained)

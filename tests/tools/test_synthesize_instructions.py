@@ -20,11 +20,11 @@ import pytest
 import torch
 import yaml
 
-from data.builtin import iter_builtin_documents
-from data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
+from polytron.data.builtin import iter_builtin_documents
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
 from tests.checkpoint import runs
-from tools import build_mixture
-from tools import synthesize_instructions as tool
+from polytron.tools import build_mixture
+from polytron.tools import synthesize_instructions as tool
 
 ROOT = runs.ROOT
 TOOL = os.path.join(ROOT, "tools", "synthesize_instructions.py")
@@ -35,7 +35,7 @@ ECHO = ("<0x0A>", "<QUE>", "▁the", "<ANS>", "▁of", "</END>")
 def _echo_model(directory: str, tokenizer_model: str) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tools.convert_checkpoint import write_tokenizer
+    from polytron.tools.convert_checkpoint import write_tokenizer
 
     os.makedirs(directory)
     bos, eos = write_tokenizer(tokenizer_model, directory)

@@ -13,14 +13,14 @@ import sys
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.configlib import from_dict
-from model.transformer import build_model, param_shapes
-from pretrain import checkpoint as ckpt
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
+from polytron.model.transformer import build_model, param_shapes
+from polytron.pretrain import checkpoint as ckpt
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import assert_close, hf_llama, hf_logits
-from tools import upcycle as tool
-from tools.convert_mha_to_dha import load_source, source_model
+from polytron.tools import upcycle as tool
+from polytron.tools.convert_mha_to_dha import load_source, source_model
 
 #: a 2-layer dense model on the built-in corpus; checkpoints at iterations 8 and 16
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -117,8 +117,8 @@ def test_bad_input_gets_one_error_line(checkpoints, tmp_path, capsys):
 def numbers_dataset(directory: str) -> str:
     """A second, very regular text domain: arithmetic progressions written as decimal numbers,
     tokenized with the built-in corpus's tokenizer by the project's preprocessing."""
-    from data.builtin import ensure_builtin_corpus
-    from data.preprocess import preprocess
+    from polytron.data.builtin import ensure_builtin_corpus
+    from polytron.data.preprocess import preprocess
     rng = random.Random(0)
     docs = []
     for _ in range(300):
@@ -195,7 +195,7 @@ def test_upcycled_checkpoint_trains_under_ep2_and_exports(upit_out, tmp_path):
     result converts to Hugging Face with the MoE adapter (transformers gives our logits)."""
     from tests.checkpoint.helpers import assert_close, hf_logits, our_logits
     from tests.checkpoint.test_hf import _load_ours
-    from tools.convert_checkpoint import to_hf
+    from polytron.tools.convert_checkpoint import to_hf
     from transformers import AutoModelForCausalLM
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}",

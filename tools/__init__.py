@@ -1,0 +1,1 @@
+"""Command-line tools (conversion, preprocessing, generation, benchmarks); importable as ``polytron.tools``."""
