@@ -31,7 +31,11 @@ DST must be new or empty; a non-empty DST is refused unless ``--overwrite`` is g
 which removes what an earlier conversion left there (every ``*.safetensors``, the
 safetensors/``pytorch_model`` index, ``pytorch_model*.bin``, and the files the command
 writes: configs and tokenizer for ``to-hf``, ``checkpoint/`` and ``config.yaml`` for
-``from-hf``) and keeps anything else. Both commands write into ``DST.tmp-<pid>`` beside
+``from-hf``) and keeps anything else. An earlier ``DST/run`` (training continued from
+the previous conversion, which ``training.resume=auto`` would resume instead of the new
+checkpoint) is renamed to ``DST/run.superseded-<time>``. The converted checkpoint records
+the fingerprint of its run config's tokenizer, so resuming or loading it checks the
+tokenizer. Both commands write into ``DST.tmp-<pid>`` beside
 DST and move the result in only once it is complete, so an interrupted conversion
 leaves DST as it was, never old and new weights side by side.
 
@@ -395,6 +399,35 @@ def staged(dst: str, outputs: tuple[str, ...]) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def converted_state(cfg_dict: dict, origin: str) -> dict:
+    """trainer_state.json of a converted weights-only checkpoint (iteration 0), with the
+    fingerprint of the tokenizer its run config names when that one loads, so a later
+    resume or load checks the tokenizer like any checkpoint's."""
+    from polytron.pretrain import checkpoint as ckpt
+    state = {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
+             "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict}
+    tok = (cfg_dict.get("data") or {}).get("tokenizer")
+    if tok:
+        from polytron.data.errors import DataError
+        from polytron.data.tokenizer import fingerprint_of
+        try:
+            state["tokenizer_fingerprint"] = fingerprint_of(tok)
+        except DataError:
+            pass                       # no loadable tokenizer yet: the run names one before training
+    return state
+
+
+def retire_old_run(run_dir: str):
+    """Set aside ``run_dir`` (training of an earlier conversion into the same DST, which
+    ``training.resume=auto`` would resume instead of the new checkpoint); its new name, or
+    None when there was none. A run still training there is refused (its lock)."""
+    from polytron.pretrain.runlock import RunLockError, retire_run_dir
+    try:
+        return retire_run_dir(run_dir)
+    except RunLockError as e:
+        raise ConvertError(f"{e}: stop that training before replacing its checkpoint") from None
+
+
 def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origin: str, *, suffix: str,
                         what: str, report_name: str, report: dict) -> None:
     """Stage and move into DST a converted model ready to train on: ``checkpoint/`` (weights
@@ -410,7 +443,6 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
 
     from polytron.model.configlib import to_dict
     from polytron.pretrain import checkpoint as ckpt
-    from polytron.pretrain.runlock import RunLockError, retire_run_dir
     dst_abs = os.path.abspath(dst)
     old_run = os.path.join(dst_abs, "run")
     run.model = model_cfg
@@ -421,17 +453,12 @@ def write_converted_run(dst: str, run: Any, model_cfg: Any, tensors: dict, origi
     run.training.output_dir = os.path.join(dst_abs, "run")
     cfg_dict = to_dict(run)
     with staged(dst, ("checkpoint", "config.yaml", report_name)) as tmp:
-        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
-            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
-            "format_version": ckpt.FORMAT_VERSION, "converted_from": origin, "config": cfg_dict})
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, converted_state(cfg_dict, origin))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(f"# Continued training of {origin} {what}:\n"
                     f"#   python launch/pretrain.py --config {os.path.join(dst, 'config.yaml')}\n")
             yaml.safe_dump(cfg_dict, f, sort_keys=False)
-        try:
-            superseded = retire_run_dir(old_run)
-        except RunLockError as e:
-            raise ConvertError(f"{e}: stop that training before replacing its checkpoint") from None
+        superseded = retire_old_run(old_run)
         if superseded:
             report["superseded_run"] = superseded
         with open(os.path.join(tmp, report_name), "w") as f:
@@ -535,18 +562,16 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     cfg_dict = to_dict(run)
     out = os.path.join(dst, "config.yaml")
     with staged(dst, FROM_HF_OUTPUTS) as tmp:
-        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, {
-            "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "extra": {},
-            "format_version": ckpt.FORMAT_VERSION, "converted_from": src_abs, "config": cfg_dict})
+        ckpt.save_tensors(os.path.join(tmp, "checkpoint"), tensors, converted_state(cfg_dict, src_abs))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(f"# Continued pre-training of {src_abs} (tools/convert_checkpoint.py from-hf).\n"
                     "# Set data.paths (Megatron prefixes tokenized with data.tokenizer), then:\n"
                     f"#   python launch/pretrain.py --config {out} data.paths=[PREFIX]\n")
             yaml.safe_dump(cfg_dict, f, sort_keys=False)
-    if os.path.isdir(run.training.output_dir):
-        print(f"warning: {run.training.output_dir} (a run continued from the previous checkpoint) is kept; "
-              "with training.resume=auto it resumes that run instead of starting from the new "
-              "checkpoint: move it away to start afresh", file=sys.stderr)
+        superseded = retire_old_run(run.training.output_dir)
+    if superseded:
+        print(f"set aside the earlier run {run.training.output_dir} (it would have resumed its own "
+              f"checkpoints instead of the new one): now {superseded}")
     return out
 
 

@@ -6,6 +6,7 @@ trainer state written by the test, so every case costs a fraction of a second.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -324,3 +325,22 @@ def test_named_checkpoint_removed_while_reading_says_so(tmp_path, weights):
     with pytest.raises(ckpt.CheckpointError, match="3 checkpoints of .* removed while being read in a row"):
         discovery.read_newest(run_dir, read)
     assert ckpt.scan(os.path.join(run_dir, "checkpoints")).complete == ["iter_0000002"]
+
+
+def test_from_hf_records_the_tokenizer_and_sets_aside_an_earlier_run(tmp_path):
+    """from-hf into a DST whose earlier conversion was already trained on: the old DST/run is
+    renamed (it would resume instead of the new checkpoint), and the new checkpoint records
+    the HF tokenizer's fingerprint, so a resume or load checks it."""
+    from polytron.data.tokenizer import fingerprint_of
+    from polytron.pretrain import checkpoint as ckpt
+    from polytron.tools.convert_checkpoint import main as convert
+    from tests.checkpoint.helpers import hf_llama
+    src, dst = str(tmp_path / "hf"), str(tmp_path / "dst")
+    hf_llama(src, tokenizer=train_spm(str(tmp_path)))
+    assert convert(["from-hf", src, dst]) == 0
+    os.makedirs(os.path.join(dst, "run", "checkpoints"))
+    assert convert(["from-hf", src, dst, "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(dst, "run"))
+    assert len(glob.glob(os.path.join(dst, "run.superseded-*"))) == 1
+    state = ckpt.read_trainer_state(os.path.join(dst, "checkpoint"))
+    assert state["tokenizer_fingerprint"] == fingerprint_of(src)
