@@ -97,7 +97,8 @@ def report(name: str, value: torch.Tensor, reduce: str = "mean") -> None:
     stats = current().stats
     if stats is None or not _recording():
         return
-    if hasattr(value, "full_tensor"):                       # a DTensor scalar: replicate it
+    from torch.distributed.tensor import DTensor
+    if isinstance(value, DTensor):                          # a DTensor scalar: replicate it
         value = value.full_tensor()
     stats.add(name, value, reduce)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.attention_kernels import causal_attention
+from polytron.model.protocols import TPRequirements, TPRole
 
 #: Projection roles a linear factory receives.
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "head", "proj")
@@ -265,7 +266,7 @@ class Block(nn.Module):
     def tp_roles(self) -> dict:
         # an MLP kind may declare its own role (an MoE layer: "replicated")
         return {"attention_norm": "sequence", "mlp_norm": "sequence", "attention": "gather",
-                "mlp": getattr(self.mlp, "tp_role", "gather")}
+                "mlp": self.mlp.tp_role if isinstance(self.mlp, TPRole) else "gather"}
 
 
 def layer_attention(cfg, layer_idx: int) -> str:
@@ -288,8 +289,7 @@ MLP_PLACEMENT: dict[str, Callable[[Any, int], str]] = {}
 def block_tp_requirements(cfg, layer_idx: int, tp: int, attention: str, mlp: str) -> Optional[str]:
     """The first divisibility rule a block of these slot kinds breaks at ``tp``, or None."""
     for cls in (ATTENTIONS[attention], MLPS[mlp]):
-        check = getattr(cls, "tp_requirements", None)
-        err = check(cfg, layer_idx, tp) if check else None
+        err = cls.tp_requirements(cfg, layer_idx, tp) if issubclass(cls, TPRequirements) else None
         if err:
             return err
     return None

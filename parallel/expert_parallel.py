@@ -6,8 +6,8 @@ holds ``E / ep`` consecutive experts of every MoE layer (``Shard(0)`` DTensors o
 ``"ep"`` mesh), FSDP-sharded over the remaining data-parallel ranks (parallel/fsdp.py).
 Attention, the router, shared experts and dense layers are data-parallel as before.
 
-A layer that declares ``set_dispatch`` (model/moe/layer.py) gets an
-:class:`ExpertDispatch`, which replaces the local expert call on its expert-sorted rows:
+A layer that is an :class:`~polytron.model.protocols.ExpertLayer` (``routed_experts()``
+and ``set_dispatch``, e.g. model/moe/layer.py) gets an :class:`ExpertDispatch`, which replaces the local expert call on its expert-sorted rows:
 
 1. exchange per-expert row counts with one ``all_to_all_single`` and read the split
    sizes back to the host (the one host synchronization of dropless expert
@@ -40,6 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from polytron.model.protocols import ExpertGroups, ExpertLayer, LoadReducing
 
 
 class _AllToAll(torch.autograd.Function):
@@ -93,9 +96,8 @@ class ExpertDispatch:
         per_expert = [sum(got[s * local + e] for s in range(self.ep)) for e in range(local)]
         return send, recv, per_expert, received
 
-    def __call__(self, rows: torch.Tensor, groups, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, groups: ExpertGroups, experts: nn.Module) -> torch.Tensor:
         """(M, w) rows sorted by (global) expert, kept rows first -> (M, w) expert outputs."""
-        from polytron.model.moe.experts import Groups
         send, recv, per_expert, received = self.splits(groups.counts)
         local = len(per_expert)
         kept = sum(send)
@@ -103,7 +105,8 @@ class ExpertDispatch:
         segment = torch.arange(local, device=rows.device).repeat(self.ep)        # (ep*El,) expert of a segment
         row_expert = torch.repeat_interleave(segment, received, output_size=sum(recv))   # (R,)
         perm = torch.argsort(row_expert, stable=True)                            # by local expert
-        mine = Groups(torch.tensor(per_expert, device=rows.device), row_expert[perm], max(per_expert, default=0))
+        mine = groups.regrouped(torch.tensor(per_expert, device=rows.device), row_expert[perm],
+                                max(per_expert, default=0))
         y = experts(_ScaleGrad.apply(inbound[perm], float(self.ep)), mine)       # (R, w)
         y = _ScaleGrad.apply(y, 1.0 / self.ep)
         inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=rows.device))
@@ -116,14 +119,14 @@ class ExpertDispatch:
 def _local_forward(module: nn.Module, inner_forward, *args, **kwargs):
     """Run ``module`` on the local views of its expert-sharded DTensor parameters."""
     from torch.nn.utils.stateless import _reparametrize_module
-    local = {name: p.to_local() for name, p in module.named_parameters() if hasattr(p, "to_local")}
+    local = {name: p.to_local() for name, p in module.named_parameters() if isinstance(p, DTensor)}
     with _reparametrize_module(module, local):
         return inner_forward(*args, **kwargs)
 
 
-def expert_layers(part: nn.Module) -> list[nn.Module]:
-    """The MoE layers of a model part (modules declaring ``set_dispatch`` and ``experts``)."""
-    return [m for m in part.modules() if hasattr(m, "set_dispatch") and hasattr(m, "experts")]
+def expert_layers(part: nn.Module) -> list[ExpertLayer]:
+    """The MoE layers of a model part (:class:`~polytron.model.protocols.ExpertLayer` modules)."""
+    return [m for m in part.modules() if isinstance(m, ExpertLayer)]
 
 
 def apply_expert_parallel(part: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Module]:
@@ -134,7 +137,7 @@ def apply_expert_parallel(part: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Modul
     dispatch = ExpertDispatch(ep_mesh.get_group(), ep)
     out = []
     for layer in expert_layers(part):
-        experts = layer.experts
+        experts = layer.routed_experts()
         for sub in experts.modules():
             for name, p in list(sub.named_parameters(recurse=False)):
                 sharded = distribute_tensor(p, ep_mesh, [Shard(0)], src_data_rank=None)
@@ -151,9 +154,10 @@ def _sum_over(group, t: torch.Tensor) -> torch.Tensor:
 
 
 def attach_load_reduction(part: nn.Module, dp_group) -> None:
-    """Routers that balance by observed load (``load_reducer``) sum it over the data-parallel
-    ranks before their post-optimizer bias update, so every rank applies the same update."""
+    """Routers that balance by observed load (:class:`~polytron.model.protocols.LoadReducing`)
+    sum it over the data-parallel ranks before their post-optimizer bias update, so every
+    rank applies the same update."""
     reducer: Callable = functools.partial(_sum_over, dp_group)
     for m in part.modules():
-        if hasattr(m, "load_reducer"):
+        if isinstance(m, LoadReducing):
             m.load_reducer = reducer

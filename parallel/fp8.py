@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from polytron.model.configlib import ConfigError, bad, doc
+from polytron.model.protocols import TPRoles
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_gw_hp", "delayed", "mxfp8")
 #: recipe -> backends that implement it
@@ -261,7 +262,7 @@ def declared_tp_roles(part: nn.Module, tp: int) -> dict[str, object]:
     out: dict[str, object] = {}
     for unit, unit_module in part.unit_modules():
         for path, module in unit_module.named_modules():
-            for child, role in (module.tp_roles().items() if hasattr(module, "tp_roles") else ()):
+            for child, role in (module.tp_roles().items() if isinstance(module, TPRoles) else ()):
                 full = ".".join(p for p in (unit.name, path, child) if p)
                 if isinstance(role, tuple) and role[0] == "kv":
                     role = "kv" if role[1] % tp == 0 else "kv_replicated"
@@ -346,7 +347,7 @@ def _float8_consumers(module: nn.Module, tp: int) -> bool:
     """Every projection that reads ``module``'s input (its colwise / kv children) is a
     column-split, tensor-wise Float8Linear with E4M3 inputs, and there is at least one
     (a replicated KV head keeps the high-precision gather)."""
-    roles = module.tp_roles() if hasattr(module, "tp_roles") else {}
+    roles = module.tp_roles() if isinstance(module, TPRoles) else {}
     kv = [r for r in roles.values() if isinstance(r, tuple) and r[0] == "kv"]
     if any(r[1] % tp for r in kv):
         return False
@@ -534,10 +535,18 @@ class FP8:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore this rank's saved scaling state, then refresh the weight-derived scales
+        (the checkpointed per-rank state ``fp8``, :mod:`pretrain.checkpoint.rank_state`)."""
         modules = self.te_modules()
         for name, value in state.items():
             if name in modules:
                 modules[name].load_te_state(value)
+        self.after_load()
+
+    def start_fresh(self, iteration: Optional[int]) -> None:
+        """Nothing saved for this rank (another world size, a stateless recipe, or a
+        weights-only load): only the weight-derived scales are refreshed."""
+        self.after_load()
 
     def describe(self) -> str:
         """One log line: backend, recipe, what converted and what stayed high precision."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from polytron.model.protocols import FullPrecision
 from polytron.model.spec import PLAIN_KINDS
 from polytron.parallel.mesh import ParallelDims
 
@@ -87,11 +88,12 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, mp,
 
 
 def keep_routers_fp32(unit: nn.Module, fmesh: DeviceMesh, param_dtype: torch.dtype, reshard: bool) -> None:
-    """Modules marked ``full_precision`` (MoE routers) as their own FSDP units computing in fp32."""
+    """Modules marked ``full_precision`` (:class:`~polytron.model.protocols.FullPrecision`, e.g.
+    MoE routers) as their own FSDP units computing in fp32."""
     if param_dtype == torch.float32:
         return
     from torch.distributed.fsdp import fully_shard
     fp32 = mixed_precision(torch.float32, torch.float32)
     for m in unit.modules():
-        if getattr(m, "full_precision", False):
+        if isinstance(m, FullPrecision) and m.full_precision:
             fully_shard(m, mesh=fmesh, mp_policy=fp32, reshard_after_forward=reshard)

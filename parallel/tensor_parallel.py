@@ -6,10 +6,13 @@ in place with ``parallelize_module``; module names and parameter FQNs do not
 change, so checkpoints reshard across layouts.
 
 The plan is not written here: every layer declares the role of each child it owns
-(``tp_roles()`` in model/layers.py and the architecture folders), and each unit kind
-has a role (:data:`UNIT_ROLES`). This module only turns roles into ParallelStyles
-(``S`` = sequence-parallel: the residual stream between blocks is a local
-``(B, T/tp, d)`` shard; without SP it is a replicated ``(B, T, d)`` tensor):
+(``tp_roles()``, the :class:`~polytron.model.protocols.TPRoles` protocol, in
+model/layers.py and the architecture folders), and each unit kind has a role
+(``UNIT_ROLES``). Roles are names in a registry, :mod:`polytron.parallel.roles`:
+``register_tp_style(name, factory)`` maps a role to ``factory(role, module, tp,
+sequence_parallel) -> ParallelStyle | None``. This module registers the built-in roles (``S`` = sequence-parallel: the residual stream between
+blocks is a local ``(B, T/tp, d)`` shard; without SP it is a replicated ``(B, T, d)``
+tensor):
 
 ================  ==============================================================
 role              style
@@ -24,21 +27,16 @@ colwise           ColwiseParallel (heads / inner columns split)
 ("kv", n, hd)     ColwiseParallel when tp divides the n KV heads, else
                   :class:`ReplicatedKVHeads`
 rowwise           RowwiseParallel: reduce-scatter to Shard(1) (S) or all-reduce
-sharded_norm      a norm over a column-sharded last dimension (between colwise and
-                  rowwise, e.g. BitNet's sub-norms): input taken as Shard(-1), so the
-                  statistic spans the whole vector; gain replicated; local output
 vocab_colwise     head unit: vocab-sharded logits DTensor (``Shard(-1)``),
                   consumed by ``loss_parallel``
 replicate         left as plain parameters
-tp_local          a module with plain (non-parameter) state indexed by heads:
-                  ``module.tp_localize(tp_rank, tp)`` keeps its rank's part
-                  (DHA's query -> key/value head maps, model/dha/layers.py)
-replicated        a module run whole on every TP rank with plain parameters (an
-                  MoE layer, model/moe/layer.py); S only: input all-gathered
-                  Shard(1) -> Replicate and handed in as a local tensor, its
-                  output (identical on the TP peers) handed back as the local
-                  Shard(1) slice (backward: all-gather of the gradient)
 ================  ==============================================================
+
+and architecture folders register theirs beside their layers (this package imports
+no architecture): ``sharded_norm`` (model/bitnet/tp_styles.py: a norm over a
+column-sharded last dimension), ``tp_local`` (model/dha/tp_styles.py: plain
+head-indexed state cut to the rank), ``replicated`` (model/moe/tp_styles.py: a module
+run whole on every TP rank). A role nobody registered is an error naming the module.
 
 FP8 (``precision.fp8``, :mod:`parallel.fp8`): a ``colwise``, split ``kv`` or
 ``rowwise`` projection that is a tensor-wise torchao ``Float8Linear`` gets torchao's
@@ -66,6 +64,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from polytron.model.protocols import TPRoles
+from polytron.parallel.roles import UNIT_ROLES, register_tp_style, style_for
 
 
 class ReplicatedKVHeads(ParallelStyle):
@@ -111,11 +111,16 @@ def _kv_head_forward(module: nn.Module, inner_forward, cols: slice, mesh: Device
     return y[..., cols]
 
 
-class LocalState(ParallelStyle):
-    """Role ``tp_local``: the module keeps its tensor-parallel rank's part of its plain state."""
+class InPlace(ParallelStyle):
+    """A style that changes a module's plain (non-parameter) state in place:
+    ``fn(module, tp_mesh)``; the module's parameters stay as they are."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        module.tp_localize(device_mesh.get_local_rank(), device_mesh.size())
+        self.fn(module, device_mesh)
         return module
 
 
@@ -127,54 +132,70 @@ def _gather_style(module: nn.Module) -> ParallelStyle:
                               desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
 
 
-def _replicated_style() -> ParallelStyle:
-    """Role ``replicated``: sequence shard in, the whole sequence through the module as a
-    local tensor, the sequence shard out."""
-    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
-    return PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                    use_local_input=True, output_layouts=(Replicate(),),
-                                    desired_output_layouts=(Shard(1),), use_local_output=True)
+# ---------------------------------------------------------------- built-in roles
+
+def _float8(role: str, module: nn.Module, tp: int, sequence_parallel: bool) -> Optional[ParallelStyle]:
+    """torchao's FP8 style when ``module`` is a tensor-wise Float8Linear (or gathers for them)."""
+    from polytron.parallel.fp8 import float8_tp_style
+    return float8_tp_style(role, module, tp, sequence_parallel)
 
 
-def style_for(role, module: nn.Module, tp: int, sequence_parallel: bool) -> Optional[ParallelStyle]:
-    """The ParallelStyle of a declared role (see model/layers.py), or None (leave it alone)."""
-    residual = Shard(1) if sequence_parallel else Replicate()
-    fp8_role = "kv" if isinstance(role, tuple) and role[0] == "kv" and role[1] % tp == 0 else role
-    if fp8_role in ("colwise", "kv", "rowwise", "gather"):
-        from polytron.parallel.fp8 import float8_tp_style
-        style = float8_tp_style(fp8_role, module, tp, sequence_parallel)
-        if style is not None:            # a tensor-wise torchao Float8Linear (or its input gather)
-            return style
-    if isinstance(role, tuple) and role[0] == "kv":
-        _, num_kv_heads, head_dim = role
-        return ColwiseParallel() if num_kv_heads % tp == 0 else ReplicatedKVHeads(num_kv_heads, head_dim)
-    if role == "colwise":
-        return ColwiseParallel()
-    if role == "rowwise":
-        return RowwiseParallel(output_layouts=residual)
-    if role == "sharded_norm":
-        return SequenceParallel(sequence_dim=-1, use_local_output=True)
-    if role == "sequence":
-        return SequenceParallel() if sequence_parallel else None
-    if role == "sequence_local":
-        return SequenceParallel(use_local_output=True) if sequence_parallel else None
-    if role == "gather":
-        return _gather_style(module) if sequence_parallel else None
-    if role == "vocab_rowwise":
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-    if role == "vocab_colwise":
-        return ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
-    if role == "replicate":
-        return None
-    if role == "tp_local":
-        return LocalState()
-    if role == "replicated":
-        return _replicated_style() if sequence_parallel else None
-    raise ValueError(f"unknown tensor-parallel role {role!r} on {type(module).__name__}")
+def _residual(sequence_parallel: bool):
+    """Placement of the residual stream between blocks: sequence shard (SP) or replicated."""
+    return Shard(1) if sequence_parallel else Replicate()
 
 
-#: Roles of whole units by kind (their modules declare nothing themselves).
-UNIT_ROLES = {"embedding": "vocab_rowwise", "head": "vocab_colwise", "norm": "sequence"}
+@register_tp_style("colwise")
+def _colwise(role, module, tp, sequence_parallel):
+    return _float8("colwise", module, tp, sequence_parallel) or ColwiseParallel()
+
+
+@register_tp_style("kv")
+def _kv(role, module, tp, sequence_parallel):
+    _, num_kv_heads, head_dim = role
+    if num_kv_heads % tp:
+        return ReplicatedKVHeads(num_kv_heads, head_dim)
+    return _float8("kv", module, tp, sequence_parallel) or ColwiseParallel()
+
+
+@register_tp_style("rowwise")
+def _rowwise(role, module, tp, sequence_parallel):
+    return (_float8("rowwise", module, tp, sequence_parallel)
+            or RowwiseParallel(output_layouts=_residual(sequence_parallel)))
+
+
+@register_tp_style("gather")
+def _gather(role, module, tp, sequence_parallel):
+    style = _float8("gather", module, tp, sequence_parallel)
+    if style is not None:
+        return style
+    return _gather_style(module) if sequence_parallel else None
+
+
+@register_tp_style("sequence")
+def _sequence(role, module, tp, sequence_parallel):
+    return SequenceParallel() if sequence_parallel else None
+
+
+@register_tp_style("sequence_local")
+def _sequence_local(role, module, tp, sequence_parallel):
+    return SequenceParallel(use_local_output=True) if sequence_parallel else None
+
+
+@register_tp_style("vocab_rowwise")
+def _vocab_rowwise(role, module, tp, sequence_parallel):
+    return RowwiseParallel(input_layouts=Replicate(), output_layouts=_residual(sequence_parallel))
+
+
+@register_tp_style("vocab_colwise")
+def _vocab_colwise(role, module, tp, sequence_parallel):
+    return ColwiseParallel(input_layouts=_residual(sequence_parallel), output_layouts=Shard(-1),
+                           use_local_output=False)
+
+
+@register_tp_style("replicate")
+def _replicate(role, module, tp, sequence_parallel):
+    return None
 
 
 def unit_plan(unit_kind: str, unit: nn.Module, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -184,7 +205,7 @@ def unit_plan(unit_kind: str, unit: nn.Module, tp: int, sequence_parallel: bool)
     if unit_kind in UNIT_ROLES:
         roles[""] = UNIT_ROLES[unit_kind]
     for path, module in unit.named_modules():
-        if hasattr(module, "tp_roles"):
+        if isinstance(module, TPRoles):
             for child, role in module.tp_roles().items():
                 roles[f"{path}.{child}" if path else child] = role
     for path, role in roles.items():

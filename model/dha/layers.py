@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from polytron.model.dha import tp_styles  # noqa: F401  (registers the "tp_local" role)
 from polytron.model.dha.config import LayerHeads, layer_heads
 from polytron.model.layers import ATTENTIONS, Context, attend, make_linear, project_qkv, register
 

@@ -42,6 +42,11 @@ class Groups:
     def num_experts(self) -> int:
         return self.counts.shape[0]
 
+    def regrouped(self, counts: torch.Tensor, row_expert: torch.Tensor, capacity: Optional[int]) -> "Groups":
+        """Groups over other rows (an expert dispatch's local experts; the
+        :class:`~polytron.model.protocols.ExpertGroups` protocol)."""
+        return Groups(counts, row_expert, capacity)
+
     def offsets(self) -> torch.Tensor:
         """(E,) int32 end of each group (grouped_mm's ``offs``)."""
         return self.counts.cumsum(0).to(torch.int32)

@@ -49,8 +49,10 @@ from polytron.model.hooks import add_aux_loss, report
 from polytron.model.layers import MLP_PLACEMENT, MLPS, make_linear, register
 from polytron.model.moe.config import MOE_KINDS, is_moe_layer
 from polytron.model.moe.experts import Experts, Groups
+from polytron.model.moe import tp_styles  # noqa: F401  (registers the "replicated" role)
 from polytron.model.moe.router import Router, Routing
 
+#: How the experts run on expert-sorted rows (the :data:`polytron.model.protocols.Dispatch` hook).
 Dispatch = Callable[[torch.Tensor, Groups, nn.Module], torch.Tensor]
 
 
@@ -116,6 +118,10 @@ class MoE(nn.Module):
     def set_dispatch(self, dispatch: Dispatch) -> None:
         """Replace how the experts run on the sorted rows (expert parallelism)."""
         self.dispatch = dispatch
+
+    def routed_experts(self) -> nn.Module:
+        """The routed experts (stacked parameters, dim 0: expert) expert parallelism shards."""
+        return self.experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x.reshape(-1, self.width)).view_as(x)
