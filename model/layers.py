@@ -10,11 +10,13 @@ A transformer block is assembled from three slots:
 * ``MLPS[kind]``: ``cls(cfg, layer_idx)``; forward ``x -> y``.
 
 Layers declare what the rest of the system needs about them, instead of the rest
-guessing from names:
+guessing from names, through the hook protocols of :mod:`polytron.model.protocols`
+(read with ``isinstance``):
 
 * ``tp_roles()`` -> ``{child name: role}``: how :mod:`parallel.tensor_parallel` shards
   each child (``colwise``, ``rowwise``, ``("kv", num_kv_heads, head_dim)``,
-  ``sequence``, ``gather``); the plan is written beside the layer it shards.
+  ``sequence``, ``gather``, or a role an architecture registers with
+  ``parallel.roles.register_tp_style``); the plan is written beside the layer it shards.
 * ``tp_requirements(cfg, layer_idx, tp)`` (classmethod) -> an error line or None,
   checked before any process group exists.
 * initialization: a projection whose role is in :data:`OUTPUT_ROLES` gets the

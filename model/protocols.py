@@ -33,6 +33,8 @@ protocol                   what the module offers                            rea
                            mixed precision (its own FSDP unit)
 :class:`PostOptimizerStep` ``post_optimizer_step()`` after every update      pretrain/step.py
 :class:`FullParamShapes`   ``full_param_shapes()``: unsharded shapes by FQN  pretrain/checkpoint
+:class:`RecurrentCache`    an inference cache holding per-layer recurrent     model/yoco/layers.py
+                           states (``recurrent_state`` / ``set_...``)         (retention)
 =========================  ================================================  ==========================
 
 This module imports nothing from the rest of polytron, so every layer, the model core
@@ -177,4 +179,16 @@ class FullParamShapes(Protocol):
     """A model that can tell its unsharded parameter shapes (checkpoint checks)."""
 
     def full_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        ...
+
+
+@runtime_checkable
+class RecurrentCache(Protocol):
+    """An inference cache that also holds per-layer recurrent states (retention layers)."""
+
+    def recurrent_state(self, layer_idx: int) -> torch.Tensor:
+        """Layer ``layer_idx``'s state, (B, H, hd, hd) fp32."""
+        ...
+
+    def set_recurrent_state(self, layer_idx: int, state: torch.Tensor) -> None:
         ...

@@ -31,6 +31,7 @@ from torch import nn
 
 from polytron.model.layers import (ATTENTIONS, MLPS, Block, Context, GroupedQueryAttention, RMSNorm, apply_rope,
                           attend, make_linear, project_qkv, register)
+from polytron.model.protocols import RecurrentCache
 from polytron.model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
 
 #: Carry names of the shared key and value (produced by :class:`SharedKV`).
@@ -148,7 +149,7 @@ class GatedRetention(nn.Module):
         cache = ctx.cache
         if cache is None:
             return chunk_retention(q, k, v, log_decay, self.chunk, segments(ctx.mask))[0]
-        if not hasattr(cache, "recurrent_state"):
+        if not isinstance(cache, RecurrentCache):
             from polytron.model.generate import GenerationError
             raise GenerationError(f"the retention layer {self.layer_idx} needs a cache with recurrent "
                                   f"states (model.yoco.cache.YOCOCache), not {type(cache).__name__}")
