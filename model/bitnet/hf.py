@@ -29,6 +29,7 @@ import torch
 
 from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
 from polytron.model.llama.hf import llama_config_fields, llama_model_fields
+from polytron.model.hf_remote import register_fields, register_piece
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -48,6 +49,32 @@ _LAYER_ROLES = {"attention.wq": "q", "attention.wk": "k", "attention.wv": "v", "
                 "mlp.w1": "gate", "mlp.w3": "up", "mlp.w2": "down"}
 _MUST_BE = {"hidden_act": "relu2", "sliding_window": None, "layer_types": None, "mlp_bias": False}
 LINEAR_CLASSES = ("autobitlinear", "bitlinear")
+
+# ---------------------------------------------------------------- remote-code compositions
+# BitLinear projections, and the 2B4T sub-norm kinds, in compositions BitNetForCausalLM does
+# not compute (YOCO, DHA, MoE experts, ...): pieces of the assembled modeling file.
+_PIECES = "polytron.model.bitnet.modeling_bitnet"
+register_piece("linear", "bitlinear", f"{_PIECES}:bitlinear")
+register_piece("attention", "gqa_subnorm", "polytron.model.hf_remote.pieces:gqa", f"{_PIECES}:subnorm")
+register_piece("mlp", "relu2_subnorm", f"{_PIECES}:subnorm")
+
+
+def bitlinear_fields(cfg) -> dict:
+    """config.json fields of ``linear: bitlinear``: the roles it quantizes and the in-layer norm."""
+    return {"quantized_roles": list(cfg.bitnet.quantize),
+            "bitlinear_norm_eps": cfg.norm_eps if cfg.bitnet.linear_norm else None}
+
+
+def bitlinear_from_hf(hf: dict, file: str) -> dict:
+    """``{"bitnet": BitNetConfig}`` from :func:`bitlinear_fields`'s fields."""
+    from polytron.model.bitnet.config import BitNetConfig
+    roles = hf.get("quantized_roles")
+    if not isinstance(roles, list):
+        raise ConvertError(f"{file}: field 'quantized_roles' is missing or not a list (linear_kind=bitlinear)")
+    return {"bitnet": BitNetConfig(quantize=list(roles), linear_norm=hf.get("bitlinear_norm_eps") is not None)}
+
+
+register_fields("bitlinear", bitlinear_fields, bitlinear_from_hf)
 
 
 class BitNetAdapter(NameMapAdapter):

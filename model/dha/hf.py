@@ -1,44 +1,38 @@
 """Hugging Face export of the ``dha`` architecture (no native transformers class).
 
 Tensor names are Llama's (``model.layers.<i>.self_attn.k_proj`` holds the layer's
-``Gk * hd`` key rows, ``v_proj`` its ``Gv * hd`` value rows), so the tensor half is the
-Llama rename table. ``config.json`` is a Llama config with ``model_type: dha_llama``,
+``Gk * hd`` key rows, ``v_proj`` its ``Gv * hd`` value rows; MoE layers use the
+``polytron_moe`` names). ``config.json`` is a Llama config with ``model_type: dha_llama``,
 the resolved per-layer head counts and maps (``dha_key_heads``, ``dha_value_heads``,
-``dha_key_map``, ``dha_value_map``) and an ``auto_map`` to ``modeling_dha.py``, a
-self-contained modeling file (torch + transformers only) written beside the weights,
-loaded with ``trust_remote_code=True``.
+``dha_key_map``, ``dha_value_map``), the composition fields of :mod:`model.hf_remote`
+and an ``auto_map`` to ``modeling_dha.py``: a self-contained modeling file (torch +
+transformers only) assembled from the DHA attention piece (:mod:`model.dha.modeling_dha`)
+and the pieces of the MLP and linear kinds the model uses, loaded with
+``trust_remote_code=True``.
 """
 from __future__ import annotations
 
-import os
-
 from polytron.model.dha.config import DHAConfig, layer_heads
 from polytron.model.hf import ConvertError, require_fields
-from polytron.model.llama.hf import _MUST_BE, LlamaAdapter, llama_config_fields, llama_model_fields
+from polytron.model.hf_remote import Family, RemoteAdapter, register_piece
+from polytron.model.llama.hf import _MUST_BE, llama_config_fields, llama_model_fields
 
 MODEL_TYPE = "dha_llama"
 REMOTE_FILE = "modeling_dha.py"
 _FIELDS = ("dha_key_heads", "dha_value_heads", "dha_key_map", "dha_value_map")
 
+register_piece("attention", "dha", "polytron.model.hf_remote.pieces:gqa", "polytron.model.dha.modeling_dha:dha")
 
-class DHAAdapter(LlamaAdapter):
-    """Llama tensor names; a DHA config; the remote-code modeling file."""
+
+class DHAAdapter(RemoteAdapter):
+    """Llama tensor names; a DHA config; the assembled remote-code modeling file."""
+    family = Family(MODEL_TYPE, REMOTE_FILE, "DHALlamaConfig", "DHALlamaForCausalLM")
     model_types = (MODEL_TYPE,)
-
-    def exportable(self, cfg) -> str:
-        """Why ``cfg`` has no DHA export ('' when it has one)."""
-        if cfg.attention != "dha" or cfg.mlp != "swiglu" or cfg.linear != "linear":
-            return (f"attention={cfg.attention}, mlp={cfg.mlp}, linear={cfg.linear}: the DHA export "
-                    "covers attention=dha, mlp=swiglu, linear=linear")
-        return ""
 
     def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
         heads = [layer_heads(cfg, i) for i in range(cfg.num_layers)]
         fields = llama_config_fields(cfg)        # num_key_value_heads: unused, the lists rule
-        return {"architectures": ["DHALlamaForCausalLM"], "model_type": MODEL_TYPE,
-                "auto_map": {"AutoConfig": "modeling_dha.DHALlamaConfig",
-                             "AutoModelForCausalLM": "modeling_dha.DHALlamaForCausalLM"},
-                **fields,
+        return {**fields, **self.composition_fields(cfg),
                 "dha_key_heads": [h.key_heads for h in heads], "dha_value_heads": [h.value_heads for h in heads],
                 "dha_key_map": [list(h.key_map) for h in heads],
                 "dha_value_map": [list(h.value_map) for h in heads],
@@ -55,14 +49,10 @@ class DHAAdapter(LlamaAdapter):
             raise ConvertError(f"{file}: field '{missing[0]}' is missing or not a list")
         dha = DHAConfig(key_heads=hf["dha_key_heads"], value_heads=hf["dha_value_heads"],
                         key_map=hf["dha_key_map"], value_map=hf["dha_value_map"])
-        cfg = ModelConfig(arch="dha", attention="dha", dha=dha, **llama_model_fields(hf, file))
         try:
+            cfg = ModelConfig(arch="dha", attention="dha", dha=dha, **llama_model_fields(hf, file),
+                              **self.composition_from_hf(hf, file))
             cfg.validate()
-        except (ValueError, ConfigError) as e:
+        except (ValueError, ConfigError, TypeError) as e:
             raise ConvertError(f"{file}: {e}") from None
         return cfg
-
-    def remote_code(self, cfg) -> dict[str, str]:
-        """``{modeling_dha.py: source}``: the self-contained transformers model."""
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), REMOTE_FILE)) as f:
-            return {REMOTE_FILE: f.read()}

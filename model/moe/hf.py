@@ -11,7 +11,13 @@ else to a self-contained ``trust_remote_code`` model (``modeling_polytron_moe.py
   ``normalize_top_k`` / ``route_scale``; one group (``n_group = topk_group = 1``), no
   q/k norm, full rotary, no attention bias;
 * otherwise ``polytron_moe`` remote code: MH-MoE, softmax with shared experts,
-  MoE every N layers, biases.
+  MoE every N layers, biases, BitLinear (or any other linear kind with a piece). The
+  modeling file is assembled (:mod:`model.hf_remote`) from the MoE piece
+  (:mod:`model.moe.modeling_polytron_moe`) and the pieces of the other kinds used.
+
+The MoE fields (``moe``, ``balance_bias``, ``polytron_moe``) are registered with
+:func:`model.hf_remote.register_fields`, so any remote-code export whose layers use
+``moe`` / ``mh_moe`` (YOCO, DHA) writes and reads them the same way.
 
 ``DeepseekV3ForCausalLM`` would match the routing but its attention is multi-head latent
 attention (compressed, normalized keys and values, interleaved RoPE), not this model's
@@ -28,13 +34,13 @@ Training-only MoE settings (loss coefficients, bias update rate, capacity) trave
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 import torch
 
 from polytron.model.hf import ConvertError, require_fields
+from polytron.model.hf_remote import Family, RemoteAdapter, register_fields, register_piece
 from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
 REMOTE_FILE = "modeling_polytron_moe.py"
@@ -75,6 +81,34 @@ def target(cfg) -> str:
     return REMOTE_TYPE
 
 
+def moe_config_fields(cfg) -> dict:
+    """config.json fields of the MoE kinds: routing (``moe``), the balancing bias flag, and the
+    training-only settings (``polytron_moe``, which also carries the dense width)."""
+    m = cfg.moe
+    return {"moe": {k: (m.ffn(cfg) if k == "expert_ffn_hidden_size" else getattr(m, k)) for k in ROUTING_FIELDS},
+            "balance_bias": m.bias_update_rate > 0,
+            REMOTE_TYPE: {**{k: getattr(m, k) for k in TRAINING_FIELDS}, "ffn_hidden_size": cfg.ffn_hidden_size}}
+
+
+def moe_from_config(hf: dict, file: str) -> dict:
+    """``{"moe": MoEConfig}`` from the fields :func:`moe_config_fields` writes."""
+    from polytron.model.moe.config import MoEConfig
+    return {"moe": MoEConfig(**_moe_fields(hf, file, REMOTE_TYPE))}
+
+
+for _kind in ("moe", "mh_moe"):
+    register_piece("mlp", _kind, "polytron.model.hf_remote.pieces:swiglu", "polytron.model.moe.modeling_polytron_moe:moe")
+    register_fields(_kind, moe_config_fields, moe_from_config)
+
+
+class _Remote(RemoteAdapter):
+    """The ``polytron_moe`` family (its tensors are named by :class:`MoEAdapter`)."""
+    family = Family(REMOTE_TYPE, REMOTE_FILE, "PolytronMoEConfig", "PolytronMoEForCausalLM")
+
+
+REMOTE = _Remote()
+
+
 def moe_layer(cfg, i: int) -> bool:
     from polytron.model.moe.config import is_moe_layer
     return is_moe_layer(cfg.moe, i)
@@ -86,10 +120,7 @@ class MoEAdapter:
 
     def exportable(self, cfg) -> str:
         """Why ``cfg`` has no export ('' when it has one)."""
-        if cfg.linear != "linear" or cfg.attention != "gqa":
-            return (f"attention={cfg.attention}, linear={cfg.linear}: the MoE exports cover "
-                    "attention=gqa and linear=linear")
-        return ""
+        return REMOTE.exportable(cfg) if target(cfg) == REMOTE_TYPE else ""
 
     # ------------------------------------------------------------ names
 
@@ -163,18 +194,11 @@ class MoEAdapter:
                     "n_shared_experts": m.shared_experts, "first_k_dense_replace": m.first_dense,
                     "routed_scaling_factor": m.route_scale, "norm_topk_prob": m.normalize_top_k,
                     "n_group": 1, "topk_group": 1, "use_qk_norm": False, "num_nextn_predict_layers": 0}
-        return {**base, "architectures": ["PolytronMoEForCausalLM"], "model_type": REMOTE_TYPE,
-                "auto_map": {"AutoConfig": f"{REMOTE_FILE[:-3]}.PolytronMoEConfig",
-                             "AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.PolytronMoEForCausalLM"},
-                "mlp_kind": cfg.mlp, "balance_bias": m.bias_update_rate > 0,
-                "moe": {k: (m.ffn(cfg) if k == "expert_ffn_hidden_size" else getattr(m, k)) for k in ROUTING_FIELDS}}
+        return {**base, **REMOTE.composition_fields(cfg)}
 
     def remote_code(self, cfg) -> dict[str, str]:
         """``{modeling_polytron_moe.py: source}`` when the config has no native class, else ``{}``."""
-        if target(cfg) != REMOTE_TYPE:
-            return {}
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), REMOTE_FILE)) as f:
-            return {REMOTE_FILE: f.read()}
+        return REMOTE.remote_code(cfg) if target(cfg) == REMOTE_TYPE else {}
 
     # ------------------------------------------------------------ import
 
@@ -187,12 +211,13 @@ class MoEAdapter:
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads", *routed))
         moe = MoEConfig(**_moe_fields(hf, file, kind))
-        mlp = hf.get("mlp_kind", "moe") if kind == REMOTE_TYPE else "moe"
+        composed = REMOTE.composition_from_hf({"mlp_kind": "moe", **hf}, file) if kind == REMOTE_TYPE else {}
+        composed.update(moe=moe, mlp=composed.get("mlp", "moe"))
         fields = llama_model_fields(hf, file)
         if kind == "mixtral":            # no dense layer: our dense width travels in polytron_moe
             fields["ffn_hidden_size"] = int((hf.get(REMOTE_TYPE) or {}).get("ffn_hidden_size", fields["ffn_hidden_size"]))
         try:
-            cfg = ModelConfig(arch="moe", mlp=mlp, moe=moe, **fields)
+            cfg = ModelConfig(arch="moe", **fields, **composed)
             cfg.validate()
         except (ValueError, ConfigError, TypeError) as e:
             raise ConvertError(f"{file}: {e}") from None

@@ -1,68 +1,49 @@
 """Hugging Face export of YOCO: ``PolytronYOCOForCausalLM``, a ``trust_remote_code`` model.
 
-transformers ships no YOCO, so ``to-hf`` writes ``modeling_polytron_yoco.py`` (the
-self-contained file :mod:`model.yoco.hf_modeling`, imports only torch and transformers)
-next to the weights, and ``config.json`` points ``auto_map`` at it. Every tensor is a
-rename (:class:`~model.hf.NameMapAdapter`); ``from-hf`` reads such a directory back.
+transformers ships no YOCO, so ``to-hf`` writes ``modeling_polytron_yoco.py`` next to the
+weights, assembled (:mod:`model.hf_remote`) from YOCO's pieces (:mod:`model.yoco.hf_modeling`:
+sliding window or retention, the shared key/value, the cross-decoder) and the pieces of
+the MLP and linear kinds the model uses (SwiGLU, MoE / MH-MoE, BitLinear, ...);
+``config.json``'s ``auto_map`` points at it. Every tensor is a rename
+(:class:`~model.hf_remote.RemoteAdapter`); ``from-hf`` reads such a directory back.
 """
 from __future__ import annotations
 
-import os
-
-from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
+from polytron.model.hf import ConvertError, require_fields
+from polytron.model.hf_remote import Family, RemoteAdapter, register_piece
 
 MODEL_TYPE = "polytron_yoco"
 MODELING_FILE = "modeling_polytron_yoco.py"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
+_PIECES = "polytron.model.yoco.hf_modeling"
+_ROPE = ("none", "linear", "llama3")
 
-_MLP = {"mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
-        "attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-_SWA = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj"}
-_RETENTION = {**_SWA, "attention.wg": "self_attn.g_proj", "attention.wgt": "self_attn.gt_proj"}
-_CROSS = {"attention.wq": "cross_attn.q_proj", "attention.wo": "cross_attn.o_proj"}
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight", "shared_kv.norm.weight": "model.kv_layer.norm.weight",
-        "shared_kv.proj.wk.weight": "model.kv_layer.k_proj.weight",
-        "shared_kv.proj.wv.weight": "model.kv_layer.v_proj.weight"}
-_TOP_BIAS = {"shared_kv.proj.wk.bias": "model.kv_layer.k_proj.bias",
-             "shared_kv.proj.wv.bias": "model.kv_layer.v_proj.bias"}
-_ROPE = {"none": "none", "linear": "linear", "llama3": "llama3"}
+register_piece("attention", "swa", f"{_PIECES}:swa")
+register_piece("attention", "retention", f"{_PIECES}:retention")
+register_piece("stack", "yoco", f"{_PIECES}:yoco_stack")
 
 
-class YOCOAdapter(NameMapAdapter):
+class YOCOAdapter(RemoteAdapter):
     """``PolytronYOCOForCausalLM`` (remote code): one rename per tensor."""
+    family = Family(MODEL_TYPE, MODELING_FILE, "PolytronYOCOConfig", "PolytronYOCOForCausalLM", stack="yoco")
     model_types = (MODEL_TYPE,)
 
-    def top(self, cfg) -> dict[str, str]:
-        return {**_TOP, **(_TOP_BIAS if cfg.attention_bias else {})}
+    def layer_kinds(self, cfg) -> list[tuple[str, str]]:
+        from polytron.model.layers import layer_mlp
+        S = cfg.yoco.num_self_layers(cfg)
+        return [(cfg.yoco.self_decoder if i < S else "cross", layer_mlp(cfg, i)) for i in range(cfg.num_layers)]
 
-    def layer(self, cfg, index: int) -> dict[str, str]:
-        if index >= cfg.yoco.num_self_layers(cfg):
-            return {**_CROSS, **_MLP}
-        return {**(_SWA if cfg.yoco.self_decoder == "swa" else _RETENTION), **_MLP}
+    def kinds(self, cfg) -> dict[str, list[str]]:
+        kinds = super().kinds(cfg)
+        kinds["attention"] = [k for k in kinds["attention"] if k != "cross"]      # part of the yoco stack
+        return kinds
 
-    def tied(self, cfg) -> list[tuple[str, str]]:
-        return [("output.weight", "tok_embeddings.weight")] if cfg.tie_embeddings else []
-
-    def exportable(self, cfg) -> str:
-        """Why ``cfg`` has no export ('' when it has one)."""
-        if cfg.mlp != "swiglu" or cfg.linear != "linear":
-            return f"mlp={cfg.mlp}, linear={cfg.linear} has no PolytronYOCOForCausalLM export (swiglu + linear)"
-        return ""
-
-    def remote_code(self, cfg) -> dict[str, str]:
-        """{file name: source} of the modeling file ``config.json``'s ``auto_map`` names."""
-        with open(SOURCE) as f:
-            return {MODELING_FILE: f.read()}
+    def attention_module(self, cfg, index: int) -> str:
+        return "self_attn" if index < cfg.yoco.num_self_layers(cfg) else "cross_attn"
 
     def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
         y, sc = cfg.yoco, cfg.rope_scaling
-        module = MODELING_FILE[:-3]
         return {
-            "architectures": ["PolytronYOCOForCausalLM"], "model_type": MODEL_TYPE,
-            "auto_map": {"AutoConfig": f"{module}.PolytronYOCOConfig",
-                         "AutoModelForCausalLM": f"{module}.PolytronYOCOForCausalLM"},
+            **self.composition_fields(cfg),
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.num_layers,
             "num_self_layers": y.num_self_layers(cfg), "num_attention_heads": cfg.num_heads,
@@ -109,7 +90,8 @@ class YOCOAdapter(NameMapAdapter):
                 yoco=YOCOConfig(self_decoder=hf.get("self_decoder", "swa"), self_layers=hf["num_self_layers"],
                                 sliding_window=hf["yoco_sliding_window"], self_kv_heads=hf["self_kv_heads"],
                                 retention_chunk=int(hf.get("retention_chunk", 64)),
-                                gate_logit_normalizer=float(hf.get("gate_logit_normalizer", 16.0))))
+                                gate_logit_normalizer=float(hf.get("gate_logit_normalizer", 16.0))),
+                **self.composition_from_hf(hf, file))
             cfg.validate()
         except (ConfigError, ValueError, TypeError) as e:
             raise ConvertError(f"{file}: {e}") from None
