@@ -2,18 +2,18 @@
 
 Slots (``attention``, ``mlp``, ``linear``) pick the layer implementations from
 registries in :mod:`model.layers`, so a new architecture adds a registry entry
-rather than a copy of the block.
+rather than a copy of the block. An architecture's own settings are a *section*
+(``model.moe``, ``model.yoco``, ...): the dataclass its spec declares
+(``ModelSpec.config``), found through the spec registry, never a field here, so this
+module imports no architecture folder.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from polytron.model.bitnet.config import BitNetConfig
-from polytron.model.configlib import ConfigError, bad, doc
-from polytron.model.dha.config import DHAConfig
-from polytron.model.moe.config import MoEConfig
-from polytron.model.yoco.config import YOCOConfig
+from polytron.model.configlib import ConfigError, bad, doc, from_dict
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RopeScaling:
 
 
 @dataclass
-class ModelConfig:
+class _ModelFields:
     """Shape and layer choices of a decoder-only transformer."""
     arch: str = field(default="llama", metadata=doc(
         "Architecture: a registered model spec (model/spec.py), e.g. llama."))
@@ -55,21 +55,19 @@ class ModelConfig:
         "Share the input embedding with the output head."))
     init_std: float = field(default=0.02, metadata=doc(
         "Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."))
-    attention: str = field(default="gqa", metadata=doc(
-        "Attention slot (model.layers.ATTENTIONS): gqa, or a kind an architecture registers."))
-    mlp: str = field(default="swiglu", metadata=doc(
-        "MLP slot (model.layers.MLPS): swiglu, or a kind an architecture registers."))
-    linear: str = field(default="linear", metadata=doc(
+    attention: str = field(default="", metadata=doc(
+        "Attention slot (model.layers.ATTENTIONS): gqa, or a kind an architecture registers. Empty: the architecture\'s default (ModelSpec.slot_defaults), else gqa."))
+    mlp: str = field(default="", metadata=doc(
+        "MLP slot (model.layers.MLPS): swiglu, or a kind an architecture registers. Empty: the architecture\'s default (ModelSpec.slot_defaults), else swiglu."))
+    linear: str = field(default="", metadata=doc(
         "Linear slot used by the projections (model.layers.LINEARS): linear, or a kind an "
-        "architecture registers."))
+        "architecture registers. Empty: the architecture's default (ModelSpec.slot_defaults), "
+        "else linear."))
     attention_bias: bool = field(default=False, metadata=doc("Bias on q/k/v/o projections."))
     mlp_bias: bool = field(default=False, metadata=doc("Bias on MLP projections."))
-    bitnet: BitNetConfig = field(default_factory=BitNetConfig, metadata=doc(
-        "BitNet b1.58 settings (model/bitnet)."))
-    moe: MoEConfig = field(default_factory=MoEConfig, metadata=doc("Mixture-of-experts settings (model/moe)."))
-    dha: DHAConfig = field(default_factory=DHAConfig, metadata=doc(
-        "Decoupled-head attention settings (model/dha)."))
-    yoco: YOCOConfig = field(default_factory=YOCOConfig, metadata=doc("YOCO settings (model/yoco)."))
+    sections: dict[str, Any] = field(default_factory=dict, repr=False, metadata=doc(
+        "The architectures' own sections by name (model.moe, model.yoco, ...): written and read "
+        "as keys of model, typed by the spec that declares them (ModelSpec.config).", sections=True))
 
     def __post_init__(self):
         if self.num_kv_heads == 0:
@@ -79,17 +77,76 @@ class ModelConfig:
         if self.ffn_hidden_size == 0:
             self.ffn_hidden_size = 64 * -(-int(8 * self.hidden_size / 3) // 64)
 
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(_ModelFields))
+
+
+class ModelConfig(_ModelFields):
+    """Shape and layer choices of a decoder-only transformer, with the sections of the
+    registered architectures (``model.moe``, ...) as attributes: ``cfg.moe`` is the
+    MoEConfig. Each section is given as a keyword (an instance of its class, or a mapping
+    of its fields) or takes its defaults; config files write it as ``model.<section>``."""
+
+    def __init__(self, *args, **kwargs):
+        given = dict(kwargs.pop("sections", None) or {})
+        given.update({k: kwargs.pop(k) for k in [k for k in kwargs if k not in _FIELDS]})
+        super().__init__(*args, **kwargs)
+        from polytron.model.spec import registered_specs
+        spec = registered_specs().get(self.arch)
+        if spec is not None:       # else a plugin's arch: filled in validate() after the import
+            self._fill_slots(spec)
+        types = self.config_sections(given)
+        for name, value in given.items():
+            if name not in types:
+                raise ConfigError(f"unknown config key 'model.{name}'; allowed keys in 'model': "
+                                  + ", ".join(sorted((_FIELDS - {"sections"}) | set(types))))
+            self.sections[name] = _section(name, value, types[name])
+        self._add_default_sections()
+
+    def _add_default_sections(self) -> None:
+        """Defaults for every registered section not given (sections registered by a plugin
+        imported after construction are added here too)."""
+        for name, cls in self.config_sections().items():
+            if name not in self.sections:
+                self.sections[name] = cls()
+
+    @classmethod
+    def config_sections(cls, data: Optional[dict] = None) -> dict[str, type]:
+        """Section name -> config class of every registered architecture that declares one.
+        ``data`` (a model mapping being loaded) with keys no registry knows yet: its
+        ``plugins`` are imported first, since their sections are declared by them."""
+        from polytron.model.spec import config_sections
+        types = {name: spec.config for name, spec in config_sections().items()}
+        extra = [k for k in (data or {}) if k not in _FIELDS and k not in types]
+        plugins = (data or {}).get("plugins")
+        if extra and isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            load_plugins(plugins)
+            types = {name: spec.config for name, spec in config_sections().items()}
+        return types
+
+    def saved_sections(self) -> dict[str, Any]:
+        """The sections this model uses (its architecture's and those its layer kinds read):
+        the only ones a run writes to its config and compares on resume."""
+        from polytron.model.spec import config_sections
+        specs = config_sections()
+        return {name: sec for name, sec in self.sections.items() if name in specs and specs[name].used_by(self)}
+
+    def _fill_slots(self, spec) -> None:
+        """Unset slots (empty) take the architecture's kind (``arch: moe`` -> ``mlp: moe``)."""
+        from polytron.model.spec import GENERIC_SLOTS
+        for slot in GENERIC_SLOTS:
+            if not getattr(self, slot):
+                setattr(self, slot, spec.slot_default(slot))
+
     def validate(self) -> None:
         """Reject impossible shapes and unknown slot kinds with a message naming the key."""
-        from polytron.model.layers import ATTENTIONS, LINEARS, MLPS
         from polytron.model.spec import get_spec
         load_plugins(self.plugins)
-        get_spec(self.arch)
-        for key, registry in (("attention", ATTENTIONS), ("mlp", MLPS), ("linear", LINEARS)):
-            if getattr(self, key) not in registry:
-                raise bad(f"model.{key}", getattr(self, key),
-                          "one of " + ", ".join(repr(k) for k in sorted(registry)))
-        for section in (self.bitnet, self.moe, self.dha, self.yoco):
+        self._add_default_sections()
+        spec = get_spec(self.arch)
+        self._fill_slots(spec)
+        self._check_slots(spec)
+        for section in self.sections.values():
             section.validate(self)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                     "head_dim", "ffn_hidden_size", "max_seq_len"):
@@ -105,6 +162,18 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps and model.init_std must be positive")
 
+    def _check_slots(self, spec) -> None:
+        """Every slot names a registered kind, one the architecture accepts."""
+        from polytron.model.layers import ATTENTIONS, LINEARS, MLPS
+        for key, registry in (("attention", ATTENTIONS), ("mlp", MLPS), ("linear", LINEARS)):
+            if getattr(self, key) not in registry:
+                raise bad(f"model.{key}", getattr(self, key),
+                          "one of " + ", ".join(repr(k) for k in sorted(registry)))
+        for key, kinds in spec.slot_kinds.items():
+            if getattr(self, key) not in kinds:
+                raise bad(f"model.{key}", getattr(self, key),
+                          f"{' or '.join(repr(k) for k in kinds)} with model.arch={self.arch}")
+
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count of the model this config builds (tied parameters once)."""
         from polytron.model.accounting import counts
@@ -116,6 +185,35 @@ class ModelConfig:
         (model/accounting.py: 6 x activated matmul parameters + attention, PaLM convention)."""
         from polytron.model.accounting import flops_per_token
         return flops_per_token(self, seq_len)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: a section by name (cfg.moe)
+        sections = self.__dict__.get("sections")
+        if sections is None or name.startswith("_"):
+            raise AttributeError(name)
+        if name not in sections:
+            self._add_default_sections()
+        if name not in sections:
+            raise AttributeError(f"ModelConfig has no field or registered section {name!r}")
+        return sections[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELDS or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        types = self.config_sections()
+        if name not in types:
+            raise AttributeError(f"ModelConfig has no field or registered section {name!r}")
+        self.sections[name] = _section(name, value, types[name])
+
+
+def _section(name: str, value: Any, cls: type) -> Any:
+    """A section value given to ModelConfig: an instance of its class, or a mapping of its fields."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return from_dict(cls, value, prefix=f"model.{name}.")
+    raise bad(f"model.{name}", value, f"a mapping of {cls.__name__} fields")
 
 
 def load_plugins(modules: list[str]) -> None:

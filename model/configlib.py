@@ -5,9 +5,16 @@ Every config section is a ``@dataclass`` whose fields carry their documentation 
 dataclass fields and rejects unknown keys and wrong types with a
 :class:`ConfigError` that names the dotted key, the bad value and what is allowed.
 Sections validate value ranges in their ``validate()`` method.
+
+A class may hold *open sections*: one field marked ``doc(..., sections=True)`` (a dict
+of section name -> section dataclass) whose entries are written and read as keys of the
+class itself, typed by ``cls.config_sections(data)`` (name -> dataclass) and written by
+``obj.saved_sections()``. :class:`model.config.ModelConfig` resolves the architectures'
+sections (``model.moe``, ...) through the spec registry this way.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -15,8 +22,10 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from polytron.model.errors import PolytronError
 
-class ConfigError(ValueError):
+
+class ConfigError(PolytronError, ValueError):
     """A bad configuration value. The message names the key, value and what is allowed."""
 
 
@@ -102,22 +111,56 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise bad(key, value, _type_name(tp))
 
 
+def _is_sections(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("sections"))
+
+
+def open_sections(cls: type, data: Any = None) -> dict[str, type]:
+    """Section name -> dataclass of the open sections ``cls`` resolves (empty if none)."""
+    if not any(_is_sections(f) for f in dataclasses.fields(cls)):
+        return {}
+    return cls.config_sections(data if isinstance(data, dict) else None)
+
+
+def _flatten_sections(cls: type, data: dict) -> dict:
+    """``dataclasses.asdict`` nests open sections under their field; read them as keys."""
+    for f in dataclasses.fields(cls):
+        if _is_sections(f) and isinstance(data.get(f.name), dict):
+            return {**{k: v for k, v in data.items() if k != f.name}, **data[f.name]}
+    return data
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init and not _is_sections(f)}
+    data = _flatten_sections(cls, data)
+    sections = open_sections(cls, data)
     for k in data:
-        if k not in names:
+        if k not in names and k not in sections:
             raise ConfigError(
                 f"unknown config key '{prefix}{k}'; allowed keys in "
-                f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+                f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names | set(sections)))}")
+    kwargs = {k: _coerce(prefix + k, v, hints[k] if k in names else sections[k]) for k, v in data.items()}
     return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data (YAML-safe) view of a config dataclass."""
-    return dataclasses.asdict(obj)
+    """Plain-data (YAML-safe) view of a config dataclass (as ``dataclasses.asdict``, with
+    open sections written as keys of their owner)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if _is_sections(f):
+                out.update({name: to_dict(s) for name, s in obj.saved_sections().items()})
+            else:
+                out[f.name] = to_dict(getattr(obj, f.name))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -191,6 +234,10 @@ def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if _is_sections(f):
+            for name, section in open_sections(cls).items():
+                out += field_docs(section, prefix + name + ".")
+            continue
         if dataclasses.is_dataclass(tp):
             out += field_docs(tp, prefix + f.name + ".")
             continue

@@ -11,6 +11,18 @@ architecture, so that nothing outside its folder names its projections:
   parallelism (run before any process group exists); the layer classes declare them.
 * ``hf``: the Hugging Face adapter (config writer, tensor name map, both directions).
 * ``make_cache(...)``: the inference cache for generation.
+* ``config``: the dataclass of its own settings, read from ``model.<section>`` (the
+  section name defaults to the spec's name); :class:`model.config.ModelConfig` resolves
+  its sections through this registry, so an architecture adds no field to a shared file.
+* ``slot_defaults`` / ``slot_kinds``: which layer kinds the architecture implies when the
+  config leaves a slot unset, and which it allows (``arch: moe`` implies ``mlp: moe``).
+* ``uses_section(cfg)``: whether a model of *another* architecture uses this section
+  through a layer kind this folder registers (``linear: bitlinear`` reads ``model.bitnet``);
+  only the sections a run uses are saved with it and compared on resume.
+
+Architectures in the tree are found by :func:`model.architectures.discover` (every
+subpackage of ``polytron.model`` with a ``spec`` module); out-of-tree ones register on
+import of a ``model.plugins`` module.
 
 Unit kinds: ``embedding`` (tokens -> hidden), ``block`` (a transformer layer; the unit
 pipeline stages are counted in), ``norm`` and ``head`` (hidden -> logits) take the
@@ -58,6 +70,37 @@ class ModelSpec:
     tied: Callable[[Any], list[tuple[str, str]]] = field(default=lambda cfg: [])
     """(parameter, parameter it shares storage with) pairs, e.g. the head tied to the embedding."""
     doc: str = ""
+    config: Optional[type] = None
+    """Dataclass of this architecture's settings (``model.<section>``), with ``validate(model)``;
+    None: the architecture has no settings of its own."""
+    section: str = ""
+    """Key of that section under ``model``; empty means the spec's name."""
+    uses_section: Callable[[Any], bool] = field(default=lambda cfg: False)
+    """Whether a model whose ``arch`` is another spec uses this section (through a layer kind
+    this architecture registers); a model of this arch always does."""
+    slot_defaults: dict[str, str] = field(default_factory=dict)
+    """Slot kinds this architecture implies where the config leaves the slot unset, e.g.
+    ``{"mlp": "moe"}``; slots not named take the generic default (:data:`GENERIC_SLOTS`)."""
+    slot_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per slot, the only kinds this architecture accepts (a config naming another is refused);
+    slots not named accept every registered kind."""
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
+
+    def used_by(self, cfg) -> bool:
+        """Whether the model ``cfg`` uses this spec's config section."""
+        return self.config is not None and (cfg.arch == self.name or self.uses_section(cfg))
+
+    def slot_default(self, slot: str) -> str:
+        """The kind a config that leaves ``slot`` unset gets under this architecture."""
+        return self.slot_defaults.get(slot, GENERIC_SLOTS[slot])
+
+
+#: Layer slots of ModelConfig and the kind each takes when neither the config nor the
+#: architecture (ModelSpec.slot_defaults) names one.
+GENERIC_SLOTS = {"attention": "gqa", "mlp": "swiglu", "linear": "linear"}
 
 
 SPECS: dict[str, ModelSpec] = {}
@@ -69,10 +112,21 @@ def register_spec(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def registered_specs() -> dict[str, ModelSpec]:
+    """Every registered spec by name, the built-in architectures discovered first."""
+    from polytron.model.architectures import discover
+    discover()
+    return SPECS
+
+
+def config_sections() -> dict[str, ModelSpec]:
+    """The registered specs that declare a config section, by section name."""
+    return {s.section_name: s for s in registered_specs().values() if s.config is not None}
+
+
 def get_spec(name: str) -> ModelSpec:
-    """The spec registered as ``name`` (importing the built-in architectures first)."""
-    import polytron.model.architectures  # noqa: F401  (registers every built-in spec)
-    if name not in SPECS:
+    """The spec registered as ``name`` (discovering the built-in architectures first)."""
+    if name not in registered_specs():
         from polytron.model.configlib import bad
         raise bad("model.arch", name, "one of " + ", ".join(repr(n) for n in sorted(SPECS)))
     return SPECS[name]

@@ -1,1 +1,3 @@
-"""bitnet: see its modules (config.py holds the model.bitnet section; spec/layer modules register on import from model/architectures.py)."""
+"""bitnet: one architecture folder. ``spec.py`` registers the spec (found by
+model/architectures.py discovery) with its config section (``config.py``, ``model.bitnet``)
+and the layer kinds its modules register; nothing outside this folder names it."""

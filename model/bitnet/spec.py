@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.bitnet import layers  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
+from polytron.model.bitnet.config import BitNetConfig
 from polytron.model.bitnet.hf import BitNetAdapter
 from polytron.model.bitnet.quant import weight_ste
 from polytron.model.llama import build_unit as llama_build_unit
@@ -47,6 +48,7 @@ def build_unit(cfg, unit: Unit) -> nn.Module:
 
 BITNET = register_spec(ModelSpec(
     name="bitnet", units=units, build_unit=build_unit, check_layout=check_layout,
-    hf=BitNetAdapter(), make_cache=make_cache, tied=tied,
+    hf=BitNetAdapter(), make_cache=make_cache, tied=tied, config=BitNetConfig,
+    uses_section=lambda cfg: cfg.linear == "bitlinear", slot_defaults={"linear": "bitlinear"},
     doc="BitNet b1.58: the Llama-style decoder with ternary BitLinear projections "
         "(2B4T slots gqa_subnorm + relu2_subnorm export to BitNetForCausalLM)."))

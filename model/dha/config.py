@@ -41,8 +41,6 @@ class DHAConfig:
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
         used = any((self.key_heads, self.value_heads, self.key_map, self.value_map))
-        if model.arch == "dha" and model.attention != "dha":
-            raise bad("model.attention", model.attention, "dha (model.arch=dha is the DHA decoder)")
         if model.attention != "dha":
             if used:
                 raise ConfigError(f"config key 'model.dha' is set but model.attention={model.attention!r}; "

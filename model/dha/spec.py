@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from polytron.model.dha import layers  # noqa: F401  (registers the "dha" attention slot)
+from polytron.model.dha.config import DHAConfig
 from polytron.model.dha.hf import DHAAdapter
 from polytron.model.dha.layers import kv_heads
 from polytron.model.llama import build_unit, check_layout, tied, units
@@ -32,6 +33,8 @@ def make_cache(cfg, batch: int, max_len: int, device, dtype):
 
 DHA = register_spec(ModelSpec(
     name="dha", units=units, build_unit=build_unit, check_layout=check_layout,
-    hf=DHAAdapter(), make_cache=make_cache, tied=tied,
+    hf=DHAAdapter(), make_cache=make_cache, tied=tied, config=DHAConfig,
+    uses_section=lambda cfg: cfg.attention == "dha",
+    slot_defaults={"attention": "dha"}, slot_kinds={"attention": ("dha",)},
     doc="Decoupled-head attention (Chen et al. 2024): per-layer key and value head counts and "
         "query maps (model.dha); exports a trust_remote_code model."))

@@ -1,4 +1,5 @@
-"""The dense Llama-style decoder: its spec (units, layout rules, tying) and HF adapter.
+"""The dense Llama-style decoder: units, builders, layout rules and tying, which the other
+decoders reuse; ``spec.py`` registers the ``llama`` spec with its HF adapter.
 
 Units: ``tok_embeddings`` -> ``layers.0 .. layers.{L-1}`` (pre-norm blocks of the
 ``model.attention`` and ``model.mlp`` slots, per layer through ``layer_attention`` /
@@ -11,8 +12,7 @@ from typing import Optional
 from torch import nn
 
 from polytron.model.layers import Block, RMSNorm, block_tp_requirements, layer_attention, layer_mlp, make_linear
-from polytron.model.llama.hf import LlamaAdapter
-from polytron.model.spec import ModelSpec, Unit, register_spec
+from polytron.model.spec import Unit
 
 
 def units(cfg) -> list[Unit]:
@@ -50,9 +50,3 @@ def tied(cfg) -> list[tuple[str, str]]:
 def make_cache(cfg, batch: int, max_len: int, device, dtype):
     from polytron.model.generate import DenseKVCache
     return DenseKVCache.for_layers(cfg, range(cfg.num_layers), batch, max_len, device, dtype)
-
-
-LLAMA = register_spec(ModelSpec(
-    name="llama", units=units, build_unit=build_unit, check_layout=check_layout,
-    hf=LlamaAdapter(), make_cache=make_cache, tied=tied,
-    doc="Dense Llama-style decoder (GQA + SwiGLU by default; slots configurable)."))

@@ -66,8 +66,6 @@ class MoEConfig:
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
-        if model.arch == "moe" and model.mlp not in MOE_KINDS:
-            raise bad("model.mlp", model.mlp, "moe or mh_moe (model.arch=moe is the MoE decoder)")
         for key in ("num_experts", "top_k", "every", "heads"):
             if getattr(self, key) < 1:
                 raise bad(f"model.moe.{key}", getattr(self, key), "an integer >= 1")

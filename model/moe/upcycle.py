@@ -36,8 +36,11 @@ STACKED = {"w1": "gate", "w3": "up", "w2": "down"}
 # ====================================================================== configs
 
 def check_dense(cfg) -> None:
-    """The source must be a dense decoder with the SwiGLU MLP slot."""
-    if cfg.mlp != "swiglu" or cfg.arch not in ("llama", "bitnet", "dha"):
+    """The source must be a dense decoder with the SwiGLU MLP slot: an architecture laid out
+    in the dense decoder's units (model/llama), whichever slots it fills them with."""
+    from polytron.model.llama import units as dense_units
+    from polytron.model.spec import get_spec
+    if cfg.mlp != "swiglu" or get_spec(cfg.arch).units is not dense_units:
         raise ConvertError(f"source model: arch={cfg.arch}, mlp={cfg.mlp}; upcycling reads a dense decoder "
                            "with the swiglu MLP (model.mlp=swiglu)")
 

@@ -1,1 +1,3 @@
-"""yoco: see its modules (config.py holds the model.yoco section; spec/layer modules register on import from model/architectures.py)."""
+"""yoco: one architecture folder. ``spec.py`` registers the spec (found by
+model/architectures.py discovery) with its config section (``config.py``, ``model.yoco``)
+and the layer kinds its modules register; nothing outside this folder names it."""

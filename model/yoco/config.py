@@ -10,6 +10,9 @@ from typing import Literal
 
 from polytron.model.configlib import bad, doc
 
+#: Attention kinds of the self-decoder (also slot kinds usable in any spec); they read this section.
+SELF_DECODER_KINDS = ("swa", "retention")
+
 
 @dataclass
 class YOCOConfig:
@@ -66,9 +69,6 @@ class YOCOConfig:
         if self.self_layers >= model.num_layers:
             raise bad("model.yoco.self_layers", self.self_layers,
                       f"less than model.num_layers={model.num_layers} (the cross-decoder needs a layer)")
-        if model.attention != "gqa":
-            raise bad("model.attention", model.attention, "'gqa' (the default) with model.arch=yoco: "
-                      "the self-decoder's mixer is model.yoco.self_decoder")
 
     def num_self_layers(self, model) -> int:
         """Layers of the self-decoder (the first ones); the others are the cross-decoder."""

@@ -22,6 +22,7 @@ from torch import nn
 from polytron.model.layers import ATTENTIONS, MLPS, Block, RMSNorm, layer_mlp, make_linear
 from polytron.model.spec import ModelSpec, Unit, register_spec
 from polytron.model.yoco.cache import make_cache
+from polytron.model.yoco.config import SELF_DECODER_KINDS, YOCOConfig
 from polytron.model.yoco.hf import YOCOAdapter
 from polytron.model.yoco.layers import CARRY, CrossAttention, CrossDecoderBlock, ScaledEmbedding, SharedKV
 
@@ -80,6 +81,7 @@ def tied(cfg) -> list[tuple[str, str]]:
 
 YOCO = register_spec(ModelSpec(
     name=NAME, units=units, build_unit=build_unit, check_layout=check_layout, hf=YOCOAdapter(),
-    make_cache=make_cache, tied=tied,
+    make_cache=make_cache, tied=tied, config=YOCOConfig,
+    uses_section=lambda cfg: cfg.attention in SELF_DECODER_KINDS, slot_kinds={"attention": ("gqa",)},
     doc="YOCO decoder-decoder: a sliding-window or gated-retention self-decoder, one shared "
         "key/value, a cross-decoder attending to it (docs/yoco.md)."))

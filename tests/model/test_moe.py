@@ -355,7 +355,7 @@ def test_config_errors_name_the_key(kw, needle):
 
 def test_moe_arch_needs_an_moe_mlp_and_heads_must_divide():
     with pytest.raises(ConfigError, match="model.mlp"):
-        ModelConfig(arch="moe", **BASE).validate()
+        ModelConfig(arch="moe", mlp="swiglu", **BASE).validate()
     with pytest.raises(ConfigError, match="model.moe.heads"):
         config("mh_moe", heads=5)
 
