@@ -1,5 +1,6 @@
 """Compositions export: a model composed from slot kinds (YOCO with MH-MoE / MoE MLPs of BitLinear
-projections, DHA with BitLinear MoE experts; tests/distributed/layouts_compose.py) goes through
+projections, DHA with BitLinear MoE experts; tests/distributed/layouts_compose.py; and the moe
+architecture's MH-MoE with BitLinear projections) goes through
 to-hf, reloads in transformers (offline, trust_remote_code=True) with our fp32 logits within
 1e-4, and from-hf reads it back exactly. The modeling file is assembled from per-kind pieces and
 imports only torch and transformers."""
@@ -30,10 +31,13 @@ YOCO_RETENTION_MOE = {"arch": "yoco", "yoco": {"self_decoder": "retention", "ret
                       "mlp": "moe", "linear": "bitlinear",
                       "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "shared_experts": 1,
                               "every": 2, "first_dense": 1, "score": "sigmoid", "bias_update_rate": 1e-3}}
+MOE_MHMOE_BITNET = {"arch": "moe", "mlp": "mh_moe", "linear": "bitlinear",
+                    "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "heads": 2}}
 CASES = {"yoco_swa_mhmoe_bitnet": YOCO_MHMOE_BITNET, "yoco_retention_moe_bitnet": YOCO_RETENTION_MOE,
-         "dha_moe_bitnet": DHA_MOE_BITNET}
+         "dha_moe_bitnet": DHA_MOE_BITNET, "moe_mhmoe_bitnet": MOE_MHMOE_BITNET}
 CLASSES = {"yoco": ("PolytronYOCOForCausalLM", "modeling_polytron_yoco.py"),
-           "dha": ("DHALlamaForCausalLM", "modeling_dha.py")}
+           "dha": ("DHALlamaForCausalLM", "modeling_dha.py"),
+           "moe": ("PolytronMoEForCausalLM", "modeling_polytron_moe.py")}
 
 
 @pytest.fixture(scope="module")
