@@ -254,8 +254,10 @@ def test_from_hf_refuses_then_overwrites(tmp_path, capsys):
     (dst / "run").mkdir()                                                 # a run continued from A
     capsys.readouterr()
     assert main(["from-hf", str(hf_b), str(dst), "--overwrite"]) == 0
-    assert "warning: " in capsys.readouterr().err and (dst / "run").is_dir()
-    assert sorted(os.listdir(dst)) == ["checkpoint", "config.yaml", "run"]
+    assert "set aside the earlier run" in capsys.readouterr().out and not (dst / "run").exists()
+    listing = sorted(os.listdir(dst))                  # the run of A kept, out of the way of B's
+    assert listing[:2] == ["checkpoint", "config.yaml"] and len(listing) == 3
+    assert listing[2].startswith("run.superseded-") and (dst / listing[2]).is_dir()
     _no_staging_left(dst)
     from_hf(str(hf_b), str(tmp_path / "fresh"))
     got = ckpt.load_tensors(str(dst / "checkpoint"))
