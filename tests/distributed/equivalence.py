@@ -25,6 +25,7 @@ from polytron.pretrain.optim import build_optimizer
 from polytron.pretrain.step import TrainStep
 from tests.distributed import hetero_spec  # noqa: F401  (registers arch "test_hetero")
 from tests.distributed.harness import device_for
+from tests.distributed.layout import Layout
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -34,52 +35,56 @@ SEED = 1234
 #: small enough that clipping is active at every step (exercises the global-norm path)
 GRAD_CLIP = 0.5
 
-#: name -> (world size, parallel overrides, model overrides, data variant); model
-#: overrides may set "arch" (and "plugins") and any model.<arch> sub-config as a dict.
-#: Architectures add theirs in tests/distributed/layouts_<arch>.py (see _collect_layouts).
-LAYOUTS: dict[str, tuple[int, dict, dict, str]] = {
-    "tp2": (2, {"tensor": 2}, {}, "plain"),
-    "tp2_kv1_replicated": (2, {"tensor": 2}, {"num_kv_heads": 1}, "plain"),
-    "tp2_docs": (2, {"tensor": 2}, {}, "docs"),
-    "tp2_no_sp": (2, {"tensor": 2, "sequence_parallel": False}, {"num_kv_heads": 1}, "plain"),
-    "pp2_1f1b": (2, {"pipeline": 2}, {}, "plain"),
-    "pp2_gpipe_uneven_docs": (2, {"pipeline": 2, "pipeline_schedule": "gpipe",
-                                  "pipeline_split": [3, 1]}, {}, "docs"),
-    "pp2_interleaved": (2, {"pipeline": 2, "virtual_stages": 2}, {}, "plain"),
-    "fsdp2": (2, {}, {}, "plain"),
-    "fsdp2_full_ac": (2, {"activation_checkpoint": "full"}, {}, "plain"),
-    "fsdp2_tied": (2, {}, {"tie_embeddings": True}, "plain"),
-    "tp2_tied": (2, {"tensor": 2}, {"tie_embeddings": True}, "plain"),
-    "tp2_pp2": (4, {"tensor": 2, "pipeline": 2}, {}, "plain"),
-    "hsdp_2x2": (4, {"data_parallel_replicate": 2, "data_parallel_shard": 2}, {}, "plain"),
-    "fsdp2_tp2_selective_ac_kv1": (4, {"tensor": 2, "activation_checkpoint": "selective"},
-                                   {"num_kv_heads": 1}, "docs"),
-    "pp2_fsdp2": (4, {"pipeline": 2, "virtual_stages": 2}, {}, "plain"),
+#: every layout of the suite by name; architectures add theirs in
+#: tests/distributed/layouts_<arch>.py (see _collect_layouts)
+BASE_LAYOUTS: list[Layout] = [
+    Layout("tp2", 2, parallel={"tensor": 2}),
+    Layout("tp2_kv1_replicated", 2, parallel={"tensor": 2}, model={"num_kv_heads": 1}),
+    Layout("tp2_docs", 2, parallel={"tensor": 2}, data="docs"),
+    Layout("tp2_no_sp", 2, parallel={"tensor": 2, "sequence_parallel": False}, model={"num_kv_heads": 1}),
+    Layout("pp2_1f1b", 2, parallel={"pipeline": 2}),
+    Layout("pp2_gpipe_uneven_docs", 2, parallel={"pipeline": 2, "pipeline_schedule": "gpipe",
+                                                 "pipeline_split": [3, 1]}, data="docs"),
+    Layout("pp2_interleaved", 2, parallel={"pipeline": 2, "virtual_stages": 2}),
+    Layout("fsdp2", 2),
+    Layout("fsdp2_full_ac", 2, parallel={"activation_checkpoint": "full"}),
+    Layout("fsdp2_tied", 2, model={"tie_embeddings": True}),
+    Layout("tp2_tied", 2, parallel={"tensor": 2}, model={"tie_embeddings": True}),
+    Layout("tp2_pp2", 4, parallel={"tensor": 2, "pipeline": 2}),
+    Layout("hsdp_2x2", 4, parallel={"data_parallel_replicate": 2, "data_parallel_shard": 2}),
+    Layout("fsdp2_tp2_selective_ac_kv1", 4, parallel={"tensor": 2, "activation_checkpoint": "selective"},
+           model={"num_kv_heads": 1}, data="docs"),
+    Layout("pp2_fsdp2", 4, parallel={"pipeline": 2, "virtual_stages": 2}),
     # a second architecture (tests/distributed/hetero_spec.py): two block kinds and a carry
     # tensor produced by layer 1 and consumed by layers 2-3; PP2 puts the border between them
     # (it also adds auxiliary losses and reports step statistics); "masked" = uneven loss masks
-    "hetero_pp2": (2, {"pipeline": 2}, {"arch": "test_hetero"}, "masked"),
-    "hetero_tp2": (2, {"tensor": 2}, {"arch": "test_hetero"}, "docs"),
-    "hetero_fsdp2": (2, {}, {"arch": "test_hetero"}, "masked"),
-    "hetero_tp2_pp2": (4, {"tensor": 2, "pipeline": 2}, {"arch": "test_hetero"}, "masked"),
-    "fsdp2_masked": (2, {}, {}, "masked"),
-}
+    Layout("hetero_pp2", 2, parallel={"pipeline": 2}, model={"arch": "test_hetero"}, data="masked"),
+    Layout("hetero_tp2", 2, parallel={"tensor": 2}, model={"arch": "test_hetero"}, data="docs"),
+    Layout("hetero_fsdp2", 2, model={"arch": "test_hetero"}, data="masked"),
+    Layout("hetero_tp2_pp2", 4, parallel={"tensor": 2, "pipeline": 2}, model={"arch": "test_hetero"},
+           data="masked"),
+    Layout("fsdp2_masked", 2, data="masked"),
+]
+LAYOUTS: dict[str, Layout] = {}
 
 
 def _collect_layouts() -> None:
-    """Merge the LAYOUTS of every ``tests/distributed/layouts_<name>.py`` (one file per
-    architecture, so each adds its layouts without editing this one); all layouts of one
-    world size still run in a single spawn."""
+    """Merge BASE_LAYOUTS and the LAYOUTS list of every ``tests/distributed/layouts_<name>.py``
+    (one file per architecture, so each adds its layouts without editing this one); all
+    layouts of one world size still run in a single spawn."""
     import importlib
     import pkgutil
 
     import tests.distributed as package
+    sources = {"equivalence": BASE_LAYOUTS}
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("layouts_"):
-            module = importlib.import_module(f"tests.distributed.{info.name}")
-            clash = set(module.LAYOUTS) & set(LAYOUTS)
-            assert not clash, f"{info.name} redefines layouts {sorted(clash)}"
-            LAYOUTS.update(module.LAYOUTS)
+            sources[info.name] = importlib.import_module(f"tests.distributed.{info.name}").LAYOUTS
+    for source, layouts in sources.items():
+        for layout in layouts:
+            assert isinstance(layout, Layout), f"{source}: {layout!r} is not a Layout"
+            assert layout.name not in LAYOUTS, f"{source} redefines layout {layout.name!r}"
+            LAYOUTS[layout.name] = layout
 
 
 _collect_layouts()
@@ -149,15 +154,28 @@ def reference(model_overrides: dict, variant: str) -> dict:
     return train(ParallelConfig(), model_config(**model_overrides), variant, 1)
 
 
-def run_layouts(names: list[str]) -> dict[str, dict]:
-    """Worker body (every rank): train each named layout in turn on the current world."""
+class LayoutFault(RuntimeError):
+    """The deliberate failure of a test-only ``Layout.fault``."""
+
+
+def run_layout(layout: Layout) -> dict:
+    """Worker body (every rank): train ``layout`` on the current world."""
     world = int(os.environ["WORLD_SIZE"])
-    out = {}
-    for name in names:
-        size, par, mod, variant = LAYOUTS[name]
-        assert size == world, (name, size, world)
-        try:
-            out[name] = train(ParallelConfig(**par), model_config(**mod), variant, world)
-        except Exception as e:
-            raise RuntimeError(f"layout {name}: {e}") from e
-    return out
+    assert layout.world == world, (layout.name, layout.world, world)
+    if layout.fault is not None:
+        _inject(layout.fault)
+    return train(ParallelConfig(**layout.parallel), model_config(**layout.model), layout.data, world)
+
+
+def _inject(fault: str) -> None:
+    """``raise``: the last rank raises while the others go on into training (and block in its
+    first collective); ``hang``: the last rank waits for a message nobody sends while the
+    others block in an all-reduce it never joins."""
+    rank, last = dist.get_rank(), dist.get_world_size() - 1
+    if fault == "raise" and rank == last:
+        raise LayoutFault(f"deliberate test fault on rank {rank}")
+    if fault == "hang":
+        if rank == last:
+            dist.recv(torch.zeros(1), src=0, tag=7)   # never sent
+        else:
+            dist.all_reduce(torch.zeros(1))

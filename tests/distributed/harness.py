@@ -1,6 +1,8 @@
-"""Run a function on N processes with a real process group; collect per-rank results.
+"""Run functions on N processes with a real process group; collect per-rank results.
 
     results = run_distributed(fn, 2, arg1, arg2, backend="gloo", timeout=120)
+    batch = run_batch([Call("a", fn, (x,), budget_s=60), Call("b", fn, (y,))], 2, base_s=60)
+    batch.get("a")          # a's per-rank results, or raises a's own failure
 
 ``fn(*args)`` runs on every rank after ``torch.distributed.init_process_group``
 (rank, world size and a free TCP port are set in the environment, so ``fn`` can
@@ -8,13 +10,20 @@ build meshes exactly as under ``torchrun``). Its return value is pickled back;
 ``results[r]`` is rank r's. ``fn`` must be importable (a module-level function),
 because workers are started with the ``spawn`` method.
 
-Failure modes are made loud and fast, so a broken collective fails a test instead of
-stalling CI:
+A batch runs its calls in order in one spawn of N processes (the process start
+dominates on a 2-core CI machine). Failures are loud, fast and the failing call's own:
 
-* an exception on any rank raises :class:`DistributedTestError` carrying that rank's
-  traceback, and the other ranks (likely blocked in a collective) are killed;
-* a run that exceeds ``timeout`` seconds kills every rank and raises with the list of
-  ranks that had not finished.
+* an exception on any rank fails that call with the traceback of the rank that raised
+  first (peers that fail later, e.g. on a closed connection, are not the cause);
+* a rank that dies without a result fails the call it was running;
+* a call that runs past its ``budget_s`` (counted from the end of the previous call; the
+  first call also gets ``base_s`` for process start and rendezvous) fails as timed out
+  with the ranks still running, so a hung collective fails its test instead of stalling CI.
+
+After a failure every rank is killed (peers are likely blocked in a collective) and a
+fresh spawn runs only the calls after the failed one: calls that passed are neither
+re-run nor affected, and a batch's total time limit grows with its number of calls.
+:func:`run_distributed` is a batch of one call that raises its failure.
 
 ``backends(world_size)`` gives the backends to parametrize over: ``gloo`` always,
 ``nccl`` when that many GPUs exist (each rank then uses ``cuda:<rank>``).
@@ -26,16 +35,43 @@ import pickle
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
 from polytron.launch.env import free_port
 
+#: how often the parent looks at the ranks' result files
+POLL_S = 0.05
+
 
 class DistributedTestError(AssertionError):
     """A rank raised, died, or the run timed out."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a batch: ``fn(*args)`` on every rank, within ``budget_s`` seconds."""
+    name: str
+    fn: Callable
+    args: tuple = ()
+    budget_s: float = 180.0
+
+
+@dataclass
+class BatchResult:
+    """Per-call outcomes of :func:`run_batch`."""
+    results: dict[str, list[Any]] = field(default_factory=dict)   # name -> per-rank results
+    errors: dict[str, DistributedTestError] = field(default_factory=dict)
+    spawns: list[list[str]] = field(default_factory=list)         # the calls each spawn was given
+
+    def get(self, name: str) -> list[Any]:
+        """``name``'s per-rank results; raises its own failure if it failed."""
+        if name in self.errors:
+            raise self.errors[name]
+        return self.results[name]
 
 
 def backends(world_size: int) -> list[str]:
@@ -53,34 +89,6 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, out_dir: str,
-            fn: Callable, args: tuple, pg_timeout_s: float) -> None:
-    """Body of one rank: init the process group, run ``fn``, pickle result or traceback."""
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(threads)
-    path = os.path.join(out_dir, f"rank{rank}.pkl")
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=pg_timeout_s))
-        result = ("ok", fn(*args))
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        result = ("error", traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(result, f)
-    os.replace(path + ".tmp", path)
-
-
 def run_distributed(fn: Callable, world_size: int, *args: Any, backend: str = "gloo",
                     timeout: float = 180.0, threads: int = 1) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes; return the per-rank results.
@@ -88,63 +96,139 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, backend: str = "g
     ``threads`` is each rank's intra-op thread count (1 keeps N ranks from
     oversubscribing a small CI machine).
     """
+    batch = run_batch([Call("run", fn, args, timeout)], world_size, backend=backend, base_s=0.0,
+                      threads=threads)
+    return batch.get("run")
+
+
+def run_batch(calls: Sequence[Call], world_size: int, *, backend: str = "gloo", base_s: float = 60.0,
+              threads: int = 1) -> BatchResult:
+    """Run ``calls`` in order on ``world_size`` processes; each call passes or fails on its own."""
+    names = [c.name for c in calls]
+    assert len(set(names)) == len(names), f"duplicate call names in {names}"
+    out = BatchResult()
+    pending = list(calls)
+    while pending:
+        out.spawns.append([c.name for c in pending])
+        pending = pending[_spawn(pending, world_size, backend, base_s, threads, out):]
+    return out
+
+
+def batch_timeout(budgets: Sequence[float], base_s: float) -> float:
+    """Longest a batch of calls with these budgets can take (every call at its limit)."""
+    return base_s + sum(budgets)
+
+
+def _spawn(calls: list[Call], world_size: int, backend: str, base_s: float, threads: int,
+           out: BatchResult) -> int:
+    """One spawn of ``world_size`` ranks over ``calls``; returns how many calls it settled."""
     ctx = mp.get_context("spawn")
     port = free_port()
+    pg_timeout_s = max(batch_timeout([c.budget_s for c in calls], base_s), 30.0)  # the parent decides first
     with tempfile.TemporaryDirectory(prefix="polytron-dist-") as out_dir:
         procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, world_size, port, backend, threads, out_dir, fn, args,
-                                   max(timeout, 30.0)))
+                             args=(r, world_size, port, backend, threads, out_dir, calls, pg_timeout_s))
                  for r in range(world_size)]
         for p in procs:
             p.start()
         try:
-            _wait(procs, out_dir, timeout)
+            return _follow(procs, out_dir, calls, base_s, out)
         finally:
             for p in procs:
                 if p.is_alive():
                     p.kill()
                 p.join(5)
-        return [_read(out_dir, r) for r in range(world_size)]
 
 
-def _wait(procs: list, out_dir: str, timeout: float) -> None:
-    """Poll until every rank exits; on the first failure or on timeout, raise."""
-    deadline = time.monotonic() + timeout
+def _follow(procs: list, out_dir: str, calls: list[Call], base_s: float, out: BatchResult) -> int:
+    """Settle the calls in order; stop at the first failure. Returns the number settled."""
+    start, grace = time.monotonic(), base_s          # process start counts against the first call
+    for i, call in enumerate(calls):
+        failure = _await_call(procs, out_dir, i, start + grace + call.budget_s, call.budget_s + grace)
+        if failure is not None:
+            out.errors[call.name] = DistributedTestError(f"{call.name}: {failure}")
+            return i + 1
+        out.results[call.name] = [_payload(out_dir, r, i) for r in range(len(procs))]
+        start, grace = time.monotonic(), 0.0
+    return len(calls)
+
+
+def _await_call(procs: list, out_dir: str, i: int, deadline: float, limit: float) -> Optional[str]:
+    """Poll until every rank has a result for call ``i``; the failure text, or None."""
+    status: list[Optional[str]] = [None] * len(procs)
     while True:
-        done = [p.exitcode is not None for p in procs]
-        for r, p in enumerate(procs):
-            if p.exitcode is not None and (p.exitcode != 0 or _status(out_dir, r) == "error"):
-                raise DistributedTestError(_failure_text(out_dir, r, p.exitcode))
-        if all(done):
-            return
+        status = [s or _status(out_dir, r, i) for r, s in enumerate(status)]   # results are final
+        raised = [r for r, s in enumerate(status) if s == "error"]
+        if raised:
+            first = min(raised, key=lambda r: (os.stat(_path(out_dir, r, i)).st_mtime_ns, r))
+            return f"rank {first} raised:\n{_payload(out_dir, first, i)}"
+        if all(s == "ok" for s in status):
+            return None
+        for r, p in enumerate(procs):   # re-read: a rank writes its result before it exits
+            if p.exitcode is not None and status[r] is None and _status(out_dir, r, i) is None:
+                return f"rank {r} exited with code {p.exitcode} without a result"
         if time.monotonic() > deadline:
-            pending = [r for r, d in enumerate(done) if not d]
-            raise DistributedTestError(
-                f"distributed run timed out after {timeout:.0f}s; ranks still running: {pending}")
-        time.sleep(0.05)
+            pending = [r for r, s in enumerate(status) if s is None]
+            return f"timed out after {limit:.0f}s; ranks still running: {pending}"
+        time.sleep(POLL_S)
 
 
-def _status(out_dir: str, rank: int) -> str | None:
-    path = os.path.join(out_dir, f"rank{rank}.pkl")
+def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, out_dir: str,
+            calls: list[Call], pg_timeout_s: float) -> None:
+    """Body of one rank: init the process group, run the calls in order, pickle each result
+    or traceback; stop at the first error (the parent then ends this spawn)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=pg_timeout_s))
+    except BaseException:  # noqa: BLE001 - charged to the first call, with the traceback
+        _write(out_dir, rank, 0, ("error", traceback.format_exc()))
+        return
+    try:
+        for i, call in enumerate(calls):
+            result = _run(call)
+            _write(out_dir, rank, i, result)
+            if result[0] == "error":
+                break
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _run(call: Call) -> tuple[str, Any]:
+    try:
+        return "ok", call.fn(*call.args)
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        return "error", traceback.format_exc()
+
+
+def _path(out_dir: str, rank: int, i: int) -> str:
+    return os.path.join(out_dir, f"rank{rank}.call{i}.pkl")
+
+
+def _write(out_dir: str, rank: int, i: int, result: tuple[str, Any]) -> None:
+    path = _path(out_dir, rank, i)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def _status(out_dir: str, rank: int, i: int) -> Optional[str]:
+    path = _path(out_dir, rank, i)
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:
         return pickle.load(f)[0]
 
 
-def _failure_text(out_dir: str, rank: int, exitcode: int) -> str:
-    path = os.path.join(out_dir, f"rank{rank}.pkl")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            status, payload = pickle.load(f)
-        if status == "error":
-            return f"rank {rank} raised:\n{payload}"
-    return f"rank {rank} exited with code {exitcode} without a result"
-
-
-def _read(out_dir: str, rank: int) -> Any:
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
-        status, payload = pickle.load(f)
-    if status != "ok":
-        raise DistributedTestError(f"rank {rank} raised:\n{payload}")
-    return payload
+def _payload(out_dir: str, rank: int, i: int) -> Any:
+    with open(_path(out_dir, rank, i), "rb") as f:
+        return pickle.load(f)[1]

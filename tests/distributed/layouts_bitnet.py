@@ -13,15 +13,17 @@ Under TP the absmean of a weight shard and the absmax / RMS of a row-parallel in
 shard would differ from the whole tensor's; tests/model/test_bitnet_parallel.py shows
 that such shard-local scales fail this suite's 1e-5 criterion.
 """
+from tests.distributed.layout import Layout
+
 B2B4T = {"arch": "bitnet", "attention": "gqa_subnorm", "mlp": "relu2_subnorm", "linear": "bitlinear"}
 PAPER = {"arch": "bitnet", "linear": "bitlinear",
          "bitnet": {"linear_norm": True, "quantize": ["q", "k", "v", "o", "gate", "up", "down", "head",
                                                       "embedding"]}}
 
-LAYOUTS = {
-    "bitnet_tp2": (2, {"tensor": 2}, B2B4T, "docs"),
-    "bitnet_pp2": (2, {"pipeline": 2}, B2B4T, "plain"),
-    "bitnet_fsdp2_tied": (2, {}, {**B2B4T, "tie_embeddings": True}, "masked"),
-    "bitnet_paper_tp2_kv1_no_sp": (2, {"tensor": 2, "sequence_parallel": False},
-                                   {**PAPER, "num_kv_heads": 1}, "plain"),
-}
+LAYOUTS = [
+    Layout("bitnet_tp2", 2, parallel={"tensor": 2}, model=B2B4T, data="docs"),
+    Layout("bitnet_pp2", 2, parallel={"pipeline": 2}, model=B2B4T),
+    Layout("bitnet_fsdp2_tied", 2, model={**B2B4T, "tie_embeddings": True}, data="masked"),
+    Layout("bitnet_paper_tp2_kv1_no_sp", 2, parallel={"tensor": 2, "sequence_parallel": False},
+           model={**PAPER, "num_kv_heads": 1}),
+]

@@ -6,6 +6,8 @@ tensor parallelism and with pipelining (the border inside the cross-decoder, so 
 shared key/value crosses it); and a DHA model with routed BitLinear experts under EP2.
 Each matches one process within 1e-5 over three steps like every other layout.
 """
+from tests.distributed.layout import Layout
+
 YOCO_MHMOE_BITNET = {"arch": "yoco", "yoco": {"self_decoder": "swa", "sliding_window": 5},
                      "mlp": "mh_moe", "linear": "bitlinear",
                      "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "heads": 2}}
@@ -13,9 +15,11 @@ DHA_MOE_BITNET = {"arch": "dha", "attention": "dha", "mlp": "moe", "linear": "bi
                   "dha": {"key_heads": [2, 1, 2, 1], "value_heads": [1, 2, 2, 1]},
                   "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "shared_experts": 1}}
 
-LAYOUTS = {
-    "compose_yoco_mhmoe_bitnet_ep2_tp2": (4, {"expert": 2, "tensor": 2}, YOCO_MHMOE_BITNET, "docs"),
-    "compose_yoco_mhmoe_bitnet_ep2_pp2": (4, {"expert": 2, "pipeline": 2, "pipeline_split": [3, 1]},
-                                          YOCO_MHMOE_BITNET, "masked"),
-    "compose_dha_moe_bitnet_ep2": (2, {"expert": 2}, DHA_MOE_BITNET, "plain"),
-}
+LAYOUTS = [
+    Layout("compose_yoco_mhmoe_bitnet_ep2_tp2", 4, parallel={"expert": 2, "tensor": 2},
+           model=YOCO_MHMOE_BITNET, data="docs"),
+    Layout("compose_yoco_mhmoe_bitnet_ep2_pp2", 4,
+           parallel={"expert": 2, "pipeline": 2, "pipeline_split": [3, 1]},
+           model=YOCO_MHMOE_BITNET, data="masked"),
+    Layout("compose_dha_moe_bitnet_ep2", 2, parallel={"expert": 2}, model=DHA_MOE_BITNET),
+]

@@ -10,12 +10,14 @@ value head counts that differ between layers and between keys and values (2/1, 1
 PP2 cuts between layers 1 and 2 with document masks (the masked SDPA path of the
 gather); FSDP2 shards the unequal projections.
 """
+from tests.distributed.layout import Layout
+
 DHA = {"arch": "dha", "attention": "dha",
        "dha": {"key_heads": [2, 1, 4, 2], "value_heads": [1, 2, 2, 4],
                "key_map": [[], [], [1, 0, 3, 2], []], "value_map": [[], [], [], [1, 0, 3, 2]]}}
 
-LAYOUTS = {
-    "dha_tp2": (2, {"tensor": 2}, DHA, "plain"),
-    "dha_pp2_docs": (2, {"pipeline": 2}, DHA, "docs"),
-    "dha_fsdp2": (2, {}, DHA, "plain"),
-}
+LAYOUTS = [
+    Layout("dha_tp2", 2, parallel={"tensor": 2}, model=DHA),
+    Layout("dha_pp2_docs", 2, parallel={"pipeline": 2}, model=DHA, data="docs"),
+    Layout("dha_fsdp2", 2, model=DHA),
+]

@@ -11,6 +11,8 @@ routing that sends nothing to the second expert-parallel rank (forced imbalance)
 """
 from __future__ import annotations
 
+from tests.distributed.layout import Layout
+
 MOE = {"arch": "moe", "mlp": "moe",
        "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_experts": 1,
                "score": "sigmoid", "bias_update_rate": 1e-3, "z_loss_coeff": 1e-3,
@@ -22,14 +24,16 @@ SKEWED = {"plugins": ["tests.distributed.moe_skew"], "mlp": "test_moe_skewed",
           "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_experts": 1,
                   "bias_update_rate": 1e-9}}
 
-LAYOUTS = {
-    "moe_ep2": (2, {"expert": 2}, MOE, "masked"),
-    "mhmoe_ep2": (2, {"expert": 2}, MHMOE, "plain"),
-    "moe_ep2_idle_rank": (2, {"expert": 2}, SKEWED, "plain"),
-    "moe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MOE, "docs"),
-    "moe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MOE, "plain"),
-    "moe_ep2_efsdp2": (4, {"expert": 2}, MOE, "plain"),
-    "moe_ep2_hsdp2x2": (4, {"expert": 2, "data_parallel_replicate": 2, "data_parallel_shard": 2}, MOE, "plain"),
-    "mhmoe_ep2_tp2": (4, {"expert": 2, "tensor": 2}, MHMOE, "plain"),
-    "mhmoe_ep2_pp2": (4, {"expert": 2, "pipeline": 2}, MHMOE, "plain"),
-}
+LAYOUTS = [
+    Layout("moe_ep2", 2, parallel={"expert": 2}, model=MOE, data="masked"),
+    Layout("mhmoe_ep2", 2, parallel={"expert": 2}, model=MHMOE),
+    Layout("moe_ep2_idle_rank", 2, parallel={"expert": 2}, model=SKEWED),
+    Layout("moe_ep2_tp2", 4, parallel={"expert": 2, "tensor": 2}, model=MOE, data="docs"),
+    Layout("moe_ep2_pp2", 4, parallel={"expert": 2, "pipeline": 2}, model=MOE),
+    Layout("moe_ep2_efsdp2", 4, parallel={"expert": 2}, model=MOE),
+    Layout("moe_ep2_hsdp2x2", 4,
+           parallel={"expert": 2, "data_parallel_replicate": 2, "data_parallel_shard": 2},
+           model=MOE),
+    Layout("mhmoe_ep2_tp2", 4, parallel={"expert": 2, "tensor": 2}, model=MHMOE),
+    Layout("mhmoe_ep2_pp2", 4, parallel={"expert": 2, "pipeline": 2}, model=MHMOE),
+]

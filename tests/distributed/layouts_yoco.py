@@ -14,19 +14,25 @@ resets across chunks all run.
 * FSDP2, also tied with full activation checkpointing (the carry read inside a
   recomputed block).
 """
+from tests.distributed.layout import Layout
+
 SWA = {"arch": "yoco", "yoco": {"self_decoder": "swa", "sliding_window": 5}}
 RETENTION = {"arch": "yoco", "yoco": {"self_decoder": "retention", "retention_chunk": 4}}
 
-LAYOUTS = {
-    "yoco_swa_tp2_docs": (2, {"tensor": 2}, SWA, "docs"),
-    "yoco_retention_tp2_kv1_docs": (2, {"tensor": 2}, {**RETENTION, "num_kv_heads": 1}, "docs"),
-    "yoco_swa_pp2_border_in_self": (2, {"pipeline": 2, "pipeline_split": [1, 3]}, SWA, "plain"),
-    "yoco_swa_pp2_border_in_cross": (2, {"pipeline": 2, "pipeline_split": [3, 1]}, SWA, "masked"),
-    "yoco_retention_pp2_border_in_cross": (2, {"pipeline": 2, "pipeline_split": [3, 1],
-                                               "pipeline_schedule": "gpipe"}, RETENTION, "docs"),
-    "yoco_swa_fsdp2": (2, {}, SWA, "masked"),
-    "yoco_retention_fsdp2_tied_full_ac": (2, {"activation_checkpoint": "full"},
-                                          {**RETENTION, "tie_embeddings": True}, "plain"),
-    "yoco_retention_tp2_pp2_border_in_cross": (4, {"tensor": 2, "pipeline": 2, "pipeline_split": [3, 1]},
-                                               RETENTION, "plain"),
-}
+LAYOUTS = [
+    Layout("yoco_swa_tp2_docs", 2, parallel={"tensor": 2}, model=SWA, data="docs"),
+    Layout("yoco_retention_tp2_kv1_docs", 2, parallel={"tensor": 2},
+           model={**RETENTION, "num_kv_heads": 1}, data="docs"),
+    Layout("yoco_swa_pp2_border_in_self", 2, parallel={"pipeline": 2, "pipeline_split": [1, 3]}, model=SWA),
+    Layout("yoco_swa_pp2_border_in_cross", 2, parallel={"pipeline": 2, "pipeline_split": [3, 1]},
+           model=SWA, data="masked"),
+    Layout("yoco_retention_pp2_border_in_cross", 2,
+           parallel={"pipeline": 2, "pipeline_split": [3, 1], "pipeline_schedule": "gpipe"},
+           model=RETENTION, data="docs"),
+    Layout("yoco_swa_fsdp2", 2, model=SWA, data="masked"),
+    Layout("yoco_retention_fsdp2_tied_full_ac", 2, parallel={"activation_checkpoint": "full"},
+           model={**RETENTION, "tie_embeddings": True}),
+    Layout("yoco_retention_tp2_pp2_border_in_cross", 4,
+           parallel={"tensor": 2, "pipeline": 2, "pipeline_split": [3, 1]},
+           model=RETENTION),
+]

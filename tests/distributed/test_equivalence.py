@@ -8,7 +8,10 @@ reduction-order noise at near-zero gradient elements into update differences of 
 a few 1e-6, which for the smallest tensors is ~1e-5 of their norm).
 
 All layouts of one world size run in a single spawn of N gloo processes (the process
-start dominates on a 2-core CI machine); each layout is still its own test.
+start dominates on a 2-core CI machine); each layout is still its own test: a layout that
+raises, dies or hangs past its budget fails alone with its own error, and the layouts after
+it run in a fresh spawn (tests/distributed/harness.py, run_batch). The batch's time limit is
+a base plus every layout's budget (Layout.budget_s), so adding layouts never makes it time out.
 """
 from __future__ import annotations
 
@@ -19,18 +22,26 @@ import pytest
 import torch
 
 from tests.distributed import equivalence as eq
-from tests.distributed.harness import backends, run_distributed
+from tests.distributed.harness import BatchResult, Call, backends, batch_timeout, run_batch
+from tests.distributed.layout import Layout
 
 REL = 1e-5
 REL_PER_TENSOR = 1e-4
+#: process start and rendezvous of a batch's spawn, on top of its layouts' budgets
+BASE_S = 120.0
+#: per test, on top of its batch: the single-process reference runs
+REFERENCE_S = 300.0
+
+
+def _batch(world_size: int) -> list[Layout]:
+    return [layout for layout in eq.LAYOUTS.values() if layout.world == world_size]
 
 
 @functools.lru_cache(maxsize=None)
-def _results(world_size: int, backend: str) -> dict[str, list[dict]]:
-    """Per-layout per-rank results for every layout of ``world_size`` (one spawn)."""
-    names = [n for n, spec in eq.LAYOUTS.items() if spec[0] == world_size]
-    per_rank = run_distributed(eq.run_layouts, world_size, names, backend=backend, timeout=420)
-    return {n: [r[n] for r in per_rank] for n in names}
+def _results(world_size: int, backend: str) -> BatchResult:
+    """Per-layout outcomes for every layout of ``world_size`` (one spawn, plus one per failure)."""
+    calls = [Call(layout.name, eq.run_layout, (layout,), layout.budget_s) for layout in _batch(world_size)]
+    return run_batch(calls, world_size, backend=backend, base_s=BASE_S)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,19 +55,24 @@ def _rel(a: float, b: float) -> float:
 
 def _cases() -> list:
     out = []
-    for name, (world, *_rest) in eq.LAYOUTS.items():
-        for backend in backends(world):
-            out.append(pytest.param(name, backend, id=f"{name}-{backend}"))
+    for layout in eq.LAYOUTS.values():
+        # whichever test of a world size comes first runs its whole batch
+        limit = batch_timeout([b.budget_s for b in _batch(layout.world)], BASE_S) + REFERENCE_S
+        for backend in backends(layout.world):
+            out.append(pytest.param(layout.name, backend, id=f"{layout.name}-{backend}",
+                                    marks=pytest.mark.timeout(int(limit))))
     return out
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,backend", _cases())
 def test_layout_matches_single_process(name: str, backend: str) -> None:
-    world, _par, model_over, variant = eq.LAYOUTS[name]
-    ranks = _results(world, backend)[name]
-    ref = _reference(json.dumps(model_over, sort_keys=True), variant)
+    layout = eq.LAYOUTS[name]
+    ranks = _results(layout.world, backend).get(name)    # raises this layout's own failure
+    assert_matches(ranks, _reference(json.dumps(layout.model, sort_keys=True), layout.data))
 
+
+def assert_matches(ranks: list[dict], ref: dict) -> None:
+    """One layout's per-rank results (eq.train) equal the single-process run ``ref``."""
     for r, res in enumerate(ranks):   # every rank reports the same loss and norm
         for step, (got, want) in enumerate(zip(res["losses"], ref["losses"])):
             assert _rel(got, want) <= REL, f"rank {r} step {step}: loss {got} vs {want}"

@@ -70,7 +70,8 @@ def first_loss(linear: str, world: int) -> float:
     from polytron.parallel.config import ParallelConfig
     from polytron.parallel.engine import build_engine
     from polytron.parallel.mesh import ParallelDims
-    _, par, _, variant = eq.LAYOUTS["bitnet_tp2"]
+    layout = eq.LAYOUTS["bitnet_tp2"]
+    par, variant = layout.parallel, layout.data
     mcfg, pcfg = eq.model_config(**_overrides(linear)), ParallelConfig(**(par if world > 1 else {}))
     dims = ParallelDims.resolve(pcfg, mcfg, world)
     mesh = dims.build_mesh("cpu") if world > 1 else None
