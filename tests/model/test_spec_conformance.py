@@ -2,10 +2,14 @@
 configs, one device): meta build, reproducible and layout-independent initialization, the
 tensor-parallel layout rule, cached generation equal to the uncached forward, the Hugging Face
 tensor round trip where the spec has an adapter, and resume refusal of meaning-changing keys.
-A new architecture folder is picked up here without editing this file."""
+A new architecture folder (or one under tests/model/) is picked up here without editing
+this file."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import pkgutil
 
 import pytest
 import torch
@@ -16,6 +20,20 @@ from polytron.model.generate import generate
 from polytron.model.spec import config_sections, registered_specs
 from polytron.model.transformer import Transformer, build_model
 
+
+
+def _register_test_architectures() -> None:
+    """Architectures of the test tree register too, whatever else pytest collected: every
+    ``tests/model/<arch>/`` package with a ``spec`` module, and the distributed suite's
+    heterogeneous spec."""
+    import tests.model as package
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg and importlib.util.find_spec(f"tests.model.{info.name}.spec"):
+            importlib.import_module(f"tests.model.{info.name}.spec")
+    importlib.import_module("tests.distributed.hetero_spec")
+
+
+_register_test_architectures()
 SHAPE = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
              ffn_hidden_size=32, max_seq_len=32)
 ARCHS = sorted(registered_specs())
