@@ -25,13 +25,13 @@ multiplied by the dp size. Auxiliary losses that modules attach
 the dp ranks with the same mechanics. With pipelining the last stage computes the
 main loss and every rank returns it. Nothing here reads a value back to the host.
 
-Per-source loss: micro-batches of a blend carry ``source`` (B, S), each sample's blended
-dataset one-hot over the S datasets (``data.per_source_loss``; S is a shape, so nothing is
-read back). The loss is then computed per token, and each source's token-loss sum and
-loss-token count are reported as ``sum`` statistics; :meth:`TrainEngine.reduce_stats`
-divides the reduced sums by the reduced counts, so ``loss/source<i>`` is the exact token
-mean over the log interval in every layout (with pipelining the one-hot rides to the last
-stage as extra target columns).
+The loss itself is an object the engine receives (:mod:`parallel.loss`): it gives each
+micro-batch's token-loss sum and may report statistics (reduced with the others, then
+turned into logged values by its ``finish``). Batch keys it needs beyond the labels
+(``extra_keys``, e.g. the per-source loss's ``source`` one-hot) are moved to the device
+and, with pipelining, ride to the last stage as extra target columns. The default,
+:class:`parallel.loss.PerSourceLoss`, logs each blended dataset's exact token mean
+(``data.per_source_loss``) when the batches carry sources.
 """
 from __future__ import annotations
 
@@ -40,20 +40,19 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.config import ModelConfig
-from polytron.model.hooks import StatsCollector, report, step_scope
+from polytron.model.hooks import StatsCollector, step_scope
 from polytron.model.transformer import Transformer, cross_entropy_sum
 from polytron.parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, compiled_loss
 from polytron.parallel.config import ParallelConfig
+from polytron.parallel.loss import TokenLoss, default_loss, plain
 from polytron.parallel.mesh import LayoutError, ParallelDims
 from polytron.parallel.runtime import autocast_context
 
 Batch = dict[str, torch.Tensor]
 SIDE_INPUTS = ("position_ids", "doc_ids")
-SOURCE_SUM, SOURCE_TOKENS = "source_loss_sum/", "source_loss_tokens/"
 
 
 def labels_of(mb: Batch) -> torch.Tensor:
@@ -68,37 +67,6 @@ def model_inputs(mb: Batch, device: torch.device) -> tuple[torch.Tensor, dict]:
     """(tokens, kwargs) of a micro-batch moved to ``device``."""
     kwargs = {k: mb[k].to(device, non_blocking=True) for k in SIDE_INPUTS if k in mb}
     return mb["tokens"].to(device, non_blocking=True), kwargs
-
-
-def report_by_source(per_token: torch.Tensor, labels: torch.Tensor, source: torch.Tensor) -> None:
-    """Report each source's token-loss sum and loss-token count of one micro-batch.
-    per_token (B*T,) fp32, labels (B, T) with -100 = no loss, source (B, S) one-hot."""
-    onehot = source.float()                                              # (B, S)
-    per_sample = per_token.float().view(labels.shape).sum(1)             # (B,)
-    counted = (labels != -100).sum(1).float()                            # (B,)
-    sums, counts = onehot.t() @ per_sample, onehot.t() @ counted         # (S,)
-    for i in range(onehot.shape[1]):
-        report(f"{SOURCE_SUM}{i}", sums[i], "sum")
-        report(f"{SOURCE_TOKENS}{i}", counts[i], "sum")
-
-
-def source_losses(stats: dict[str, float]) -> dict[str, float]:
-    """Reduced per-source sums and counts -> ``loss/source<i>`` (their ratio, when the source had
-    loss tokens) and ``loss_tokens/source<i>``."""
-    out = {k: v for k, v in stats.items() if not k.startswith((SOURCE_SUM, SOURCE_TOKENS))}
-    for key, total in stats.items():
-        if key.startswith(SOURCE_SUM):
-            i = key[len(SOURCE_SUM):]
-            out[f"loss_tokens/source{i}"] = tokens = stats.get(SOURCE_TOKENS + i, 0.0)
-            if tokens > 0:
-                out[f"loss/source{i}"] = total / tokens
-    return out
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value as a plain tensor (no-op for plain tensors)."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def total_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
@@ -128,7 +96,7 @@ class TrainEngine:
 
     def __init__(self, model_parts: list[nn.Module], dims: ParallelDims, mesh, device: torch.device,
                  dtype: torch.dtype, sequence_parallel: bool = False, fsdp: bool = False,
-                 compile_loss: bool = False):
+                 compile_loss: bool = False, loss: Optional[TokenLoss] = None):
         self.model_parts = model_parts
         self.model = model_parts[0]
         self.dims = dims
@@ -139,9 +107,9 @@ class TrainEngine:
         self.fsdp = fsdp
         self.is_last_stage = True
         self.stats = StatsCollector()
-        self._sources = 0                       # pipelining: one-hot source columns in the target
         # logits are plain tensors unless tp shards the vocabulary (then loss_parallel, eager)
-        self.loss_fn = compiled_loss(cross_entropy_sum) if compile_loss and dims.tp == 1 else cross_entropy_sum
+        self.loss = default_loss(loss).with_sum_fn(
+            compiled_loss(cross_entropy_sum) if compile_loss and dims.tp == 1 else cross_entropy_sum)
 
     # ------------------------------------------------------------ helpers
 
@@ -173,18 +141,11 @@ class TrainEngine:
         tokens, kwargs, labels = self._inputs(mb)
         with self._amp():
             logits = self.model(tokens, **kwargs)                      # (B, T, V), maybe vocab-sharded
-        source = mb["source"].to(self.device, non_blocking=True) if "source" in mb else None
-        return self._token_loss(logits, labels, source)
+        return self.loss.token_sum(logits, labels, self._loss_extra(mb))
 
-    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor,
-                    source: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Summed token loss; with ``source`` (B, S) also the per-source statistics."""
-        if source is None:
-            return self.loss_fn(logits, labels)
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                    reduction="none")                  # (B*T,)
-        report_by_source(plain(per_token.detach()), labels, source)
-        return per_token.sum()
+    def _loss_extra(self, mb: Batch) -> Batch:
+        """The loss's extra batch keys present in ``mb``, on the device (each (B, K))."""
+        return {k: mb[k].to(self.device, non_blocking=True) for k in self.loss.extra_keys if k in mb}
 
     def _set_grad_sync(self, enabled: bool) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):
@@ -283,7 +244,7 @@ class TrainEngine:
         for n, (total, count), top in zip(names, sums.tolist(), maxes.tolist()):
             kind = kinds[n]
             out[n] = top if kind == "max" else (total / count if kind == "mean" else total)
-        return source_losses(out)
+        return self.loss.finish(out)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Unsharded copies of this rank's parameters by global FQN (a collective over the
@@ -310,8 +271,9 @@ class PipelineEngine(TrainEngine):
 
     def __init__(self, model_parts: list[nn.Module], stage_indices: list[int], dims: ParallelDims,
                  mesh, device: torch.device, dtype: torch.dtype, schedule: str,
-                 sequence_parallel: bool = False, fsdp: bool = False, compile_loss: bool = False):
-        super().__init__(model_parts, dims, mesh, device, dtype, sequence_parallel, fsdp, compile_loss)
+                 sequence_parallel: bool = False, fsdp: bool = False, compile_loss: bool = False,
+                 loss: Optional[TokenLoss] = None):
+        super().__init__(model_parts, dims, mesh, device, dtype, sequence_parallel, fsdp, compile_loss, loss)
         self.stage_indices = stage_indices
         self.schedule_name = schedule
         self.pp_group = mesh["pp"].get_group()
@@ -321,6 +283,7 @@ class PipelineEngine(TrainEngine):
         self._scale = torch.ones((), device=device)     # this step's loss scale (dp / tokens)
         if dtype != torch.float32 and not fsdp:
             for part in model_parts:      # autocast each stage's forward only, not the backward
+        self._extra_widths: list[tuple[str, int]] = []  # the loss's extra columns in the target
                 part.forward = _autocast_forward(part.forward, device, dtype)
 
     def _pp_group(self):
@@ -339,9 +302,8 @@ class PipelineEngine(TrainEngine):
 
             def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                 # token sum x (dp / global tokens): the schedule's sum over micro-batches is the mean
-                S = self._sources
-                labels, source = (target[:, :-S], target[:, -S:]) if S else (target, None)
-                return self._token_loss(logits, labels, source) * self._scale
+                labels, extra = self._split_target(target)
+                return self.loss.token_sum(logits, labels, extra) * self._scale
 
             cls = schedule_class(self.schedule_name, self.dims.virtual_stages)
             single = self.dims.virtual_stages == 1 and cls.__name__ != "ScheduleInterleaved1F1B"
@@ -361,10 +323,7 @@ class PipelineEngine(TrainEngine):
         parts = [self._inputs(mb) for mb in microbatches]
         tokens = torch.cat([p[0] for p in parts])                    # (n*B, T)
         labels = torch.cat([p[2] for p in parts])
-        self._sources = microbatches[0]["source"].shape[1] if "source" in microbatches[0] else 0
-        if self._sources:                        # (n*B, T+S): the one-hot source rides as last columns
-            source = torch.cat([mb["source"] for mb in microbatches]).to(self.device, labels.dtype)
-            labels = torch.cat([labels, source], dim=1)
+        labels = self._join_target(labels, microbatches)
         kwargs = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         args = (tokens,) if self.is_first_stage else ()
         target = labels if self.is_last_stage else None
@@ -383,6 +342,21 @@ class PipelineEngine(TrainEngine):
 
     def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
         """One pipelined step; FSDP gradient sync is left to the schedule (last backward only)."""
+    def _join_target(self, labels: torch.Tensor, microbatches: list[Batch]) -> torch.Tensor:
+        """(n*B, T + sum K): the loss's extra keys ride after the labels as target columns."""
+        keys = [k for k in self.loss.extra_keys if k in microbatches[0]]
+        self._extra_widths = [(k, microbatches[0][k].shape[1]) for k in keys]
+        extra = [torch.cat([mb[k] for mb in microbatches]).to(self.device, labels.dtype) for k in keys]
+        return torch.cat([labels, *extra], dim=1) if extra else labels
+
+    def _split_target(self, target: torch.Tensor) -> tuple[torch.Tensor, Batch]:
+        """Inverse of :meth:`_join_target` on a micro-batch's target: (labels (B, T), extras)."""
+        width = sum(w for _, w in self._extra_widths)
+        labels, extra, start = target[:, :target.shape[1] - width], {}, target.shape[1] - width
+        for key, w in self._extra_widths:
+            extra[key], start = target[:, start:start + w], start + w
+        return labels, extra
+
         return self._run(microbatches, train=True)
 
     @torch.no_grad()
@@ -455,11 +429,14 @@ def materialize(part: nn.Module, device: torch.device, seed: int) -> None:
 
 
 def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, mesh,
-                 device: torch.device, dtype: torch.dtype, seed: int, fp8_cfg=None) -> TrainEngine:
+                 device: torch.device, dtype: torch.dtype, seed: int, fp8_cfg=None,
+                 loss: Optional[TokenLoss] = None) -> TrainEngine:
     """Build the model on meta, apply parallelism, materialize on ``device`` and initialize.
 
     ``fp8_cfg`` (``precision.fp8``) makes the engine's ``fp8`` plan; its post-optimizer
-    hooks are the engine's ``post_optimizer_hooks`` (run by :class:`pretrain.step.TrainStep`)."""
+    hooks are the engine's ``post_optimizer_hooks`` (run by :class:`pretrain.step.TrainStep`)
+    and its scaling state one of the engine's ``rank_states`` (checkpointed per rank).
+    ``loss`` is the training loss (:mod:`parallel.loss`; default: per-source aware)."""
     from polytron.parallel.fp8 import build_fp8
     fp8 = build_fp8(fp8_cfg, dims, mesh, device)
     with torch.device("meta"):
@@ -480,9 +457,11 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
     sp = pcfg.sequence_parallel
     if dims.pp > 1:
         engine = PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp,
-                                pcfg.compile)
+                                pcfg.compile, loss)
     else:
-        engine = TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile)
+        engine = TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile, loss)
     engine.fp8 = fp8
     engine.post_optimizer_hooks = fp8.post_optimizer_hooks() if fp8 is not None else []
     return engine
+    # per-rank state the engine's features checkpoint (pretrain.checkpoint.rank_state)
+    engine.rank_states = {"fp8": fp8} if fp8 is not None else {}

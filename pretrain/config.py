@@ -51,8 +51,9 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule over ``training.iterations``."""
-    kind: Literal["cosine", "wsd", "constant", "two_stage"] = field(default="cosine", metadata=doc(
-        "cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant: warmup then flat; "
+    kind: str = field(default="cosine", metadata=doc(
+        "A registered schedule (pretrain.schedule.register_schedule; a model.plugins module may add "
+        "one). cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant: warmup then flat; "
         "two_stage: BitNet b1.58's recipe: warmup, cosine from lr (toward min_lr at the end of the "
         "run), at stage2_start a drop to stage2_lr and a cosine from there to min_lr, with the "
         "weight decay of matrices set to stage2_weight_decay in stage 2."))
@@ -75,13 +76,10 @@ class ScheduleConfig:
             raise bad("schedule.warmup_iters", self.warmup_iters, "an integer >= 0")
         if self.decay_iters < 0:
             raise bad("schedule.decay_iters", self.decay_iters, "an integer >= 0")
-        if self.kind == "two_stage":
-            if not 0 < self.stage2_start < 1:
-                raise bad("schedule.stage2_start", self.stage2_start, "a fraction in (0, 1)")
-            if self.stage2_lr <= 0:
-                raise bad("schedule.stage2_lr", self.stage2_lr, "a positive number with schedule.kind=two_stage")
-            if self.stage2_weight_decay < 0:
-                raise bad("schedule.stage2_weight_decay", self.stage2_weight_decay, "a number >= 0")
+        from polytron.pretrain.schedule import SCHEDULES
+        if self.kind not in SCHEDULES:
+            raise bad("schedule.kind", self.kind, "one of " + ", ".join(repr(k) for k in SCHEDULES))
+        SCHEDULES[self.kind].validate(self)
 
 
 #: Longest run accepted: more steps than any pre-training run has taken by 100x.

@@ -1,13 +1,13 @@
-"""AdamW with decay only on matrices, and the learning-rate schedules."""
+"""AdamW with decay only on matrices (the schedules are :mod:`pretrain.schedule`)."""
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+from polytron.pretrain.schedule import build_schedule
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
@@ -43,58 +43,8 @@ def build_optimizer(modules: Iterable[nn.Module], cfg: OptimizerConfig) -> torch
 
 
 def lr_at(it: int, total: int, opt: OptimizerConfig, sched: ScheduleConfig) -> float:
-    """Learning rate for optimizer step ``it`` (0-based) of ``total``.
-
-    Warmup is linear from lr/warmup to lr (step 0 already trains). ``cosine`` then
-    decays over ``decay_iters`` (default: the rest of the run) to ``min_lr``; ``wsd``
-    holds lr until the last ``decay_iters`` steps (default 20% of the run) and
-    then decays to ``min_lr`` with the chosen shape; ``constant`` holds lr;
-    ``two_stage`` is :func:`two_stage_lr`.
-    """
-    lr, min_lr, warm = opt.lr, opt.min_lr, sched.warmup_iters
-    if warm and it < warm:
-        return lr * (it + 1) / warm
-    if sched.kind == "two_stage":
-        return two_stage_lr(it, total, opt, sched)
-    if sched.kind == "constant":
-        return lr
-    if sched.kind == "cosine":
-        span = sched.decay_iters or max(total - warm, 1)
-        frac = min((it - warm) / span, 1.0)
-        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
-    decay = sched.decay_iters or max(int(0.2 * total), 1)
-    start = total - decay
-    if it < start:
-        return lr
-    frac = min((it - start + 1) / decay, 1.0)
-    shape = {"linear": frac, "cosine": 0.5 * (1 - math.cos(math.pi * frac)),
-             "sqrt": math.sqrt(frac)}[sched.wsd_decay_shape]
-    return lr - (lr - min_lr) * shape
-
-
-def stage2_iteration(total: int, sched: ScheduleConfig) -> int:
-    """First step of stage 2 of the ``two_stage`` schedule."""
-    return int(round(sched.stage2_start * total))
-
-
-def two_stage_lr(it: int, total: int, opt: OptimizerConfig, sched: ScheduleConfig) -> float:
-    """BitNet b1.58's two-stage rate after warmup: stage 1 is the cosine from ``lr`` to
-    ``min_lr`` over the whole run, cut at :func:`stage2_iteration`; stage 2 restarts lower, a
-    cosine from ``stage2_lr`` to ``min_lr`` at the end of the run."""
-    mid, warm = stage2_iteration(total, sched), sched.warmup_iters
-    if it < mid:
-        peak, frac = opt.lr, (it - warm) / max(total - warm, 1)
-    else:
-        peak, frac = sched.stage2_lr, (it - mid) / max(total - mid, 1)
-    return opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def weight_decay_at(it: int, total: int, base: float, sched: ScheduleConfig) -> float:
-    """Weight decay at step ``it`` of a parameter group created with ``base``: ``base``, except
-    in stage 2 of the ``two_stage`` schedule (``schedule.stage2_weight_decay``)."""
-    if sched.kind == "two_stage" and it >= stage2_iteration(total, sched):
-        return sched.stage2_weight_decay
-    return base
+    """Learning rate for optimizer step ``it`` (0-based) of ``total`` (see :mod:`pretrain.schedule`)."""
+    return build_schedule(sched, opt, total).lr(it)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,7 +1,8 @@
 """The training step: the one step loop of the project.
 
 The trainer, ``tools/benchmark.py``, ``tools/bench_layout.py`` and the equivalence tests
-all run :class:`TrainStep`: learning rate of the iteration, forward and backward over
+all run :class:`TrainStep`: learning rate and weight decay of the iteration (asked of the
+run's :class:`pretrain.schedule.Schedule`; the step knows no schedule kind), forward and backward over
 the step's micro-batches (loss normalized by the step's global token count, auxiliary
 losses of modules included), gradient clipping on the device, the optimizer update,
 the post-optimizer hooks, and ``zero_grad``.
@@ -30,7 +31,8 @@ import torch
 
 from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
 from polytron.pretrain.guards import finite
-from polytron.pretrain.optim import lr_at, set_lr, weight_decay_at
+from polytron.pretrain.optim import set_lr
+from polytron.pretrain.schedule import LRSchedule, build_schedule
 
 _LOCAL = threading.local()
 
@@ -61,20 +63,23 @@ class StepResult:
 
 
 class TrainStep:
-    """Runs optimizer steps of ``engine`` with ``optimizer`` (see the module docstring)."""
+    """Runs optimizer steps of ``engine`` with ``optimizer`` (see the module docstring).
+
+    ``schedule`` is the schedule config (built once into a :class:`pretrain.schedule.Schedule`
+    over ``total_iterations``) or an already built :class:`LRSchedule`."""
 
     def __init__(self, engine, optimizer: torch.optim.Optimizer, opt_cfg: OptimizerConfig,
-                 schedule: ScheduleConfig, total_iterations: int, nonfinite: str = "stop"):
+                 schedule: ScheduleConfig | LRSchedule, total_iterations: int, nonfinite: str = "stop"):
         self.engine = engine
         self.optimizer = optimizer
         self.opt_cfg = opt_cfg
-        self.schedule = schedule
+        self.schedule: LRSchedule = build_schedule(schedule, opt_cfg, total_iterations) \
+            if isinstance(schedule, ScheduleConfig) else schedule
         self.total_iterations = total_iterations
         self.nonfinite = nonfinite
-        # (group index, weight decay it was built with) of the decaying groups, for schedules
-        # that change weight decay during the run (two_stage); indices survive load_state_dict
-        self.decay_groups = [(i, g["weight_decay"]) for i, g in enumerate(optimizer.param_groups)
-                             if g["weight_decay"] > 0]
+        # indices of the decaying (matrix) groups, whose weight decay the schedule gives;
+        # indices survive load_state_dict
+        self.decay_groups = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
         self.hooks: list[Callable[[], None]] = [
             m.post_optimizer_step for part in engine.model_parts for m in part.modules()
             if hasattr(m, "post_optimizer_step")]
@@ -87,12 +92,11 @@ class TrainStep:
 
     def __call__(self, microbatches: list[dict], iteration: int) -> StepResult:
         """Step ``iteration`` (0-based) over this rank's micro-batches of the global batch."""
-        lr = lr_at(iteration, self.total_iterations, self.opt_cfg, self.schedule)
+        lr = self.schedule.lr(iteration)
         set_lr(self.optimizer, lr)
-        if self.schedule.kind == "two_stage":
-            for i, base in self.decay_groups:
-                self.optimizer.param_groups[i]["weight_decay"] = weight_decay_at(
-                    iteration, self.total_iterations, base, self.schedule)
+        decay = self.schedule.weight_decay(iteration)
+        for i in self.decay_groups:
+            self.optimizer.param_groups[i]["weight_decay"] = decay
         loss = self.engine.forward_backward(microbatches)
         grad_norm = self.engine.clip_grad_norm_(self.opt_cfg.grad_clip)
         skipped = False

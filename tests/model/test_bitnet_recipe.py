@@ -9,7 +9,8 @@ import torch
 
 from polytron.model.configlib import ConfigError
 from polytron.pretrain.config import OptimizerConfig, ScheduleConfig, load_config
-from polytron.pretrain.optim import lr_at, weight_decay_at
+from polytron.pretrain.optim import lr_at
+from polytron.pretrain.schedule import build_schedule
 
 OPT = OptimizerConfig(lr=1.5e-3, min_lr=1e-5, weight_decay=0.1)
 SCHED = ScheduleConfig(kind="two_stage", warmup_iters=10, stage2_start=0.5, stage2_lr=8e-4)
@@ -30,9 +31,9 @@ def test_two_stage_learning_rate():
 
 
 def test_weight_decay_switches_off_at_stage_two():
-    assert [weight_decay_at(i, 10, 0.1, SCHED) for i in (0, 4, 5, 9)] == [0.1, 0.1, 0.0, 0.0]
+    assert [build_schedule(SCHED, OPT, 10).weight_decay(i) for i in (0, 4, 5, 9)] == [0.1, 0.1, 0.0, 0.0]
     other = ScheduleConfig(kind="cosine")
-    assert [weight_decay_at(i, 10, 0.1, other) for i in (0, 9)] == [0.1, 0.1]
+    assert [build_schedule(other, OPT, 10).weight_decay(i) for i in (0, 9)] == [0.1, 0.1]
 
 
 def test_train_step_applies_the_weight_decay_schedule():
