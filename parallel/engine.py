@@ -281,9 +281,9 @@ class PipelineEngine(TrainEngine):
         self.is_last_stage = dims.num_stages - 1 in stage_indices
         self._schedules: dict[tuple[int, bool], object] = {}
         self._scale = torch.ones((), device=device)     # this step's loss scale (dp / tokens)
+        self._extra_widths: list[tuple[str, int]] = []  # the loss's extra columns in the target
         if dtype != torch.float32 and not fsdp:
             for part in model_parts:      # autocast each stage's forward only, not the backward
-        self._extra_widths: list[tuple[str, int]] = []  # the loss's extra columns in the target
                 part.forward = _autocast_forward(part.forward, device, dtype)
 
     def _pp_group(self):
@@ -340,8 +340,6 @@ class PipelineEngine(TrainEngine):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pp_group)   # from the last stage
         return self.reduce_sum(total)
 
-    def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
-        """One pipelined step; FSDP gradient sync is left to the schedule (last backward only)."""
     def _join_target(self, labels: torch.Tensor, microbatches: list[Batch]) -> torch.Tensor:
         """(n*B, T + sum K): the loss's extra keys ride after the labels as target columns."""
         keys = [k for k in self.loss.extra_keys if k in microbatches[0]]
@@ -357,6 +355,8 @@ class PipelineEngine(TrainEngine):
             extra[key], start = target[:, start:start + w], start + w
         return labels, extra
 
+    def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
+        """One pipelined step; FSDP gradient sync is left to the schedule (last backward only)."""
         return self._run(microbatches, train=True)
 
     @torch.no_grad()
@@ -462,6 +462,6 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
         engine = TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile, loss)
     engine.fp8 = fp8
     engine.post_optimizer_hooks = fp8.post_optimizer_hooks() if fp8 is not None else []
-    return engine
     # per-rank state the engine's features checkpoint (pretrain.checkpoint.rank_state)
     engine.rank_states = {"fp8": fp8} if fp8 is not None else {}
+    return engine
