@@ -95,7 +95,7 @@ class ModelConfig(_ModelFields):
         spec = registered_specs().get(self.arch)
         if spec is not None:       # else a plugin's arch: filled in validate() after the import
             self._fill_slots(spec)
-        types = self.config_sections(given)
+        types = self.config_sections({**given, "plugins": self.plugins})
         for name, value in given.items():
             if name not in types:
                 raise ConfigError(f"unknown config key 'model.{name}'; allowed keys in 'model': "
@@ -234,7 +234,12 @@ FREE_ON_RESUME = ("max_seq_len", "rope_theta", "rope_scaling", "norm_eps", "init
 
 def weight_meaning_change(saved: dict, current: dict, prefix: str = "model") -> Optional[tuple[str, object, object]]:
     """The first model setting (dotted key, saved value, current value) that differs between
-    a checkpoint's model section and this run's and changes what its weights mean."""
+    a checkpoint's model section and this run's and changes what its weights mean.
+
+    ``current`` is this run's saved view (``to_dict``), which holds only the sections the
+    model uses (:meth:`ModelConfig.saved_sections`), so only those are compared: a stored
+    config that holds every section (written before sections were per architecture) resumes
+    whatever the unused ones say."""
     for key, value in current.items():
         if key in FREE_ON_RESUME or key not in saved:
             continue
