@@ -1,8 +1,10 @@
 """Error types of the data package."""
 from __future__ import annotations
 
+from polytron.model.errors import PolytronError
 
-class DataError(ValueError):
+
+class DataError(PolytronError, ValueError):
     """Bad training data or tokenizer: one line naming the file and what is wrong.
 
     Raised before training starts (missing or corrupt ``.bin``/``.idx`` files, a

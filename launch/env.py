@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from polytron.model.errors import PolytronError
+
 Source = Literal["torchrun", "srun", "single"]
 
 #: Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
@@ -42,7 +44,7 @@ LAUNCHER_PID_VAR = "POLYTRON_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PolytronError, RuntimeError):
     """The launch environment cannot work; the message says what to change."""
 
 

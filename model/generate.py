@@ -33,8 +33,10 @@ from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from polytron.model.errors import PolytronError
 
-class GenerationError(ValueError):
+
+class GenerationError(PolytronError, ValueError):
     """A generation request that cannot run (too long, empty prompt, partial model)."""
 
 

@@ -24,8 +24,10 @@ from typing import Callable, Optional
 
 import torch
 
+from polytron.model.errors import PolytronError
 
-class ConvertError(ValueError):
+
+class ConvertError(PolytronError, ValueError):
     """Unconvertible input; the message names the file, field or tensor."""
 
 

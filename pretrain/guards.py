@@ -15,12 +15,16 @@ from typing import Optional
 
 import torch
 
+from polytron.model.errors import PolytronError
+
 #: Steps of loss history a spike is measured against.
 SPIKE_WINDOW = 50
 
 
-class NumericsError(RuntimeError):
-    """A non-finite loss or gradient norm under ``training.nonfinite=stop``."""
+class NumericsError(PolytronError, RuntimeError):
+    """A non-finite loss or gradient norm under ``training.nonfinite=stop``; exit status 3."""
+
+    exit_code = 3
 
 
 def finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:

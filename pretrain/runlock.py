@@ -19,10 +19,12 @@ import socket
 import time
 from typing import Optional
 
+from polytron.model.errors import PolytronError
+
 LOCK_NAME = ".polytron.lock"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(PolytronError, RuntimeError):
     """Another live process holds the directory's run lock (or it cannot be created)."""
 
 
