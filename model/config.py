@@ -36,7 +36,8 @@ class _ModelFields:
     plugins: list[str] = field(default_factory=list, metadata=doc(
         "Python modules imported before the model is built, e.g. [my_lab.my_arch]: an "
         "architecture or layer kind kept outside this repository registers itself on import "
-        "(like torchtitan's custom_import); the module must be importable by every rank."))
+        "(like torchtitan's custom_import); the module must be importable by every rank (installed, or on PYTHONPATH: the "
+        "scripts add neither the checkout nor the working directory to the import path)."))
     vocab_size: int = field(default=4096, metadata=doc(
         "Embedding rows; must be >= the tokenizer's vocabulary."))
     hidden_size: int = field(default=256, metadata=doc("Model width d."))
@@ -56,9 +57,11 @@ class _ModelFields:
     init_std: float = field(default=0.02, metadata=doc(
         "Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."))
     attention: str = field(default="", metadata=doc(
-        "Attention slot (model.layers.ATTENTIONS): gqa, or a kind an architecture registers. Empty: the architecture\'s default (ModelSpec.slot_defaults), else gqa."))
+        "Attention slot (model.layers.ATTENTIONS): gqa, or a kind an architecture registers. "
+        "Empty: the architecture's default (ModelSpec.slot_defaults), else gqa."))
     mlp: str = field(default="", metadata=doc(
-        "MLP slot (model.layers.MLPS): swiglu, or a kind an architecture registers. Empty: the architecture\'s default (ModelSpec.slot_defaults), else swiglu."))
+        "MLP slot (model.layers.MLPS): swiglu, or a kind an architecture registers. "
+        "Empty: the architecture's default (ModelSpec.slot_defaults), else swiglu."))
     linear: str = field(default="", metadata=doc(
         "Linear slot used by the projections (model.layers.LINEARS): linear, or a kind an "
         "architecture registers. Empty: the architecture's default (ModelSpec.slot_defaults), "

@@ -22,6 +22,9 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
 
 def env() -> dict:
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # test-only plugins (model.plugins=[tests....]) import from the checkout, as a user's own
+    # plugin package would from their PYTHONPATH
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
     e.pop("WORLD_SIZE", None), e.pop("RANK", None), e.pop("SLURM_PROCID", None), e.pop("SLURM_NTASKS", None)
     return e
 
