@@ -36,8 +36,9 @@ class _ModelFields:
     plugins: list[str] = field(default_factory=list, metadata=doc(
         "Python modules imported before the model is built, e.g. [my_lab.my_arch]: an "
         "architecture or layer kind kept outside this repository registers itself on import "
-        "(like torchtitan's custom_import); the module must be importable by every rank (installed, or on PYTHONPATH: the "
-        "scripts add neither the checkout nor the working directory to the import path)."))
+        "(like torchtitan's custom_import); the module must be importable by every rank "
+        "(installed, or on PYTHONPATH: the scripts add neither the checkout nor the working "
+        "directory to the import path)."))
     vocab_size: int = field(default=4096, metadata=doc(
         "Embedding rows; must be >= the tokenizer's vocabulary."))
     hidden_size: int = field(default=256, metadata=doc("Model width d."))
