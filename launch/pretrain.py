@@ -19,10 +19,8 @@ import argparse
 import os
 import sys
 
-
-EXIT_BAD_INPUT = 2
-EXIT_NUMERICS = 3
-EXIT_IO = 1
+from polytron.model.errors import Failure, PolytronError
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +40,16 @@ def help_config() -> None:
         print(f"{key} = {default!r}\n    {text}")
 
 
+def close_process_group() -> None:
+    """Destroy the default process group if this process made one (after the error line)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@command(interrupted="interrupted", cleanup=close_process_group)
 def run(argv: list[str]) -> int:
+    """Train; every error is one ``error:`` line and its exit status (``polytron.tools.cli.command``)."""
     from polytron.launch.env import follow_launcher
     follow_launcher()   # under torchrun: SIGTERM (save, exit 75) if the agent dies, never an orphan
     import warnings
@@ -50,15 +57,10 @@ def run(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch.distributed as dist
 
-    from polytron.data.errors import DataError
-    from polytron.launch.env import (LaunchError, check_master_reachable, choose_backend, detect_launch_env, export_env,
-                            lost_peer)
+    from polytron.launch.env import check_master_reachable, choose_backend, detect_launch_env, export_env, lost_peer
     from polytron.parallel.mesh import ParallelDims
-    from polytron.pretrain.checkpoint import CheckpointError
     from polytron.pretrain.config import load_config
     from polytron.model.configlib import ConfigError
-    from polytron.pretrain.guards import NumericsError
-    from polytron.pretrain.errors import RunError
 
     args = parse_args(argv)
     if args.help_config:
@@ -82,27 +84,13 @@ def run(argv: list[str]) -> int:
         from polytron.pretrain.trainer import Trainer
         trainer = Trainer(cfg, env.rank, env.world_size, env.local_rank, backend)
         return trainer.run()
-    except (ConfigError, DataError, CheckpointError, LaunchError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except NumericsError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_NUMERICS
-    except OSError as e:      # e.g. the disk filled up while writing metrics or logs
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr, flush=True)
-        return EXIT_IO
+    except PolytronError:      # one line and its status: 2 bad input, 3 numerics (NumericsError)
+        raise
     except RuntimeError as e:  # a collective failed because another rank or node is gone
         lost = lost_peer(e) if dist.is_available() and dist.is_initialized() else None
         if lost is None:
             raise
-        print(f"error: {lost}", file=sys.stderr, flush=True)
-        return EXIT_IO
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        raise Failure(lost) from None
 
 
 if __name__ == "__main__":

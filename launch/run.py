@@ -33,9 +33,10 @@ from typing import Mapping
 
 
 from polytron.launch.env import LAUNCHER_PID_VAR  # noqa: E402
+from polytron.model.errors import BadInput, Failure, error_line
+from polytron.tools.cli import command
 
 EXIT_REQUEUE = 75
-EXIT_BAD_INPUT = 2
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -127,7 +128,10 @@ def parse(argv: list[str]):
 
 
 def launch(argv: list[str], tag: str = "launch.run") -> int:
-    """Run torchrun's agent in this process with forwarding; return the job-facing status."""
+    """Run torchrun's agent in this process with forwarding; return the job-facing status.
+
+    Bad options raise :class:`BadInput`, a failed rendezvous :class:`Failure` (exit 1).
+    """
     from torch.distributed import DistError
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -136,19 +140,15 @@ def launch(argv: list[str], tag: str = "launch.run") -> int:
     try:
         args = parse(argv)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        raise BadInput(str(e)) from None
     os.environ[LAUNCHER_PID_VAR] = str(os.getpid())
     Forwarder(tag).install()
     try:
         torchrun.run(args)
     except ValueError as e:                      # torchrun's own checks of its options
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        raise BadInput(error_line(e)) from None
     except (RendezvousError, DistError) as e:    # e.g. the master port is taken
-        print(f"error: torchrun rendezvous failed: {str(e).strip().splitlines()[0]}", file=sys.stderr,
-              flush=True)
-        return 1
+        raise Failure(f"torchrun rendezvous failed: {error_line(e)}") from None
     except ChildFailedError as err:
         status, reason = failure_status({rank: f.exitcode for rank, f in err.failures.items()})
         note(tag, reason)
@@ -159,6 +159,7 @@ def launch(argv: list[str], tag: str = "launch.run") -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m launch.run [torchrun options] SCRIPT [script args]``."""
     return launch(sys.argv[1:] if argv is None else argv)

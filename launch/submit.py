@@ -29,15 +29,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from polytron.model.errors import PolytronError
+from polytron.tools.cli import command
+
 REPO = Path(__file__).resolve().parent.parent
 
 TEMPLATE = REPO / "launch" / "slurm" / "pretrain.sbatch.in"
 NODE_AGENT = REPO / "launch" / "slurm" / "node_agent.py"
 PRETRAIN = REPO / "launch" / "pretrain.py"
-EXIT_BAD_INPUT = 2
 
 
-class SubmitError(Exception):
+class SubmitError(PolytronError):
     """Bad input for the submit tool; the message is printed as one line."""
 
 
@@ -259,6 +261,7 @@ def submit(job: Job, script: str) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, render, then print (--dry-run) or submit."""
     argv = sys.argv[1:] if argv is None else argv
@@ -267,16 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return preprocess_main(argv[1:])
     a = parse_args(argv)
-    try:
-        job = build_job(a)
-        script = render(job)
-        if a.dry_run:
-            print(script, end="")
-            return 0
-        return submit(job, script)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    job = build_job(a)
+    script = render(job)
+    if a.dry_run:
+        print(script, end="")
+        return 0
+    return submit(job, script)
 
 
 if __name__ == "__main__":

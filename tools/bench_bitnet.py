@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from polytron.tools.cli import command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -151,6 +153,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@command
 def main(argv) -> int:
     args = parse_args(argv)
     if args.eval_only:

@@ -27,6 +27,9 @@ import re
 import sys
 import time
 
+from polytron.model.configlib import ConfigError
+from polytron.tools.cli import command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PART = re.compile(r"^(tp|pp|vs|fsdp|hsdp)(\d+)(?:x(\d+))?$")
@@ -40,7 +43,7 @@ def layout_overrides(name: str) -> tuple[list[str], int]:
     for part in name.split("-"):
         m = _PART.match(part)
         if not m or (m.group(3) and m.group(1) != "hsdp"):
-            raise ValueError(f"layout {name!r}: cannot parse {part!r} (use tp2, pp2, vs2, fsdp2, hsdp2x2)")
+            raise ConfigError(f"layout {name!r}: cannot parse {part!r} (use tp2, pp2, vs2, fsdp2, hsdp2x2)")
         kind, a = m.group(1), int(m.group(2))
         if kind == "hsdp":
             values["rep"], values["fsdp"] = a, int(m.group(3) or 1)
@@ -170,6 +173,7 @@ def format_layouts(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Throughput of one parallel layout (run under torchrun).")
     p.add_argument("--config", required=True, help="Run config YAML.")
@@ -177,13 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="Timed optimizer steps.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides.")
-    args = p.parse_args(argv)
-    from polytron.model.configlib import ConfigError
-    try:
-        res = run(args)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    res = run(p.parse_args(argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(res), flush=True)
     return 0

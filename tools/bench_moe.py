@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from polytron.tools.cli import command
+
 
 def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: str = "grouped"):
     """One-layer model whose MLP is ``mlp``; the dense SwiGLU has top_k x expert_ffn inner width."""
@@ -179,6 +181,7 @@ def ep_bench(args) -> dict:
     return results[0]
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096)

@@ -29,6 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+from polytron.model.errors import BadInput
+from polytron.tools import cli
+
 OURS = Path(__file__).resolve().parent / "preprocess_data.py"
 TOOLS = ("ours", "megatron")
 
@@ -253,13 +256,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill: the running tool's group goes too
     for path, what in ((a.input, "--input"), (a.tokenizer, "--tokenizer"), (a.megatron or a.input, "--megatron")):
         if not os.path.isfile(path):
-            print(f"error: {what} {path}: no such file", file=sys.stderr)
-            return 2
+            raise BadInput(f"{what} {path}: no such file")
     result = bench(a)
     failed = [r for r in result["runs"] if r["rc"] != 0]
     if a.json:

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -136,6 +137,7 @@ def mixture(tok: str, syn: str, raw: str, args: argparse.Namespace) -> list[dict
     return rows
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch

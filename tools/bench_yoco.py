@@ -39,6 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from polytron.model.config import ModelConfig  # noqa: E402
 from polytron.model.configlib import from_dict  # noqa: E402
+from polytron.model.errors import BadInput
+from polytron.tools.cli import command
 
 #: The shape the memory section compares (Llama-3.2-1B-like: d=2048, 16 layers, 32 heads of 64, 8 KV heads).
 MEMORY_SHAPE = dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -181,6 +183,7 @@ def bench_swa(args) -> list[dict]:
 SECTIONS = {"memory": bench_memory, "prefill": bench_prefill, "train": bench_train, "swa": bench_swa}
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="memory,swa,prefill,train")
@@ -194,8 +197,7 @@ def main(argv=None) -> int:
     names = args.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        print(f"error: --sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})", file=sys.stderr)
-        return 2
+        raise BadInput(f"--sections: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     for name in names:
         before = load()

@@ -53,11 +53,11 @@ from torch import nn  # noqa: E402
 from polytron.parallel.engine import build_engine  # noqa: E402
 from polytron.parallel.mesh import ParallelDims  # noqa: E402
 from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
-from polytron.model.configlib import ConfigError  # noqa: E402
 from polytron.pretrain.host import setup_host  # noqa: E402
 from polytron.parallel.runtime import autocast_context, pick_device, pick_dtype  # noqa: E402
 from polytron.pretrain.optim import build_optimizer  # noqa: E402
 from polytron.pretrain.step import TrainStep  # noqa: E402
+from polytron.tools.cli import command
 
 Step = Callable[[], None]
 
@@ -350,13 +350,10 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.layouts:
         from polytron.tools.bench_layout import format_layouts, measure_layouts
         rows = measure_layouts(args.config, args.layouts.split(","), args.steps, args.warmup, args.overrides)

@@ -34,8 +34,7 @@ import argparse
 import os
 import sys
 
-
-EXIT_BAD_INPUT = 2
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,28 +94,24 @@ def composition(manifest: dict, samples: int, out: str) -> None:
               f"{src['weight']:>8.4f} {row['loss_tokens_share']:>17.4f}")
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.help_config:
         help_config()
         return 0
-    from polytron.data.errors import DataError
     from polytron.data.mixture import build_mixture, load_mixture
     from polytron.model.configlib import ConfigError
 
-    try:
-        if not args.config:
-            raise ConfigError("--config is required (a mixture YAML; see --help-config)")
-        cfg = load_mixture(args.config, overrides_of(args.overrides))
-        manifest = build_mixture(cfg)
-        out = os.path.abspath(os.path.expanduser(cfg.output))
-        check_run_config(os.path.join(out, "pretrain.yaml"))
-        report(manifest)
-        if args.composition > 0:
-            composition(manifest, args.composition, out)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if not args.config:
+        raise ConfigError("--config is required (a mixture YAML; see --help-config)")
+    cfg = load_mixture(args.config, overrides_of(args.overrides))
+    manifest = build_mixture(cfg)
+    out = os.path.abspath(os.path.expanduser(cfg.output))
+    check_run_config(os.path.join(out, "pretrain.yaml"))
+    report(manifest)
+    if args.composition > 0:
+        composition(manifest, args.composition, out)
     print(f"wrote {os.path.join(out, 'mixture.json')} and {os.path.join(out, 'pretrain.yaml')}")
     return 0
 

@@ -66,12 +66,10 @@ from typing import Any, Iterator, Optional
 
 import torch  # noqa: E402
 
+from polytron.model.errors import WriteFailed
 from polytron.model.hf import ConvertError, find_adapter, read_hf_config  # noqa: E402
 from polytron.model.provenance import UntrustedCode, add_plugin_option, trusted_model_config  # noqa: E402
-from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-EXIT_WRITE_FAILED = 1
+from polytron.tools.cli import command
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                       "chat_template.jinja", "chat_template.json")
@@ -355,10 +353,6 @@ def _commit(tmp: str, dst: str, outputs: tuple[str, ...]) -> None:
     shutil.rmtree(old)
 
 
-class WriteFailed(OSError):
-    """Writing the output failed (full disk, permissions, I/O error); DST is left as it was."""
-
-
 def write_failure(dst: str, e: BaseException) -> WriteFailed:
     """One-line WriteFailed for an error raised while writing DST (OSError, safetensors'
     or torch's serialization errors, a checkpoint save that could not complete)."""
@@ -602,35 +596,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv: list[str]) -> int:
-    import warnings
     args = parse_args(argv)
-    # DCP's note that it reads/writes in one process: that is the intent here
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    try:
-        if args.cmd == "to-hf":
-            used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite,
-                         args.packed, tuple(args.plugins))
-            print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
-        else:
-            out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)
-            print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
-        return 0
-    except (ConvertError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except WriteFailed as e:  # writing failed (disk full, permissions); DST is left as it was
-        print(f"error: {e.strerror}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
-    except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
-    except ValueError as e:  # DataError (tokenizer, built-in corpus) without importing data eagerly
-        data_errors = sys.modules.get("polytron.data.errors")
-        if data_errors is None or not isinstance(e, data_errors.DataError):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if args.cmd == "to-hf":
+        used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite,
+                     args.packed, tuple(args.plugins))
+        print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
+    else:
+        out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)
+        print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -46,10 +46,7 @@ import time
 import torch  # noqa: E402
 
 from polytron.model.hf import ConvertError  # noqa: E402
-from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-EXIT_WRITE_FAILED = 1
+from polytron.tools.cli import command
 
 
 # ====================================================================== source
@@ -340,19 +337,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConvertError(f"--fusion-lr {args.fusion_lr:g}: must be a finite number > 0")
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from polytron.data.errors import DataError
-    from polytron.model.configlib import ConfigError
-    try:
-        check_args(args)
-        report = convert(args)
-    except (ConvertError, CheckpointError, ConfigError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
+    check_args(args)
+    report = convert(args)
     kv = report["kv_cache_bytes_per_token"]
     losses = " | ".join(f"{k[5:]} {v:.4f}" for k, v in report.items() if k.startswith("loss_") and v is not None)
     print(f"wrote DHA checkpoint {os.path.join(args.dst, 'checkpoint')} and run config "

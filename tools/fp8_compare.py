@@ -39,8 +39,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from polytron.data import DataError  # noqa: E402
-from polytron.model.configlib import ConfigError  # noqa: E402
 from polytron.parallel.engine import build_engine  # noqa: E402
 from polytron.parallel.mesh import ParallelDims  # noqa: E402
 from polytron.parallel.runtime import pick_device, pick_dtype  # noqa: E402
@@ -48,6 +46,7 @@ from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
 from polytron.pretrain.host import setup_host  # noqa: E402
 from polytron.pretrain.optim import build_optimizer  # noqa: E402
 from polytron.pretrain.step import TrainStep  # noqa: E402
+from polytron.tools.cli import command
 
 
 def batches(cfg: RunConfig, steps: int, random_data: bool) -> list[list[dict]]:
@@ -167,14 +166,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        res = compare(cfg, args.steps, args.warmup, args.window, args.random_data)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    res = compare(cfg, args.steps, args.warmup, args.window, args.random_data)
     res["config"] = os.path.abspath(args.config)
     print(report(res))
     if args.json:

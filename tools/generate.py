@@ -33,17 +33,12 @@ import argparse
 import math
 import os
 import sys
-import warnings
 from typing import Any, Optional
 
 
+from polytron.model.errors import BadInput
 from polytron.model.provenance import UntrustedCode, add_plugin_option  # noqa: E402  (light: no torch)
-
-EXIT_BAD_INPUT = 2
-
-
-class BadInput(Exception):
-    """Input the tool refuses with one error line."""
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -97,9 +92,7 @@ def load_model(path: str, cfg, device: str):
     from polytron.model.layers import rope_table
     from polytron.model.transformer import Transformer
     from polytron.pretrain import checkpoint as ckpt
-    with warnings.catch_warnings():       # DCP's note that it loads in one process: that is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        tensors = ckpt.load_tensors(path)
+    tensors = ckpt.load_tensors(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     _check_names(path, model, tensors)
@@ -247,29 +240,10 @@ def _device(name: str) -> str:
     return name
 
 
+@command
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    try:
-        text = run(args)
-    except Exception as e:
-        if not _is_bad_input(e):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(text)
+    print(run(parse_args(argv)))
     return 0
-
-
-def _is_bad_input(e: Exception) -> bool:
-    """Errors the tool reports in one line: its own, checkpoint, config, tokenizer, generation."""
-    mods = sys.modules
-    kinds = [BadInput]
-    for mod, name in (("polytron.pretrain.checkpoint.common", "CheckpointError"), ("polytron.data.errors", "DataError"),
-                      ("polytron.model.generate", "GenerationError"), ("polytron.model.configlib", "ConfigError"),
-                      ("polytron.model.hf", "ConvertError")):
-        if mod in mods:
-            kinds.append(getattr(mods[mod], name))
-    return isinstance(e, tuple(kinds))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import sys
 
 from polytron.data.errors import DataError  # noqa: E402
 from polytron.data.merge import merge_datasets, resolve_inputs  # noqa: E402
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,24 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command(interrupted="error: interrupted; no output written")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.plan:
-            from polytron.data.shard_plan import merge_plan
+    if args.plan:
+        from polytron.data.shard_plan import merge_plan
 
-            summ = merge_plan(args.plan, args.output_prefix)
-        else:
-            if not args.input or not args.output_prefix:
-                raise DataError("--input and --output-prefix are required (or --plan)")
-            prefixes, summaries = resolve_inputs(args.input)
-            summ = merge_datasets(prefixes, args.output_prefix, summaries)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
+        summ = merge_plan(args.plan, args.output_prefix)
+    else:
+        if not args.input or not args.output_prefix:
+            raise DataError("--input and --output-prefix are required (or --plan)")
+        prefixes, summaries = resolve_inputs(args.input)
+        summ = merge_datasets(prefixes, args.output_prefix, summaries)
     print(f"merged {summ['merged_from']} datasets: {summ['documents']} documents, {summ['tokens']} tokens "
           f"({summ['dtype']}) -> {summ['output_prefix']}.bin / .idx")
     return 0

@@ -24,11 +24,15 @@ and status 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import sys
 from typing import Optional
+
+from polytron.model.errors import PolytronError, WriteFailed
+from polytron.tools.cli import command
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,7 +42,7 @@ PANELS = [("lr", "Learning rate", "lr"),
           ("grad_norm", "Gradient norm", "grad norm")]
 
 
-class MetricsError(ValueError):
+class MetricsError(PolytronError, ValueError):
     """A metrics file that cannot be plotted; the message names the file and line."""
 
 
@@ -190,6 +194,7 @@ def plot_expert_load(records: list[dict], moe, axes) -> list[str]:
     return plotted
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Plot loss / lr / throughput curves of a run.")
     p.add_argument("source", help="Run directory (holding metrics.jsonl) or a metrics JSONL file.")
@@ -198,15 +203,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         jsonl, png = resolve_paths(args.source, args.output)
         records = read_metrics(jsonl)
-    except (MetricsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:                 # an unreadable metrics file is bad input
+        raise MetricsError(str(e)) from None
     run_name = os.path.basename(os.path.dirname(os.path.abspath(jsonl)))
     try:
         plotted = plot(records, png, title=run_name)
     except OSError as e:
-        print(f"error: cannot write {png}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise WriteFailed(e.errno or errno.EIO, f"cannot write {png}: {e.strerror or e}") from None
     print(f"wrote {png} ({len(records)} lines; {', '.join(plotted) or 'no curves'})")
     return 0
 

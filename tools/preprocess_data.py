@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from polytron.data.errors import DataError  # noqa: E402
 from polytron.data.inputs import read_input_list  # noqa: E402
 from polytron.data.preprocess import ENCODERS, TEXT_UNITS, preprocess  # noqa: E402
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,27 +75,21 @@ def _chunk_bytes(args: argparse.Namespace) -> int:
     return max(1, int(args.chunk_mb * (1 << 20)))
 
 
+@command(interrupted="error: interrupted; no output written")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.plan:
-            return run_task(args)
-        inputs = args.input + (read_input_list(args.input_list) if args.input_list else [])
-        if not args.output_prefix or not args.tokenizer:
-            raise DataError("--output-prefix and --tokenizer are required (or --plan)")
-        if args.shard_by_file and args.shard_size_mb:
-            raise DataError("--shard-size-mb and --shard-by-file exclude each other")
-        summ = preprocess(inputs, args.output_prefix, args.tokenizer, workers=args.workers,
-                          json_key=args.json_key, text_unit=args.text_unit, strict=args.strict,
-                          show_progress=not args.no_progress, chunk_bytes=_chunk_bytes(args),
-                          shard_mb=args.shard_size_mb, shard_by_file=args.shard_by_file,
-                          encoder=args.encoder)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
+    if args.plan:
+        return run_task(args)
+    inputs = args.input + (read_input_list(args.input_list) if args.input_list else [])
+    if not args.output_prefix or not args.tokenizer:
+        raise DataError("--output-prefix and --tokenizer are required (or --plan)")
+    if args.shard_by_file and args.shard_size_mb:
+        raise DataError("--shard-size-mb and --shard-by-file exclude each other")
+    summ = preprocess(inputs, args.output_prefix, args.tokenizer, workers=args.workers,
+                      json_key=args.json_key, text_unit=args.text_unit, strict=args.strict,
+                      show_progress=not args.no_progress, chunk_bytes=_chunk_bytes(args),
+                      shard_mb=args.shard_size_mb, shard_by_file=args.shard_by_file,
+                      encoder=args.encoder)
     print(summ.report())
     return 0
 

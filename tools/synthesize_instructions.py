@@ -55,17 +55,14 @@ from typing import Any, Iterator, Optional
 
 from polytron.data.instruct import (Synthesized, encode_prompt, history_of, parse_pairs,  # noqa: E402
                            record_of, render_prompt, synthesis_prompt)
+from polytron.model.errors import BadInput
 from polytron.pretrain.faults import fault_point  # noqa: E402
+from polytron.tools.cli import command
 
-EXIT_BAD_INPUT = 2
 META_VERSION = 1
 #: Settings a resumed run must share with the run that wrote the output.
 RESUME_KEYS = ("model", "inputs", "json_key", "rounds", "batch_size", "max_new_tokens", "max_model_len",
                "temperature", "top_p", "seed")
-
-
-class BadInput(Exception):
-    """Input the tool refuses with one error line."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -543,15 +540,10 @@ def synthesize(args: argparse.Namespace) -> Totals:
     return totals
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        totals = synthesize(args)
-    except Exception as e:
-        if not _is_bad_input(e):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    totals = synthesize(args)
     took = totals.seconds
     print(f"{args.output}: {totals.documents} documents ({totals.written} this run, "
           f"{totals.written / max(took, 1e-9):.2f} documents/s over {took:.1f} s of synthesis), {totals.pairs} pairs; "
@@ -559,17 +551,6 @@ def main(argv: list[str]) -> int:
           f"{totals.unfinished} generations unfinished, {totals.truncated} documents cut to fit, "
           f"{totals.skipped_inputs} input lines skipped")
     return 0
-
-
-def _is_bad_input(e: Exception) -> bool:
-    """Errors reported in one line: the tool's own, checkpoint, config, tokenizer, generation."""
-    kinds = [BadInput]
-    for mod, name in (("polytron.pretrain.checkpoint.common", "CheckpointError"), ("polytron.data.errors", "DataError"),
-                      ("polytron.model.generate", "GenerationError"), ("polytron.model.configlib", "ConfigError"),
-                      ("polytron.tools.generate", "BadInput")):
-        if mod in sys.modules:
-            kinds.append(getattr(sys.modules[mod], name))
-    return isinstance(e, tuple(kinds))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from polytron.data.errors import DataError  # noqa: E402
 from polytron.data.files import check_input_files, name_inputs  # noqa: E402
 from polytron.data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks  # noqa: E402
 from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece  # noqa: E402
+from polytron.tools.cli import command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,30 +60,27 @@ def iter_documents(inputs: list[str], json_key: str, text_unit: str, counts: dic
     counts["finished"] = 1
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.vocab_size < 300:
+        raise DataError(f"--vocab-size {args.vocab_size}: must be >= 300 (256 byte pieces + specials)")
+    check_input_files(args.input)
+    specials = [s for s in args.special_tokens.split(",") if s]
+    if args.instruction_markers:
+        specials += [m for m in INSTRUCTION_MARKERS if m not in specials]
+    counts = {"documents": 0, "skipped": 0, "finished": 0}
+    total = sum(os.path.getsize(p) for p in args.input)
     try:
-        if args.vocab_size < 300:
-            raise DataError(f"--vocab-size {args.vocab_size}: must be >= 300 (256 byte pieces + specials)")
-        check_input_files(args.input)
-        specials = [s for s in args.special_tokens.split(",") if s]
-        if args.instruction_markers:
-            specials += [m for m in INSTRUCTION_MARKERS if m not in specials]
-        counts = {"documents": 0, "skipped": 0, "finished": 0}
-        total = sum(os.path.getsize(p) for p in args.input)
-        try:
-            model = train_sentencepiece(iter_documents(args.input, args.json_key, args.text_unit, counts),
-                                        args.output, args.vocab_size, model_type=args.model_type,
-                                        special_tokens=specials, total_bytes=total,
-                                        show_progress=not args.no_progress, max_sentences=args.max_sentences)
-        except DataError:
-            if counts["finished"] and counts["documents"] == 0:  # clearer than SentencePiece's check
-                raise DataError(f"no tokenizer written: {name_inputs(args.input)} held no valid document "
-                                f"({counts['skipped']} skipped)") from None
-            raise
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model = train_sentencepiece(iter_documents(args.input, args.json_key, args.text_unit, counts),
+                                    args.output, args.vocab_size, model_type=args.model_type,
+                                    special_tokens=specials, total_bytes=total,
+                                    show_progress=not args.no_progress, max_sentences=args.max_sentences)
+    except DataError:
+        if counts["finished"] and counts["documents"] == 0:  # clearer than SentencePiece's check
+            raise DataError(f"no tokenizer written: {name_inputs(args.input)} held no valid document "
+                            f"({counts['skipped']} skipped)") from None
+        raise
     print(f"wrote {model} (skipped {counts['skipped']} malformed documents)")
     return 0
 

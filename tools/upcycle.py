@@ -57,8 +57,8 @@ from typing import Optional
 import torch  # noqa: E402
 
 from polytron.model.hf import ConvertError  # noqa: E402
-from polytron.pretrain.checkpoint import CheckpointError  # noqa: E402
-from polytron.tools.convert_mha_to_dha import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, batches, load_source, source_model  # noqa: E402
+from polytron.tools.cli import command
+from polytron.tools.convert_mha_to_dha import batches, load_source, source_model  # noqa: E402
 
 
 def moe_settings(args, run):
@@ -350,19 +350,11 @@ def _check_args(args) -> None:
             raise ConvertError("--candidates >= 1, --seed-samples >= 2, --held-out in (0, 1), --router-steps >= 0, --per-expert >= 0")
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from polytron.data.errors import DataError
-    from polytron.model.configlib import ConfigError
-    try:
-        _check_args(args)
-        report = sparse(args) if args.mode == "sparse" else upit(args)
-    except (ConvertError, CheckpointError, ConfigError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
+    _check_args(args)
+    report = sparse(args) if args.mode == "sparse" else upit(args)
     moe = report["moe"]
     print(f"wrote {report['mode']} MoE checkpoint {os.path.join(args.dst, 'checkpoint')} ({moe['num_experts']} experts, "
           f"top-{moe['top_k']}, {moe['shared_experts']} shared) and run config {os.path.join(args.dst, 'config.yaml')}")

@@ -25,8 +25,10 @@ import sys
 from pathlib import Path
 
 
-from polytron.launch.run import (EXIT_BAD_INPUT, EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
+from polytron.launch.run import (EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
                         requeue_requested)
+from polytron.model.errors import BadInput
+from polytron.tools.cli import command
 
 
 #: Seconds node 0's agent waits for every node to join, and the others to reach node 0
@@ -64,6 +66,7 @@ def torchrun_args(argv: list[str], env: dict[str, str]) -> list[str]:
     return [*ours, *argv]
 
 
+@command
 def main(argv: list[str]) -> int:
     """Run torchrun in this process with SLURM-derived arguments; return the job-facing status."""
     # Grace for the signals torchrun still handles itself (SIGINT, SIGHUP, SIGQUIT).
@@ -71,8 +74,7 @@ def main(argv: list[str]) -> int:
     try:
         args = torchrun_args(argv, dict(os.environ))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        raise BadInput(str(e)) from None
     return launch(args, tag="node_agent")
 
 

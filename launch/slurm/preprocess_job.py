@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from polytron.launch.submit import EXIT_BAD_INPUT, REPO, SubmitError, parse_time, positive, q
+from polytron.launch.submit import REPO, SubmitError, parse_time, positive, q
+from polytron.tools.cli import command
 
 ARRAY_TEMPLATE = REPO / "launch" / "slurm" / "preprocess.sbatch.in"
 MERGE_TEMPLATE = REPO / "launch" / "slurm" / "merge.sbatch.in"
@@ -172,18 +173,15 @@ def submit(job: PreprocessJob) -> int:
     return 0
 
 
+@command
 def main(argv: list[str]) -> int:
     """Parse, plan, render; print (--dry-run: nothing written) or submit. Exit status as launch.submit."""
     a = parse_args(argv)
-    try:
-        job = build(a)
-        if a.dry_run:
-            print(f"# plan (not written): {job.plan_path} ({job.files} files, {job.tasks} tasks)")
-            print(job.array_script, end="")
-            print("# --- merge job (sbatch --dependency=afterok:<array job id>)")
-            print(job.merge_script, end="")
-            return 0
-        return submit(job)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    job = build(a)
+    if a.dry_run:
+        print(f"# plan (not written): {job.plan_path} ({job.files} files, {job.tasks} tasks)")
+        print(job.array_script, end="")
+        print("# --- merge job (sbatch --dependency=afterok:<array job id>)")
+        print(job.merge_script, end="")
+        return 0
+    return submit(job)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Optional
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
+
+from polytron.model.errors import PolytronError
 
 #: A complete checkpoint's directory name; anything with a suffix is not one.
 CKPT_RE = re.compile(r"^iter_(\d{7})$")
@@ -16,7 +20,7 @@ POINTER = "latest"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PolytronError, RuntimeError):
     """A checkpoint that cannot be used or written; the message names the file or tensor."""
 
 
@@ -33,6 +37,21 @@ def ckpt_iteration(name: str) -> Optional[int]:
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+#: DCP's warning whenever it saves or loads without a process group (``no_dist``).
+DCP_ONE_PROCESS_NOTE = (r"torch\.distributed is disabled, unavailable or uninitialized, "
+                        r"assuming the intent is to (save|load) in a single process")
+
+
+@contextmanager
+def dcp_one_process(no_dist: bool) -> Iterator[None]:
+    """Around a ``dcp.save``/``dcp.load`` given ``no_dist``: one process is then our intent,
+    so DCP's warning saying it assumes one process is dropped (that message only)."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message=DCP_ONE_PROCESS_NOTE, category=UserWarning)
+        yield
 
 
 def barrier() -> None:

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from polytron.pretrain.checkpoint import discovery
-from polytron.pretrain.checkpoint.common import MANIFEST, STATE_FILE, CheckpointError, write_json
+from polytron.pretrain.checkpoint.common import MANIFEST, STATE_FILE, CheckpointError, dcp_one_process, write_json
 from polytron.pretrain.checkpoint.manifest import build_manifest, verify_files, verify_tmp
 from polytron.pretrain.checkpoint.safe_read import tensor_shapes
 from polytron.pretrain.checkpoint.state import dcp_load
@@ -40,7 +40,8 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], trainer_state: dic
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write_json(os.path.join(tmp, STATE_FILE), trainer_state)
-    dcp.save({"model": tensors}, checkpoint_id=tmp, no_dist=True)
+    with dcp_one_process(True):
+        dcp.save({"model": tensors}, checkpoint_id=tmp, no_dist=True)
     verify_tmp(tmp, [f"model.{k}" for k in tensors])
     write_json(os.path.join(tmp, MANIFEST), build_manifest(tmp))
     discovery.remove(path)

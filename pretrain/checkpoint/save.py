@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from polytron.pretrain.checkpoint import discovery
-from polytron.pretrain.checkpoint.common import (MANIFEST, STATE_FILE, CheckpointError, agree, ckpt_name, first_line,
-                                        fsync_dir, is_dist, is_rank0, write_json)
+from polytron.pretrain.checkpoint.common import (MANIFEST, STATE_FILE, CheckpointError, agree, ckpt_name, dcp_one_process,
+                                        first_line, fsync_dir, is_dist, is_rank0, write_json)
 from polytron.pretrain.checkpoint.manifest import build_manifest, checksum_files, own_files, verify_tmp
 from polytron.pretrain.checkpoint.state import DCP_ERRORS, extras_state, flat_keys, merge, model_state, optim_state
 from polytron.pretrain.faults import fault_point
@@ -195,11 +195,12 @@ def save(root: str, iteration: int, model_parts, optimizer, trainer_state: dict,
     if pending.error:
         return pending
     try:
-        if async_save:
-            pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group(),
-                                            no_dist=not is_dist())
-        else:
-            dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist())
+        with dcp_one_process(not is_dist()):
+            if async_save:
+                pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group(),
+                                                no_dist=not is_dist())
+            else:
+                dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist())
     except DCP_ERRORS as e:
         pending.error = _write_error(final, e)
         return pending

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from polytron.pretrain.checkpoint.common import CheckpointError, first_line, is_dist
+from polytron.pretrain.checkpoint.common import CheckpointError, dcp_one_process, first_line, is_dist
 from polytron.pretrain.checkpoint.manifest import verify_files
 from polytron.pretrain.checkpoint.safe_read import SafeLoadPlanner, SafeReader, read_trainer_state, tensor_shapes
 
@@ -99,8 +99,9 @@ def _get(state: dict, dotted: str) -> Any:
 def dcp_load(state: dict, path: str, single_process: bool = False) -> None:
     """``dcp.load`` through the safe reader; every failure becomes one CheckpointError."""
     try:
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
-                 no_dist=single_process or not is_dist())
+        no_dist = single_process or not is_dist()
+        with dcp_one_process(no_dist):
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
     except CheckpointError:
         raise
     except DCP_ERRORS as e:  # DCP wraps per-rank failures in a BaseException
