@@ -40,7 +40,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56", "accelerate>=1.0", "torchao>=0.18"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56", "accelerate>=1.0", "torchao>=0.18",
+                # lint and types (tests/test_lint.py; configured in ruff.toml and mypy.ini)
+                "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
         # Hugging Face tokenizer directories and checkpoint conversion
         # (transformers loads BitNet exports through its quantizer, which needs accelerate)
         "hf": ["transformers>=4.56", "accelerate>=1.0"],
