@@ -21,7 +21,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from polytron.data.builtin import ensure_builtin_corpus, file_lock

@@ -13,8 +13,15 @@ import re
 import time
 
 from polytron.data.errors import DataError
-from polytron.data.files import (check_output_prefix, ensure_writable_dir, file_id, missing_dirs, remove_empty_dirs,
-                        remove_stale_temps, writing)
+from polytron.data.files import (
+    check_output_prefix,
+    ensure_writable_dir,
+    file_id,
+    missing_dirs,
+    remove_empty_dirs,
+    remove_stale_temps,
+    writing,
+)
 from polytron.data.indexed import merge
 from polytron.data.preprocess import MAX_LISTED_SKIPS
 

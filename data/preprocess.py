@@ -37,8 +37,17 @@ from typing import Iterator
 import numpy as np
 
 from polytron.data.errors import DataError
-from polytron.data.files import (check_input_files, check_output_prefix, ensure_writable_dir, missing_dirs, name_inputs,
-                        refuse_outputs_as_inputs, remove_empty_dirs, remove_stale_temps, writing)
+from polytron.data.files import (
+    check_input_files,
+    check_output_prefix,
+    ensure_writable_dir,
+    missing_dirs,
+    name_inputs,
+    refuse_outputs_as_inputs,
+    remove_empty_dirs,
+    remove_stale_temps,
+    writing,
+)
 from polytron.data.indexed import DatasetWriter, optimal_dtype
 from polytron.data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
 from polytron.data.segment_cache import build_encoder

@@ -24,10 +24,16 @@ import time
 from dataclasses import asdict, dataclass
 
 from polytron.data.errors import DataError
-from polytron.data.files import (check_input_files, check_output_prefix, ensure_writable_dir, os_reason,
-                        refuse_outputs_as_inputs, writing)
-from polytron.data.merge import merge_datasets, read_summary
+from polytron.data.files import (
+    check_input_files,
+    check_output_prefix,
+    ensure_writable_dir,
+    os_reason,
+    refuse_outputs_as_inputs,
+    writing,
+)
 from polytron.data.inputs import expand_inputs
+from polytron.data.merge import merge_datasets, read_summary
 from polytron.data.preprocess import TEXT_UNITS, preprocess
 
 PLAN_VERSION = 1

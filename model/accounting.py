@@ -46,7 +46,7 @@ def _count(model: nn.Module) -> Counts:
             active += module.active_params()
         if hasattr(module, "attention_flops"):
             attn += module.attention_flops(1)
-        for pname, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))

@@ -61,12 +61,12 @@ class _BlockedCausalCPU(torch.autograd.Function):
         lse = q.new_empty(B, T, H, dtype=torch.float32).transpose(1, 2)   # (B, H, T)
         for s, e in _chunks(T, chunk):
             qi = q[:, :, s:e]
-            o, l = _FLASH_CPU(qi, k[:, :, s:e], v[:, :, s:e], 0.0, True)
+            o, lse_i = _FLASH_CPU(qi, k[:, :, s:e], v[:, :, s:e], 0.0, True)
             if s > 0:
-                o_prev, l_prev = _FLASH_CPU(qi, k[:, :, :s], v[:, :, :s], 0.0, False)
-                o, l = _merge(o, l, o_prev, l_prev)
+                o_prev, lse_prev = _FLASH_CPU(qi, k[:, :, :s], v[:, :, :s], 0.0, False)
+                o, lse_i = _merge(o, lse_i, o_prev, lse_prev)
             out[:, :, s:e] = o
-            lse[:, :, s:e] = l
+            lse[:, :, s:e] = lse_i
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.chunk = chunk
         return out

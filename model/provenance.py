@@ -68,4 +68,5 @@ def trusted_model_config(model_section: Any, named: Sequence[str], source: str):
     return cfg
 
 
-__all__ = ["PLUGIN_FLAG", "UntrustedCode", "add_plugin_option", "listed_plugins", "check_plugins", "trusted_model_config"]
+__all__ = ["PLUGIN_FLAG", "UntrustedCode", "add_plugin_option", "listed_plugins", "check_plugins",
+           "trusted_model_config"]

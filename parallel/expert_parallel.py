@@ -7,7 +7,8 @@ holds ``E / ep`` consecutive experts of every MoE layer (``Shard(0)`` DTensors o
 Attention, the router, shared experts and dense layers are data-parallel as before.
 
 A layer that is an :class:`~polytron.model.protocols.ExpertLayer` (``routed_experts()``
-and ``set_dispatch``, e.g. model/moe/layer.py) gets an :class:`ExpertDispatch`, which replaces the local expert call on its expert-sorted rows:
+and ``set_dispatch``, e.g. model/moe/layer.py) gets an :class:`ExpertDispatch`, which replaces the
+local expert call on its expert-sorted rows:
 
 1. exchange per-expert row counts with one ``all_to_all_single`` and read the split
    sizes back to the host (the one host synchronization of dropless expert

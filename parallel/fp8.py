@@ -335,6 +335,7 @@ def float8_tp_style(role, module: nn.Module, tp: int, sequence_parallel: bool):
         return Float8RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate())
     if role == "gather" and sequence_parallel and _float8_consumers(module, tp):
         import inspect
+
         from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
         n = len([p for p in inspect.signature(module.forward).parameters.values()
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])

@@ -51,6 +51,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dty
     all-gathers by the micro-batch count.
     """
     from torch.distributed.fsdp import fully_shard
+
     from polytron.parallel.expert_parallel import attach_load_reduction
     fmesh = dp_mesh(mesh, dims)
     mp = mixed_precision(param_dtype, reduce_dtype)
@@ -79,6 +80,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, mp,
     if dims.ep == 1:
         return []
     from torch.distributed.fsdp import fully_shard
+
     from polytron.parallel.expert_parallel import apply_expert_parallel
     experts = apply_expert_parallel(model, mesh["ep"])
     emesh = expert_mesh(mesh, dims)

@@ -22,8 +22,8 @@ import warnings
 from dataclasses import dataclass
 
 from polytron.model.config import ModelConfig
-from polytron.parallel.config import ParallelConfig
 from polytron.model.configlib import ConfigError
+from polytron.parallel.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: The mesh with expert parallelism: dp_shard = efsdp x ep (flattened back to "dp_shard").
@@ -137,8 +137,8 @@ class ParallelDims:
             shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
             shard = ("dp_shard",)
-        mesh["dp_replicate", *shard]._flatten("dp")
-        mesh["pp", "dp_replicate", *shard]._flatten("pp_dp")          # step statistics
+        mesh[("dp_replicate", *shard)]._flatten("dp")
+        mesh[("pp", "dp_replicate", *shard)]._flatten("pp_dp")        # step statistics
         # torch 2.11+ warns that slicing the flattened "dp" from the root mesh will be
         # deprecated; it still works in 2.13 and is the documented way to reach the
         # group. Silence only that message (moving to the bookkept flattened mesh is

@@ -15,10 +15,18 @@ import yaml
 
 from polytron.data.config import DataConfig
 from polytron.model.config import ModelConfig
+from polytron.model.configlib import (
+    ConfigError,
+    apply_override,
+    bad,
+    doc,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
 from polytron.parallel.config import ParallelConfig
 from polytron.parallel.fp8 import FP8Config
-from polytron.model.configlib import (ConfigError, apply_override, bad, doc, from_dict, load_yaml,
-                                parse_override, to_dict)
 
 
 @dataclass

@@ -52,7 +52,7 @@ class NumericsGuard:
         if not self.pending:
             return []
         its = [it for it, _, _ in self.pending]
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self.pending]).cpu()
+        values = torch.stack([torch.stack([loss.float(), g.float()]) for _, loss, g in self.pending]).cpu()
         self.pending = []
         spikes = []
         for it, (loss, norm) in zip(its, values.tolist()):

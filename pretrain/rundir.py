@@ -105,9 +105,9 @@ class RunDirectory:
             if text != texts[0]:
                 ours, theirs = texts[0].splitlines(), text.splitlines()
                 i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                line = lambda lines: lines[i].strip() if i < len(lines) else "(end)"  # noqa: E731
-                raise RunError(f"rank {r} resolved another run config than rank 0 ({line(theirs)!r} vs "
-                               f"{line(ours)!r}): start every rank in the same directory with the same "
+                theirs_line, ours_line = (lines[i].strip() if i < len(lines) else "(end)" for lines in (theirs, ours))
+                raise RunError(f"rank {r} resolved another run config than rank 0 ({theirs_line!r} vs "
+                               f"{ours_line!r}): start every rank in the same directory with the same "
                                "config and overrides")
 
     def _lock(self) -> None:

@@ -22,17 +22,17 @@ import torch
 import torch.distributed as dist
 
 from polytron.data import build_data
-from polytron.pretrain.errors import RunError  # noqa: F401  (raised here; the launcher catches it)
+from polytron.model.accounting import describe_kv_cache
+from polytron.model.configlib import bad
+from polytron.model.transformer import param_shapes
 from polytron.parallel.engine import build_engine
 from polytron.parallel.loss import PerSourceLoss, TokenLoss
-from polytron.parallel.runtime import pick_device, pick_dtype
 from polytron.parallel.mesh import ParallelDims
-from polytron.model.accounting import describe_kv_cache
-from polytron.model.transformer import param_shapes
+from polytron.parallel.runtime import pick_device, pick_dtype
 from polytron.pretrain import checkpoint as ckpt
 from polytron.pretrain.checkpoint.rank_state import RankStates, RngState, seed_everything
 from polytron.pretrain.config import RunConfig, check_run_length
-from polytron.model.configlib import bad
+from polytron.pretrain.errors import RunError  # noqa: F401  (raised here; the launcher catches it)
 from polytron.pretrain.faults import fault_point
 from polytron.pretrain.guards import SPIKE_WINDOW, NumericsGuard
 from polytron.pretrain.host import setup_host

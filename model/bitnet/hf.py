@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
-from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 from polytron.model.hf_remote import register_fields, register_piece
+from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",

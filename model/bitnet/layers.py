@@ -22,10 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytron.model.bitnet import quant
-from polytron.model.bitnet import tp_styles  # noqa: F401  (registers the "sharded_norm" role)
-from polytron.model.layers import (ATTENTIONS, LINEARS, MLPS, Context, GroupedQueryAttention, RMSNorm, attend,
-                          make_linear, project_qkv, register)
+from polytron.model.bitnet import (
+    quant,
+    tp_styles,  # noqa: F401  (registers the "sharded_norm" role)
+)
+from polytron.model.layers import (
+    ATTENTIONS,
+    LINEARS,
+    MLPS,
+    Context,
+    GroupedQueryAttention,
+    RMSNorm,
+    attend,
+    make_linear,
+    project_qkv,
+    register,
+)
 
 
 class BitLinear(nn.Linear):

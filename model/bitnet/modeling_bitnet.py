@@ -19,8 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytron.model.hf_remote.pieces import (ATTENTIONS, LINEAR_FNS, LINEARS, MLPS, Attention, RMSNorm,
-                                             make_linear, rms_normalize)
+from polytron.model.hf_remote.pieces import (
+    ATTENTIONS,
+    LINEAR_FNS,
+    LINEARS,
+    MLPS,
+    Attention,
+    RMSNorm,
+    make_linear,
+    rms_normalize,
+)
+
 
 # piece: bitlinear
 def bitlinear(config, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:

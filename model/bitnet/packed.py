@@ -21,8 +21,15 @@ import torch
 from torch import nn
 
 from polytron.model.bitnet.layers import BitLinear
-from polytron.model.bitnet.quant import (PER_BYTE, bitlinear_packed, pack_ternary, rms_normalize, ternary, unpack_ternary,
-                                weight_scale)
+from polytron.model.bitnet.quant import (
+    PER_BYTE,
+    bitlinear_packed,
+    pack_ternary,
+    rms_normalize,
+    ternary,
+    unpack_ternary,
+    weight_scale,
+)
 from polytron.model.hf import ConvertError
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def kv_projections(model: nn.Module) -> dict[tuple[int, str], str]:
     """(layer, kind) -> module path of the source model's key / value projection (found by role)."""
     out = {}
     for name, module in model.named_modules():
-        kind = ROLE_KIND.get(getattr(module, "role", None))
+        kind = ROLE_KIND.get(getattr(module, "role", ""))
         if kind and name.startswith("layers."):
             out[(int(name.split(".")[1]), kind)] = name
     return out
@@ -148,9 +148,14 @@ class FusingProjection(nn.Module):
 
     Only the entries inside multi-head groups train; singleton groups keep their head."""
 
+    source_weight: torch.Tensor         # (H, hd*d) buffers, registered in __init__
+    source_bias: Optional[torch.Tensor]  # (H, hd)
+    mask: torch.Tensor                  # (H, H)
+    average: torch.Tensor               # (H, H)
+
     def __init__(self, source: nn.Module, groups: Groups, head_dim: int):
         super().__init__()
-        w = source.weight.detach()                                          # (H*hd, d)
+        w = source.get_parameter("weight").detach()                         # (H*hd, d)
         self.heads, self.head_dim, self.groups = w.shape[0] // head_dim, head_dim, groups
         self.register_buffer("source_weight", w.reshape(self.heads, -1).clone())   # (H, hd*d)
         b = getattr(source, "bias", None)
@@ -273,7 +278,7 @@ def fuse(model: nn.Module, fusing: list[FusingProjection], batches: list[dict], 
                 fp.tied = True
         target = max(0.0, 1.0 - step / half)
         ce = loss_fn(model, batches[step % len(batches)])
-        gap = sum(fp.distance() for fp in fusing) / d0 - target
+        gap = cast(torch.Tensor, sum(fp.distance() for fp in fusing)) / d0 - target
         loss = ce if step >= merge_at else ce + lam * gap + 0.5 * penalty * gap * gap
         opt.zero_grad(set_to_none=True)
         loss.backward()

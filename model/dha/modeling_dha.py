@@ -14,6 +14,7 @@ import torch
 
 from polytron.model.hf_remote.pieces import ATTENTIONS, Attention
 
+
 # piece: dha
 def dha_plan(key_map, value_map) -> tuple[tuple, tuple]:
     """(key heads, value heads) to gather: one per block of query heads sharing a pair when the

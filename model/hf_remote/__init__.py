@@ -33,7 +33,7 @@ import ast
 import importlib.util
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 

@@ -97,7 +97,8 @@ def moe_from_config(hf: dict, file: str) -> dict:
 
 
 for _kind in ("moe", "mh_moe"):
-    register_piece("mlp", _kind, "polytron.model.hf_remote.pieces:swiglu", "polytron.model.moe.modeling_polytron_moe:moe")
+    register_piece("mlp", _kind, "polytron.model.hf_remote.pieces:swiglu",
+                   "polytron.model.moe.modeling_polytron_moe:moe")
     register_fields(_kind, moe_config_fields, moe_from_config)
 
 
@@ -215,7 +216,8 @@ class MoEAdapter:
         composed.update(moe=moe, mlp=composed.get("mlp", "moe"))
         fields = llama_model_fields(hf, file)
         if kind == "mixtral":            # no dense layer: our dense width travels in polytron_moe
-            fields["ffn_hidden_size"] = int((hf.get(REMOTE_TYPE) or {}).get("ffn_hidden_size", fields["ffn_hidden_size"]))
+            ours = hf.get(REMOTE_TYPE) or {}
+            fields["ffn_hidden_size"] = int(ours.get("ffn_hidden_size", fields["ffn_hidden_size"]))
         try:
             cfg = ModelConfig(arch="moe", **fields, **composed)
             cfg.validate()

@@ -47,9 +47,9 @@ from torch import nn
 
 from polytron.model.hooks import add_aux_loss, report
 from polytron.model.layers import MLP_PLACEMENT, MLPS, make_linear, register
+from polytron.model.moe import tp_styles  # noqa: F401  (registers the "replicated" role)
 from polytron.model.moe.config import MOE_KINDS, is_moe_layer
 from polytron.model.moe.experts import Experts, Groups
-from polytron.model.moe import tp_styles  # noqa: F401  (registers the "replicated" role)
 from polytron.model.moe.router import Router, Routing
 
 #: How the experts run on expert-sorted rows (the :data:`polytron.model.protocols.Dispatch` hook).

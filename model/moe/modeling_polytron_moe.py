@@ -25,6 +25,7 @@ from torch import nn
 
 from polytron.model.hf_remote.pieces import MLPS, SwiGLU, linear_fn, make_linear
 
+
 # piece: moe
 class Router(nn.Module):
     def __init__(self, config, width: int):

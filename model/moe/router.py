@@ -49,6 +49,8 @@ class Router(nn.Module):
     """Linear scores of ``width``-wide inputs over ``num_experts`` experts, top-k choice."""
 
     full_precision = True            # the FSDP pass keeps its parameter in fp32
+    expert_bias: torch.Tensor        # (E,) buffers, registered in __init__ when rate > 0
+    expert_load: torch.Tensor        # (E,)
 
     def __init__(self, cfg, width: int):
         super().__init__()

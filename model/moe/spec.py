@@ -10,9 +10,9 @@ MLP kinds and the spec.
 from __future__ import annotations
 
 from polytron.model.llama import build_unit, check_layout, make_cache, tied, units
+from polytron.model.moe import layer  # noqa: F401  (registers the moe and mh_moe MLP kinds)
 from polytron.model.moe.config import MOE_KINDS, MoEConfig
 from polytron.model.moe.hf import MoEAdapter
-from polytron.model.moe import layer  # noqa: F401  (registers the moe and mh_moe MLP kinds)
 from polytron.model.spec import ModelSpec, register_spec
 
 MOE = register_spec(ModelSpec(

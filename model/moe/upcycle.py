@@ -292,7 +292,8 @@ def _mutate(expert: dict, cfg: Expansion, gen, dtype) -> dict:
     return out
 
 
-def expand(experts: list[dict], target: int, cfg: Expansion, gen: torch.Generator) -> tuple[list[dict], list[Offspring]]:
+def expand(experts: list[dict], target: int, cfg: Expansion,
+           gen: torch.Generator) -> tuple[list[dict], list[Offspring]]:
     """Grow ``experts`` (each {w1|w3|w2: {suffix: t}}) to ``target``: parents = the pair at the
     largest distance; ``candidates`` offspring by merge + mutation; keep the one whose smallest
     distance to all current experts is largest (diversity); repeat."""

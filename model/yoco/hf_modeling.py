@@ -26,7 +26,17 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from polytron.model.hf_remote.pieces import ATTENTIONS, MLPS, RMSNorm, apply_rope, attend, init_module, make_linear, rope_cos_sin
+from polytron.model.hf_remote.pieces import (
+    ATTENTIONS,
+    MLPS,
+    RMSNorm,
+    apply_rope,
+    attend,
+    init_module,
+    make_linear,
+    rope_cos_sin,
+)
+
 
 # piece: swa
 def _window_mask(T: int, window: int, device) -> torch.Tensor:

@@ -29,8 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytron.model.layers import (ATTENTIONS, MLPS, Block, Context, GroupedQueryAttention, RMSNorm, apply_rope,
-                          attend, make_linear, project_qkv, register)
+from polytron.model.layers import (
+    ATTENTIONS,
+    MLPS,
+    Block,
+    Context,
+    GroupedQueryAttention,
+    RMSNorm,
+    apply_rope,
+    attend,
+    make_linear,
+    project_qkv,
+    register,
+)
 from polytron.model.protocols import RecurrentCache
 from polytron.model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
 

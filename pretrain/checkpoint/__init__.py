@@ -30,10 +30,22 @@ The package is split by job:
 It never builds a model: callers pass the full model's tensor shapes when they want
 them checked.
 """
-from polytron.pretrain.checkpoint.common import (FORMAT_VERSION, MANIFEST, POINTER, STATE_FILE, CheckpointError,
-                                        ckpt_iteration, ckpt_name)
-from polytron.pretrain.checkpoint.discovery import (is_complete, latest_checkpoint, resolve_checkpoint, scan,
-                                           start_lineage)
+from polytron.pretrain.checkpoint.common import (
+    FORMAT_VERSION,
+    MANIFEST,
+    POINTER,
+    STATE_FILE,
+    CheckpointError,
+    ckpt_iteration,
+    ckpt_name,
+)
+from polytron.pretrain.checkpoint.discovery import (
+    is_complete,
+    latest_checkpoint,
+    resolve_checkpoint,
+    scan,
+    start_lineage,
+)
 from polytron.pretrain.checkpoint.manifest import build_manifest, identity, verify_files
 from polytron.pretrain.checkpoint.offline import load_tensors, save_tensors
 from polytron.pretrain.checkpoint.safe_read import load_rank_file, read_metadata, read_trainer_state, tensor_shapes

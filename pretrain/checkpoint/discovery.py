@@ -31,8 +31,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, TypeVar
 
-from polytron.pretrain.checkpoint.common import (MANIFEST, POINTER, STATE_FILE, CheckpointError, ckpt_iteration,
-                                        write_json)
+from polytron.pretrain.checkpoint.common import (
+    MANIFEST,
+    POINTER,
+    STATE_FILE,
+    CheckpointError,
+    ckpt_iteration,
+    write_json,
+)
 from polytron.pretrain.faults import fault_point
 
 ABANDONED = "abandoned"

@@ -17,9 +17,17 @@ from typing import Iterable, Optional
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
 
-from polytron.pretrain.checkpoint.common import (FORMAT_VERSION, MANIFEST, STATE_FILE, CheckpointError, agree,
-                                        first_line, is_dist)
+from polytron.pretrain.checkpoint.common import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STATE_FILE,
+    CheckpointError,
+    agree,
+    first_line,
+    is_dist,
+)
 from polytron.pretrain.checkpoint.safe_read import read_metadata
+
 
 def _crc32(file: str) -> int:
     crc = 0
