@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
-
 
 import torch  # noqa: E402
 

@@ -21,16 +21,17 @@ import os
 
 import pytest
 import torch
-
 import transformers  # noqa: F401  (dev dependency: a missing install fails, not skips)
+
 from polytron.model.bitnet.packed import PackedBitLinear, load_packed, pack_model
 from polytron.model.config import ModelConfig
 from polytron.model.configlib import from_dict
 from polytron.model.transformer import build_model
 from polytron.pretrain import checkpoint as ckpt
+from polytron.tools.convert_checkpoint import from_hf, main, to_hf
 from tests.checkpoint.helpers import train_spm
 from tests.distributed.layouts_bitnet import B2B4T
-from polytron.tools.convert_checkpoint import from_hf, main, to_hf
+
 
 @pytest.fixture(autouse=True)
 def eager_transformers():

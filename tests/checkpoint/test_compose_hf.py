@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import transformers  # in the dev extra: a missing install must fail, not skip
 
 from polytron.model.config import ModelConfig
 from polytron.model.configlib import from_dict
@@ -22,8 +23,6 @@ from polytron.pretrain import checkpoint as ckpt
 from polytron.tools.convert_checkpoint import from_hf, to_hf
 from tests.checkpoint.helpers import train_spm
 from tests.distributed.layouts_compose import DHA_MOE_BITNET, YOCO_MHMOE_BITNET
-
-import transformers  # in the dev extra: a missing install must fail, not skip
 
 BASE = dict(vocab_size=384, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
             max_seq_len=64, rope_theta=500.0)

@@ -15,9 +15,9 @@ from polytron.model.configlib import from_dict
 from polytron.model.generate import generate
 from polytron.model.transformer import build_model, param_shapes
 from polytron.pretrain import checkpoint as ckpt
+from polytron.tools.convert_checkpoint import from_hf, to_hf
 from tests.checkpoint import runs
 from tests.checkpoint.helpers import assert_close, hf_logits, our_logits, train_spm
-from polytron.tools.convert_checkpoint import from_hf, to_hf
 
 DHA = {"key_heads": [1, 4, 2], "value_heads": [2, 3, 4],
        "key_map": [[], [2, 0, 3, 1], []], "value_map": [[], [0, 2, 1, 1], []]}

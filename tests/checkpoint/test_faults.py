@@ -55,7 +55,7 @@ def _resumed_from(text: str) -> str:
 
 def _one_error_line(text: str) -> str:
     assert "Traceback" not in text, text
-    lines = [l for l in text.splitlines() if l.startswith("error: ")]
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, text
     return lines[0]
 
@@ -96,7 +96,7 @@ def test_rollback_starts_a_lineage_and_keeps_the_abandoned_one(tmp_path, referen
     assert runs.run(out, ITERS, "checkpoint.interval=2", "checkpoint.keep_last=1") == 0, runs.output(out)
     assert _resumed_from(runs.last_output(out)) == "iter_0000006"           # the new lineage
     _assert_equal_to(reference, _logged_once(out))
-    abandoned = [json.loads(l) for l in open(os.path.join(out, "metrics-abandoned.jsonl"))]
+    abandoned = [json.loads(line) for line in open(os.path.join(out, "metrics-abandoned.jsonl"))]
     assert [r["iteration"] for r in abandoned if "loss" in r] == [5, 6, 7, 8]
 
 

@@ -11,9 +11,16 @@ import torch
 
 from polytron.model.transformer import param_shapes
 from polytron.pretrain import checkpoint as ckpt
-from tests.checkpoint.helpers import (assert_close, build_model, hf_llama, hf_logits, our_logits,
-                                      tiny_model_config, train_spm)
 from polytron.tools.convert_checkpoint import from_hf, hf_config_to_model, main, to_hf
+from tests.checkpoint.helpers import (
+    assert_close,
+    build_model,
+    hf_llama,
+    hf_logits,
+    our_logits,
+    tiny_model_config,
+    train_spm,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -28,8 +35,8 @@ def spm_model(tmp_path_factory) -> str:
 
 def _load_ours(path: str):
     state = ckpt.read_trainer_state(path)
-    from polytron.model.configlib import from_dict
     from polytron.model.config import ModelConfig
+    from polytron.model.configlib import from_dict
     mcfg = from_dict(ModelConfig, state["config"]["model"])
     model = build_model(mcfg)
     ckpt.load(path, [model], expected_shapes=param_shapes(mcfg))
@@ -140,7 +147,9 @@ def test_to_hf_of_incomplete_checkpoint_refused(tmp_path, capsys):
 def test_hf_model_continues_pretraining_and_exports(tmp_path, spm_model):
     """HF dir -> from-hf -> 5 steps of our trainer on data tokenized by its tokenizer -> to-hf."""
     import pydoc_data.topics as topics
+
     from transformers import AutoModelForCausalLM
+
     from tests.checkpoint import runs
     hf_dir, conv, out = str(tmp_path / "hf"), str(tmp_path / "conv"), str(tmp_path / "out")
     orig = hf_llama(hf_dir, tied=True, tokenizer=spm_model)

@@ -12,8 +12,8 @@ import torch
 from polytron.model.config import ModelConfig
 from polytron.model.moe.config import MoEConfig
 from polytron.pretrain import checkpoint as ckpt
-from tests.checkpoint.helpers import assert_close, build_model, hf_logits, our_logits, train_spm
 from polytron.tools.convert_checkpoint import from_hf, hf_config_to_model, to_hf
+from tests.checkpoint.helpers import assert_close, build_model, hf_logits, our_logits, train_spm
 
 BASE = dict(arch="moe", vocab_size=384, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
             ffn_hidden_size=96, max_seq_len=64, rope_theta=500.0)
@@ -137,9 +137,10 @@ def test_launch_config_trains_under_ep2_and_exports(tmp_path, config):
     reproduces our logits offline."""
     import subprocess
 
+    from transformers import AutoModelForCausalLM
+
     from tests.checkpoint import runs
     from tests.checkpoint.test_hf import _load_ours
-    from transformers import AutoModelForCausalLM
     out = str(tmp_path / "run")
     cmd = runs.command(out, 12, "parallel.expert=2", "optimizer.lr=1e-2", nproc=2)
     cmd[cmd.index("--config") + 1] = os.path.join(runs.ROOT, "launch", "configs", config)

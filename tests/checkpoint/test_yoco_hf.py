@@ -9,16 +9,15 @@ import sys
 
 import pytest
 import torch
+import transformers  # in the dev extra: a missing install must fail, not skip
 
 from polytron.model.config import ModelConfig
 from polytron.model.configlib import from_dict
 from polytron.model.transformer import build_model, cross_entropy, param_shapes
 from polytron.model.yoco.hf import MODELING_FILE, YOCOAdapter
 from polytron.pretrain import checkpoint as ckpt
-from tests.checkpoint import runs
 from polytron.tools.convert_checkpoint import from_hf, write_safetensors
-
-import transformers  # in the dev extra: a missing install must fail, not skip
+from tests.checkpoint import runs
 
 ROOT = runs.ROOT
 ADAPTER = YOCOAdapter()

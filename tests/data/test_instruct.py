@@ -8,8 +8,21 @@ import random
 import pytest
 
 from polytron.data.builtin import iter_builtin_documents
-from polytron.data.instruct import (BOS, EOS, Pair, Synthesized, chains, encode_prompt, history_of, pairs_block,
-                           parse_pairs, record_json, record_of, render_prompt, synthesis_prompt)
+from polytron.data.instruct import (
+    BOS,
+    EOS,
+    Pair,
+    Synthesized,
+    chains,
+    encode_prompt,
+    history_of,
+    pairs_block,
+    parse_pairs,
+    record_json,
+    record_of,
+    render_prompt,
+    synthesis_prompt,
+)
 from polytron.data.instruct_templates import FormatStats, format_chain, pack, task_of
 from polytron.data.tokenizer import INSTRUCTION_MARKERS, SYNTHESIZER_MARKERS, load_tokenizer, train_sentencepiece
 

@@ -83,7 +83,7 @@ def test_blend_weights_and_seed(corpus, tmp_path):
 
 
 def test_document_masking_position_reset_and_eod_loss(corpus, tmp_path):
-    from polytron.parallel.engine import labels_of         # the loss-mask channel as the step applies it
+    from polytron.parallel.engine import labels_of  # the loss-mask channel as the step applies it
     b = _bundle(corpus, tmp_path, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
     eod = b.tokenizer.eod_id
     seen_boundary = False

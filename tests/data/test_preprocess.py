@@ -16,8 +16,8 @@ from polytron.data._megatron import IndexedDataset
 from polytron.data.errors import DataError
 from polytron.data.preprocess import preprocess
 from polytron.data.tokenizer import load_tokenizer
-from tests.data.conftest import write_jsonl
 from polytron.tools import preprocess_data
+from tests.data.conftest import write_jsonl
 
 BAD_JSONL = (b'{"text": "Hello world."}\n'
              b'{"text": ""}\n'

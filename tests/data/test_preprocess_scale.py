@@ -27,8 +27,8 @@ from polytron.data.preprocess import preprocess
 from polytron.data.segment_cache import PlainEncoder, SegmentCachedEncoder, _load_proto, build_encoder
 from polytron.data.shard_plan import load_plan, make_plan, merge_plan, run_plan_task, write_plan
 from polytron.data.tokenizer import INSTRUCTION_MARKERS, load_tokenizer, train_sentencepiece
-from tests.data.conftest import write_jsonl
 from polytron.tools import merge_datasets, preprocess_data
+from tests.data.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"

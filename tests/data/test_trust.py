@@ -21,8 +21,8 @@ from polytron.data.config import DataConfig
 from polytron.data.preprocess import preprocess
 from polytron.data.tokenizer import load_tokenizer, train_sentencepiece
 from polytron.data.validate import dataset_fingerprint
-from tests.data.conftest import write_jsonl
 from polytron.tools import build_mixture, merge_datasets, preprocess_data
+from tests.data.conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,8 @@ def test_index_from_another_dtype(corpus, tmp_path):
 
 
 def test_vocab_larger_than_model(corpus, tmp_path):
-    with pytest.raises(DataError, match=r"tok\.model: vocabulary of 512 tokens is larger than the model's embedding \(256\)"):
+    with pytest.raises(DataError,
+                       match=r"tok\.model: vocabulary of 512 tokens is larger than the model's embedding \(256\)"):
         _build(corpus, tmp_path, [corpus.a], model_vocab=256)
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
+
 from polytron.launch.env import free_port
 
 #: how often the parent looks at the ranks' result files

@@ -27,8 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.hooks import add_aux_loss, report
-from polytron.model.layers import (ATTENTIONS, MLPS, Block, Context, RMSNorm, block_tp_requirements, make_linear,
-                          register)
+from polytron.model.layers import (
+    ATTENTIONS,
+    MLPS,
+    Block,
+    Context,
+    RMSNorm,
+    block_tp_requirements,
+    make_linear,
+    register,
+)
 from polytron.model.spec import ModelSpec, Unit, register_spec
 
 NAME = "test_hetero"

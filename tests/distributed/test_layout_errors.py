@@ -77,7 +77,7 @@ def test_launcher_exits_2_with_one_line_before_rendezvous() -> None:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", TINY,
                            "parallel.tensor=3"], env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: parallel.tensor=3 must divide model.num_heads=8"], proc.stderr
 
 
@@ -86,15 +86,16 @@ def test_torchrun_bad_layout_every_rank_exits_2_fast() -> None:
     """Under torchrun each rank prints the same single line and exits 2; nobody hangs."""
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", os.path.join(ROOT, "launch", "pretrain.py"), "--config", TINY,
+                           f"--master_port={free_port()}", os.path.join(ROOT, "launch", "pretrain.py"),
+                           "--config", TINY,
                            "parallel.tensor=2", "parallel.pipeline=2"],
                           env=_env(), capture_output=True, text=True, timeout=170)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
-    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
     expected = ("error: parallel layout: replicate=1 x context=1 x tensor=2 x pipeline=2 = 4 "
                 "does not divide the world size 2")
-    assert errors and all(l == expected for l in errors), out
+    assert errors and all(line == expected for line in errors), out
     assert proc.returncode != 0
     assert "exitcode: 2" in out, out
     assert elapsed < 150, f"took {elapsed:.0f}s: a rank waited for peers"

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
 from polytron.launch.env import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")

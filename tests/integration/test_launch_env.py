@@ -7,9 +7,19 @@ import socket
 import pytest
 import torch
 
-from polytron.launch.env import (LaunchEnv, LaunchError, check_master_reachable, choose_backend,
-                          detect_launch_env, export_env, first_host, tasks_on_node)
-from polytron.launch.env import _first_host_python, PORT_BASE, PORT_SPAN
+from polytron.launch.env import (
+    PORT_BASE,
+    PORT_SPAN,
+    LaunchEnv,
+    LaunchError,
+    _first_host_python,
+    check_master_reachable,
+    choose_backend,
+    detect_launch_env,
+    export_env,
+    first_host,
+    tasks_on_node,
+)
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}

@@ -84,6 +84,7 @@ def test_node_agent_arguments_and_exit_75():
     args = torchrun_args(["--nproc-per-node=2", "train.py"],
                          {"SLURM_NNODES": "3", "SLURM_NODEID": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "123"})
     assert args[:4] == ["--nnodes=3", "--node-rank=1", "--master-addr=n0", "--master-port=123"]
-    fail = lambda *codes: SimpleNamespace(failures={i: SimpleNamespace(exitcode=c) for i, c in enumerate(codes)})
+    def fail(*codes):
+        return SimpleNamespace(failures={i: SimpleNamespace(exitcode=c) for i, c in enumerate(codes)})
     assert requeue_requested(fail(75, 75)) and requeue_requested(fail(75, -15))
     assert not requeue_requested(fail(1, 75)) and not requeue_requested(fail(-9)) and not requeue_requested(fail())

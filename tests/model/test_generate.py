@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from polytron.model.config import ModelConfig
-from polytron.model.generate import (DenseKVCache, GenerationError, InferenceCache, NoCacheWarning, generate,
-                            sample_next, stream)
+from polytron.model.generate import (
+    DenseKVCache,
+    GenerationError,
+    InferenceCache,
+    NoCacheWarning,
+    generate,
+    sample_next,
+    stream,
+)
 from polytron.model.transformer import build_model
 
 ATOL = 1e-5

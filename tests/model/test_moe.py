@@ -37,7 +37,8 @@ def set_gemm(model: nn.Module, gemm: str) -> None:
 
 
 def swiglu(x, gate, up, down, bias=None):
-    h = F.silu(F.linear(x, gate, None if bias is None else bias[0])) * F.linear(x, up, None if bias is None else bias[1])
+    b_gate, b_up = (None, None) if bias is None else (bias[0], bias[1])
+    h = F.silu(F.linear(x, gate, b_gate)) * F.linear(x, up, b_up)
     return F.linear(h, down, None if bias is None else bias[2])
 
 
@@ -88,7 +89,8 @@ def test_experts_copied_from_one_dense_mlp_equal_the_dense_model(gemm):
         for i in range(BASE["num_layers"]):
             ex = moe.layers[str(i)].mlp.experts
             for proj, src in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
-                getattr(ex, proj).weight.copy_(state[f"layers.{i}.mlp.{src}.weight"].expand_as(getattr(ex, proj).weight))
+                weight = getattr(ex, proj).weight
+                weight.copy_(state[f"layers.{i}.mlp.{src}.weight"].expand_as(weight))
     tokens = torch.randint(0, BASE["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(moe(tokens), dense(tokens), atol=1e-6, rtol=0)

@@ -21,7 +21,6 @@ from polytron.model.spec import config_sections, registered_specs
 from polytron.model.transformer import Transformer, build_model
 
 
-
 def _register_test_architectures() -> None:
     """Architectures of the test tree register too, whatever else pytest collected: every
     ``tests/model/<arch>/`` package with a ``spec`` module, and the distributed suite's

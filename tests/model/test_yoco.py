@@ -12,8 +12,13 @@ from polytron.model.generate import DenseKVCache, GenerationError, InferenceCach
 from polytron.model.transformer import build_model, document_mask
 from polytron.model.yoco import kernels
 from polytron.model.yoco.cache import YOCOCache, cache_bytes, dense_cache_bytes
-from polytron.model.yoco.kernels import (chunk_retention, parallel_retention, recurrent_retention, segments,
-                                sliding_window_attention)
+from polytron.model.yoco.kernels import (
+    chunk_retention,
+    parallel_retention,
+    recurrent_retention,
+    segments,
+    sliding_window_attention,
+)
 
 ATOL = 1e-5
 KINDS = ["swa", "retention"]

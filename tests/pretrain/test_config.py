@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from polytron.pretrain.config import RunConfig, load_config
 from polytron.model.configlib import ConfigError
+from polytron.pretrain.config import RunConfig, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.yaml")

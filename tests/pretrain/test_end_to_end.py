@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from polytron.launch.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

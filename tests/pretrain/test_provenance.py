@@ -269,7 +269,7 @@ def test_ranks_started_in_different_directories_are_refused(tmp_path):
         procs.append(subprocess.Popen(
             [sys.executable, runs.LAUNCH, "--config", TINY_YAML, *runs.TINY, "training.output_dir=run"],
             cwd=cwd, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for rank, p in enumerate(procs):
+    for p in procs:
         out, err = p.communicate(timeout=120)
         line = _one_error(err)
         assert p.returncode == 2 and "resolved another run config than rank 0" in line, (out, err)

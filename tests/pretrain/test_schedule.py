@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from polytron.model.config import ModelConfig
 from polytron.model.transformer import build_model

@@ -18,9 +18,9 @@ import pytest
 from polytron.model.transformer import build_model
 from polytron.pretrain import checkpoint as ckpt
 from polytron.pretrain.config import RunConfig, load_config
-from tests.checkpoint.helpers import hf_llama, tiny_model_config, train_spm
 from polytron.tools import convert_mha_to_dha as dha
 from polytron.tools import upcycle
+from tests.checkpoint.helpers import hf_llama, tiny_model_config, train_spm
 
 
 @pytest.fixture(scope="module")

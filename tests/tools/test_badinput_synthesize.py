@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from tests.checkpoint.helpers import hf_llama, train_spm
 from polytron.tools import synthesize_instructions as tool
+from tests.checkpoint.helpers import hf_llama, train_spm
 
 
 class _Payload:

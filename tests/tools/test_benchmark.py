@@ -5,7 +5,6 @@ import pytest
 
 from polytron.tools import benchmark as bench
 
-
 TINY = """
 model: {vocab_size: 128, hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2,
         ffn_hidden_size: 64, max_seq_len: 16}

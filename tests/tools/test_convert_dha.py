@@ -16,10 +16,10 @@ from polytron.model.configlib import from_dict
 from polytron.model.dha import fusion
 from polytron.model.transformer import build_model, param_shapes
 from polytron.pretrain import checkpoint as ckpt
-from tests.checkpoint import runs
-from tests.checkpoint.helpers import hf_llama
 from polytron.tools import convert_mha_to_dha as tool
 from polytron.tools.convert_checkpoint import hf_config_to_model
+from tests.checkpoint import runs
+from tests.checkpoint.helpers import hf_llama
 
 #: a 2-layer MHA model (4 heads) on the built-in corpus, short sequences
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4",
@@ -107,6 +107,7 @@ def test_adaptive_fusion_beats_mean_pooling(trained):
     fusion.fuse(model, [fp for _, fp in fusing.values()], calib, 40, lr=0.05)
     fused = fusion.merged_tensors(tensors, fusing)
     import dataclasses
+
     from polytron.model.dha.config import DHAConfig
     cfg = dataclasses.replace(model.cfg, arch="dha", attention="dha", dha=DHAConfig(**lists))
     losses = {}

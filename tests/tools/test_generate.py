@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.checkpoint import runs
 from polytron.tools.generate import main
+from tests.checkpoint import runs
 
 TOOL = os.path.join(runs.ROOT, "tools", "generate.py")
 PROMPT = "The function returns"

@@ -1,12 +1,11 @@
 """Our Transformer and Hugging Face LlamaForCausalLM with copied weights give the same logits."""
 import pytest
 import torch
+import transformers  # in the dev extra: a missing install must fail, not skip
 
 from polytron.model.config import ModelConfig
 from polytron.model.llama.hf import LlamaAdapter
 from polytron.model.transformer import build_model
-
-import transformers  # in the dev extra: a missing install must fail, not skip
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict:

@@ -6,7 +6,6 @@ import pytest
 
 from polytron.tools import plot_metrics
 
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -7,6 +7,7 @@ trainer state written by the test, so every case costs a fraction of a second.
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import re
@@ -103,18 +104,20 @@ def convert_main(argv):
 
 # ---------------------------------------------------------------- 1. code named by a checkpoint
 
+def _main_of(tool: str):
+    """``polytron.tools.<tool>.main``, imported when called (as each tool's import is lazy here)."""
+    return lambda argv: importlib.import_module(f"polytron.tools.{tool}").main(argv)
+
+
 def _tool_args(tool: str, run_dir: str, tmp) -> tuple:
     jsonl = tmp / "in.jsonl"
     jsonl.write_text(json.dumps({"text": "Some raw text."}) + "\n")
     return {
         "generate": (generate_main, run_dir, "--prompt", "x"),
         "to-hf": (convert_main, "to-hf", run_dir, str(tmp / "hf")),
-        "upcycle": (lambda a: __import__("polytron.tools.upcycle").tools.upcycle.main(a), "sparse", run_dir, str(tmp / "moe"),
-                    "--experts", "2"),
-        "dha": (lambda a: __import__("polytron.tools.convert_mha_to_dha").tools.convert_mha_to_dha.main(a), run_dir,
-                str(tmp / "dha"), "--budget", "0.5"),
-        "synthesize": (lambda a: __import__("polytron.tools.synthesize_instructions").tools.synthesize_instructions.main(a),
-                       "--model", run_dir, "--input", str(jsonl), "--output", str(tmp / "out.jsonl")),
+        "upcycle": (_main_of("upcycle"), "sparse", run_dir, str(tmp / "moe"), "--experts", "2"),
+        "dha": (_main_of("convert_mha_to_dha"), run_dir, str(tmp / "dha"), "--budget", "0.5"),
+        "synthesize": (_main_of("synthesize_instructions"), "--model", run_dir, "--input", str(jsonl), "--output", str(tmp / "out.jsonl")),
     }[tool]
 
 
@@ -157,7 +160,8 @@ def test_no_prompt_no_code_with_yes_on_stdin(tmp_path, toks, weights, plugin, pl
         "from transformers import PreTrainedTokenizerFast\n"
         "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     cfg = json.loads((custom / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+    cfg.update(tokenizer_class="CustomTokenizer",
+               auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
     (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
     runs = [[os.path.join(ROOT, "tools", "generate.py"), run_dir, "--prompt", "x"],
             [os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf", plain_run, str(tmp_path / "hf"),

@@ -22,9 +22,9 @@ import yaml
 
 from polytron.data.builtin import iter_builtin_documents
 from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
-from tests.checkpoint import runs
 from polytron.tools import build_mixture
 from polytron.tools import synthesize_instructions as tool
+from tests.checkpoint import runs
 
 ROOT = runs.ROOT
 TOOL = os.path.join(ROOT, "tools", "synthesize_instructions.py")

@@ -17,10 +17,10 @@ from polytron.model.config import ModelConfig
 from polytron.model.configlib import from_dict
 from polytron.model.transformer import build_model, param_shapes
 from polytron.pretrain import checkpoint as ckpt
-from tests.checkpoint import runs
-from tests.checkpoint.helpers import assert_close, hf_llama, hf_logits
 from polytron.tools import upcycle as tool
 from polytron.tools.convert_mha_to_dha import load_source, source_model
+from tests.checkpoint import runs
+from tests.checkpoint.helpers import assert_close, hf_llama, hf_logits
 
 #: a 2-layer dense model on the built-in corpus; checkpoints at iterations 8 and 16
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -193,10 +193,11 @@ def test_upit_expands_two_checkpoints_to_four_distinct_experts(upit_out, diverge
 def test_upcycled_checkpoint_trains_under_ep2_and_exports(upit_out, tmp_path):
     """The written config continues training under torchrun with parallel.expert=2, and the
     result converts to Hugging Face with the MoE adapter (transformers gives our logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from polytron.tools.convert_checkpoint import to_hf
     from tests.checkpoint.helpers import assert_close, hf_logits, our_logits
     from tests.checkpoint.test_hf import _load_ours
-    from polytron.tools.convert_checkpoint import to_hf
-    from transformers import AutoModelForCausalLM
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}",
            runs.LAUNCH, "--config", os.path.join(upit_out, "config.yaml"), "parallel.expert=2", "training.micro_batch_size=4",
