@@ -59,8 +59,9 @@ def _count(model: nn.Module) -> Counts:
                 if not inside_sparse:
                     active += p.numel()
     if _tied_head(model):
-        matmul += model.output.weight.numel()
-        active += model.output.weight.numel()
+        head_weight: torch.Tensor = model.get_submodule("output").weight  # type: ignore[assignment]
+        matmul += head_weight.numel()
+        active += head_weight.numel()
     return Counts(total, embedding, matmul, active, attn)
 
 

@@ -120,12 +120,12 @@ class ModelConfig(_ModelFields):
         ``data`` (a model mapping being loaded) with keys no registry knows yet: its
         ``plugins`` are imported first, since their sections are declared by them."""
         from polytron.model.spec import config_sections
-        types = {name: spec.config for name, spec in config_sections().items()}
+        types: dict[str, type] = {name: spec.config for name, spec in config_sections().items() if spec.config}
         extra = [k for k in (data or {}) if k not in _FIELDS and k not in types]
         plugins = (data or {}).get("plugins")
         if extra and isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
             load_plugins(plugins)
-            types = {name: spec.config for name, spec in config_sections().items()}
+            types = {name: spec.config for name, spec in config_sections().items() if spec.config}
         return types
 
     def saved_sections(self) -> dict[str, Any]:

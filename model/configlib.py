@@ -78,7 +78,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         raise bad(key, value, "null")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad(key, value, f"a mapping of {tp.__name__} fields")
         return from_dict(tp, value, prefix=key + ".")
@@ -115,8 +115,9 @@ def _is_sections(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("sections"))
 
 
-def open_sections(cls: type, data: Any = None) -> dict[str, type]:
-    """Section name -> dataclass of the open sections ``cls`` resolves (empty if none)."""
+def open_sections(cls: Any, data: Any = None) -> dict[str, type]:
+    """Section name -> dataclass of the open sections ``cls`` (a dataclass type) resolves
+    through its ``config_sections`` (empty if it has no open sections)."""
     if not any(_is_sections(f) for f in dataclasses.fields(cls)):
         return {}
     return cls.config_sections(data if isinstance(data, dict) else None)
@@ -149,10 +150,11 @@ def to_dict(obj: Any) -> Any:
     """Plain-data (YAML-safe) view of a config dataclass (as ``dataclasses.asdict``, with
     open sections written as keys of their owner)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        owner: Any = obj                      # a config with open sections has saved_sections()
         out = {}
         for f in dataclasses.fields(obj):
             if _is_sections(f):
-                out.update({name: to_dict(s) for name, s in obj.saved_sections().items()})
+                out.update({name: to_dict(s) for name, s in owner.saved_sections().items()})
             else:
                 out[f.name] = to_dict(getattr(obj, f.name))
         return out
@@ -238,7 +240,7 @@ def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             for name, section in open_sections(cls).items():
                 out += field_docs(section, prefix + name + ".")
             continue
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out += field_docs(tp, prefix + f.name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (

@@ -65,7 +65,7 @@ def make_linear(cfg, in_features: int, out_features: int, bias: bool, role: str)
     if role not in ROLES:
         raise ValueError(f"unknown projection role {role!r}")
     module = LINEARS[cfg.linear](cfg, in_features, out_features, bias, role)
-    module.role = role
+    module.role = role  # type: ignore[assignment]  # nn.Module.__setattr__ takes any value
     return module
 
 
@@ -165,9 +165,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> t
 
 # ---------------------------------------------------------------- attention
 
-def project_qkv(attn: nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_qkv(attn: Any, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values of ``x`` (B, T, d) through ``attn.wq/wk/wv``, RoPE applied
-    to queries and keys: (B, Hq, T, hd), (B, Hk, T, hd), (B, Hv, T, hd). Head counts come
+    to queries and keys: (B, Hq, T, hd), (B, Hk, T, hd), (B, Hv, T, hd) (``attn``: any attention
+    module with ``wq``, ``wk``, ``wv`` projections and ``head_dim``). Head counts come
     from the projections' widths (``-1`` views), so tensor-parallel shards work unchanged."""
     B, T, _ = x.shape
     q = attn.wq(x).view(B, T, -1, attn.head_dim)                    # (B, T, Hq, hd)

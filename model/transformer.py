@@ -38,6 +38,7 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
+    rope: torch.Tensor                  # (S, 2, hd) buffer, registered in __init__
     """Embedding -> the spec's units -> norm -> head; any of them may be absent on a stage."""
 
     def __init__(self, cfg):
@@ -68,7 +69,10 @@ class Transformer(nn.Module):
             setattr(self, name, module)
 
     def unit_module(self, name: str) -> nn.Module:
-        return self.layers[name[len("layers."):]] if name.startswith("layers.") else getattr(self, name)
+        if name.startswith("layers."):
+            assert self.layers is not None, "unit_module before the layers are built"
+            return self.layers[name[len("layers."):]]
+        return getattr(self, name)
 
     def unit_modules(self) -> list[tuple[Unit, nn.Module]]:
         """This model's (or stage's) units in order, with their modules."""
@@ -177,7 +181,7 @@ class Transformer(nn.Module):
 
 def _rule(module: nn.Module, pname: str) -> str:
     if hasattr(module, "init_rule"):
-        rule = module.init_rule(pname)
+        rule = module.init_rule(pname)  # type: ignore[operator]  # a dynamic nn.Module attribute
         if rule:
             return rule
     if pname == "bias":

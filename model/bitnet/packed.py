@@ -36,6 +36,11 @@ from polytron.model.hf import ConvertError
 class PackedBitLinear(nn.Module):
     """y = Q8(x) @ (T * beta)^T (+ b) with T stored packed; inference only (no gradients)."""
 
+    weight: torch.Tensor                  # (R, in) uint8 buffers, registered in __init__
+    weight_scale: torch.Tensor            # (1,) fp32
+    bias: Optional[torch.Tensor]          # (out,)
+    role: Optional[str]                   # the source BitLinear's projection role
+
     def __init__(self, in_features: int, out_features: int, bias: bool, norm_eps: Optional[float] = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -56,6 +61,7 @@ class PackedBitLinear(nn.Module):
         packed.weight.copy_(pack_ternary(ternary(w, beta)))
         packed.weight_scale.copy_(beta.reshape(1))
         if layer.bias is not None:
+            assert packed.bias is not None                # built with bias=True above
             packed.bias.copy_(layer.bias)
         packed.role = getattr(layer, "role", None)
         return packed

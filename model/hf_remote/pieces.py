@@ -135,6 +135,7 @@ def padding_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, past: i
         return None
     allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]   # (1, 1, T, S)
     if padded:
+        assert attention_mask is not None
         allowed = allowed & attention_mask[:, None, None, -S:].bool()
         allowed = allowed | ~allowed.any(-1, keepdim=True)       # fully padded rows: attend anywhere
     return allowed.expand(B, 1, T, S)

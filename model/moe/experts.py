@@ -127,6 +127,7 @@ class StackedLinear(nn.Module):
             return y + self.bias[:, None, :] if self.bias is not None else y
         from torch.func import functional_call, vmap
         template = self.template
+        assert template is not None                                    # set whenever not plain
         return vmap(lambda params, rows: functional_call(template, params, (rows,)))(self.stacked(), x)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,7 @@ class StackedLinear(nn.Module):
         if self.plain:
             return F.linear(x, self.weight[e], None if self.bias is None else self.bias[e])
         from torch.func import functional_call
+        assert self.template is not None                               # set whenever not plain
         return functional_call(self.template, {n: p[e] for n, p in self.stacked().items()}, (x,))
 
     def init_rule(self, name: str) -> Optional[str]:

@@ -210,8 +210,8 @@ class MHMoE(MoE):
         if h > 1:
             self.split = make_linear(cfg, d, d, True, "proj")
             self.merge = make_linear(cfg, d, d, True, "proj")
-            self.split.init_rule = functools.partial(_split_rule, d)
-            self.merge.init_rule = functools.partial(_merge_rule, d)
+            self.split.init_rule = functools.partial(_split_rule, d)  # type: ignore[assignment]
+            self.merge.init_rule = functools.partial(_merge_rule, d)  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.heads == 1:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,7 @@ def _noisy(ffn: dict, noise: float, gen: torch.Generator) -> dict:
 
 def _slice(ffn: dict, start: int, stop: int) -> dict:
     """Inner columns [start, stop) of the SwiGLU (gate/up rows, down columns; down bias dropped)."""
-    out = {"w1": {}, "w3": {}, "w2": {}}
+    out: dict[str, dict] = {"w1": {}, "w3": {}, "w2": {}}
     for name in ("w1", "w3"):
         for k, v in ffn[name].items():
             out[name][k] = v[start:stop].clone()
@@ -262,12 +262,13 @@ def distance(a: dict, b: dict) -> float:
 def _merge(a: dict, b: dict, lam: float, base: Optional[dict], cfg: Expansion, gen) -> dict:
     """lam * a + (1 - lam) * b, or with DARE: base + lam * drop(a - base) + (1 - lam) * drop(b - base)
     (each delta element kept with probability 1 - p and rescaled by 1 / (1 - p))."""
-    out = {}
+    out: dict[str, dict] = {}
     for n in a:
         out[n] = {}
         for k in a[n]:
             x, y = a[n][k].float(), b[n][k].float()
             if cfg.merge == "dare":
+                assert base is not None                 # DARE merges deltas from the base
                 c = base[n][k].float()
                 keep = 1.0 - cfg.dare_drop
                 mx = (torch.rand(x.shape, generator=gen) < keep).float() / keep
@@ -281,7 +282,7 @@ def _merge(a: dict, b: dict, lam: float, base: Optional[dict], cfg: Expansion, g
 
 def _mutate(expert: dict, cfg: Expansion, gen, dtype) -> dict:
     """Gaussian noise (mutation_scale x tensor std) on a mutation_rate fraction of elements."""
-    out = {}
+    out: dict[str, dict] = {}
     for n, d in expert.items():
         out[n] = {}
         for k, v in d.items():
@@ -312,6 +313,7 @@ def expand(experts: list[dict], target: int, cfg: Expansion,
             div = min(distance(child, e) for e in pop)
             if best is None or div > best[0]:
                 best = (div, lam, child)
+        assert best is not None                         # at least one attempt per child
         div, lam, child = best
         log.append(Offspring(len(pop), (a, b), round(lam, 4), [distance(child, pop[a]), distance(child, pop[b])], div))
         pop.append(child)
@@ -458,7 +460,8 @@ def routed_experts(model, batches: list[dict], k: int = 1) -> torch.Tensor:
     with torch.no_grad():
         for b in batches:
             B, T = b["tokens"].shape
-            probs = sum(lg.softmax(-1).view(B, T, -1).mean(1) for lg in _forward_logits(model, b))   # (B, E)
+            means = (lg.softmax(-1).view(B, T, -1).mean(1) for lg in _forward_logits(model, b))  # (B, E) each
+            probs = cast(torch.Tensor, sum(means))                                                 # (B, E)
             out.append(probs.topk(k, -1).indices)                                                     # (B, k)
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
 
@@ -494,7 +497,7 @@ def pre_optimize_routers(model, batches: list[dict], labels: list[torch.Tensor],
         b, y = batches[step % len(batches)], labels[step % len(batches)]
         B, T = b["tokens"].shape
         logits = _forward_logits(model, b)
-        loss = sum(F.cross_entropy(lg.view(B, T, -1).mean(1), y) for lg in logits) / len(logits)
+        loss = cast(torch.Tensor, sum(F.cross_entropy(lg.view(B, T, -1).mean(1), y) for lg in logits)) / len(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

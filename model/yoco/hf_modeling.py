@@ -188,7 +188,8 @@ class YOCOStackConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias, self.mlp_bias, self.initializer_range = attention_bias, mlp_bias, initializer_range
         self.layer_mlp = layer_mlp or ["swiglu"] * num_hidden_layers
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # transformers' stubs type PreTrainedConfig.__init__ as **kwargs-free; it takes these at runtime
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)  # type: ignore[call-arg]
 
 
 class CrossAttention(nn.Module):
@@ -268,7 +269,7 @@ class YOCOStackModel(YOCOStackPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.LongTensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
