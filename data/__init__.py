@@ -14,7 +14,8 @@ from polytron.data.errors import DataError
 
 #: public name -> the module that defines it
 _LAZY = {"DataBundle": "polytron.data.loader", "TrainLoader": "polytron.data.loader",
-         "build_data": "polytron.data.loader", "collate": "polytron.data.loader", "HFTokenizer": "polytron.data.tokenizer",
+         "build_data": "polytron.data.loader", "collate": "polytron.data.loader",
+         "HFTokenizer": "polytron.data.tokenizer",
          "SentencePieceTokenizer": "polytron.data.tokenizer", "load_tokenizer": "polytron.data.tokenizer"}
 
 __all__ = ["DataError", *_LAZY]

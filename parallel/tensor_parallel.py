@@ -10,9 +10,9 @@ The plan is not written here: every layer declares the role of each child it own
 model/layers.py and the architecture folders), and each unit kind has a role
 (``UNIT_ROLES``). Roles are names in a registry, :mod:`polytron.parallel.roles`:
 ``register_tp_style(name, factory)`` maps a role to ``factory(role, module, tp,
-sequence_parallel) -> ParallelStyle | None``. This module registers the built-in roles (``S`` = sequence-parallel: the residual stream between
-blocks is a local ``(B, T/tp, d)`` shard; without SP it is a replicated ``(B, T, d)``
-tensor):
+sequence_parallel) -> ParallelStyle | None``. This module registers the built-in roles
+(``S`` = sequence-parallel: the residual stream between blocks is a local ``(B, T/tp, d)``
+shard; without SP it is a replicated ``(B, T, d)`` tensor):
 
 ================  ==============================================================
 role              style

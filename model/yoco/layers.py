@@ -1,7 +1,8 @@
 """YOCO's layer kinds.
 
 * ``swa`` (attention slot): sliding-window attention with RoPE and grouped KV heads
-  (``model.yoco.self_kv_heads``, default ``model.num_kv_heads``), O(T W) through :func:`model.yoco.kernels.sliding_window_attention`.
+  (``model.yoco.self_kv_heads``, default ``model.num_kv_heads``), O(T W) through
+  :func:`model.yoco.kernels.sliding_window_attention`.
 * ``retention`` (attention slot): gated retention, q/k/v/g projections, a per-head
   decay gate ``log gamma = logsigmoid(x W_gamma) / tau``, chunkwise in training and
   recurrent in generation, a non-affine RMSNorm over each head, a SiLU output gate.

@@ -18,8 +18,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from polytron.pretrain.checkpoint import discovery
-from polytron.pretrain.checkpoint.common import (MANIFEST, STATE_FILE, CheckpointError, agree, ckpt_name, dcp_one_process,
-                                        first_line, fsync_dir, is_dist, is_rank0, write_json)
+from polytron.pretrain.checkpoint.common import (
+    MANIFEST,
+    STATE_FILE,
+    CheckpointError,
+    agree,
+    ckpt_name,
+    dcp_one_process,
+    first_line,
+    fsync_dir,
+    is_dist,
+    is_rank0,
+    write_json,
+)
 from polytron.pretrain.checkpoint.manifest import build_manifest, checksum_files, own_files, verify_tmp
 from polytron.pretrain.checkpoint.state import DCP_ERRORS, extras_state, flat_keys, merge, model_state, optim_state
 from polytron.pretrain.faults import fault_point

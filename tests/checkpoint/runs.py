@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from typing import Callable, Optional
+
 from polytron.launch.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

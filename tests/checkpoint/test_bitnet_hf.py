@@ -92,7 +92,8 @@ def assert_close_up_to_flips(got: torch.Tensor, want: torch.Tensor) -> None:
     rounding boundary (x * 127 / max|x| near n + 0.5) lands on neighbouring levels: one
     position moves by about one quantum (~1e-3 in the logits here) and, through attention,
     the later positions of that sequence a little. Which positions, if any, depends on the
-    trained weights. So: at least 3 in 4 positions agree to 1e-4, none moves by more than 1e-2, and the greedy token agrees
+    trained weights. So: at least 3 in 4 positions agree to 1e-4, none moves by more than 1e-2, and the greedy
+    token agrees
     almost everywhere."""
     dev = (got - want).abs().amax(-1)                                   # (B, T)
     ok = dev <= 1e-4

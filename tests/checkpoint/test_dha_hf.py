@@ -103,7 +103,8 @@ def test_dha_tiny_config_trains_and_exports(tmp_path):
     parallel.tensor=2: loss falls, the start log shows the KV cache, and the checkpoint goes
     through to-hf."""
     out = str(tmp_path / "run")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={runs.free_port()}"]
     cmd = [*torchrun, runs.LAUNCH, "--config", os.path.join(runs.ROOT, "launch", "configs", "dha-tiny.yaml"),
            "parallel.tensor=2",
            "model.hidden_size=64", "model.ffn_hidden_size=128", "model.max_seq_len=64", "data.seq_len=64",

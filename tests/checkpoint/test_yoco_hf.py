@@ -84,7 +84,7 @@ def test_long_sequence_logits_and_gradients_match_hf(tmp_path, kind):
     hf_params = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, hf_params[ADAPTER.to_hf_name(ours.cfg, name)].grad,
-                                   atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+                                   atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_from_hf_round_trip(tmp_path):

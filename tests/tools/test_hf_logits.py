@@ -63,5 +63,5 @@ def test_long_sequence_logits_and_gradients_match_hf():
     for name in ours_params:
         hf_name = LlamaAdapter().to_hf_name(cfg, name)
         torch.testing.assert_close(ours_params[name].grad, hf_params[hf_name].grad,
-                                   atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+                                   atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -117,7 +117,8 @@ def _tool_args(tool: str, run_dir: str, tmp) -> tuple:
         "to-hf": (convert_main, "to-hf", run_dir, str(tmp / "hf")),
         "upcycle": (_main_of("upcycle"), "sparse", run_dir, str(tmp / "moe"), "--experts", "2"),
         "dha": (_main_of("convert_mha_to_dha"), run_dir, str(tmp / "dha"), "--budget", "0.5"),
-        "synthesize": (_main_of("synthesize_instructions"), "--model", run_dir, "--input", str(jsonl), "--output", str(tmp / "out.jsonl")),
+        "synthesize": (_main_of("synthesize_instructions"), "--model", run_dir, "--input", str(jsonl),
+                       "--output", str(tmp / "out.jsonl")),
     }[tool]
 
 

@@ -104,7 +104,8 @@ def test_bad_input_gets_one_error_line(checkpoints, tmp_path, capsys):
     hf_llama(hf)
     capsys.readouterr()
     cases = [(["sparse", checkpoints[0], str(tmp_path / "a"), "--experts", "3", "--partition"], "ffn_hidden_size=128"),
-             (["upit", checkpoints[0], hf, str(tmp_path / "b"), "--experts", "4", "data.builtin_corpus=true"], "must share one architecture"),
+             (["upit", checkpoints[0], hf, str(tmp_path / "b"), "--experts", "4", "data.builtin_corpus=true"],
+              "must share one architecture"),
              (["upit", checkpoints[0], checkpoints[1], str(tmp_path / "c"), "--experts", "1", "--top-k", "1"],
               "fewer than the 2 source"),
              (["sparse", checkpoints[0], str(tmp_path / "d"), "--experts", "2", "--top-k", "3"], "--top-k 3")]
@@ -200,7 +201,8 @@ def test_upcycled_checkpoint_trains_under_ep2_and_exports(upit_out, tmp_path):
     from tests.checkpoint.test_hf import _load_ours
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runs.free_port()}",
-           runs.LAUNCH, "--config", os.path.join(upit_out, "config.yaml"), "parallel.expert=2", "training.micro_batch_size=4",
+           runs.LAUNCH, "--config", os.path.join(upit_out, "config.yaml"), "parallel.expert=2",
+           "training.micro_batch_size=4",
            "training.iterations=2", "training.log_interval=1", "checkpoint.interval=0", f"training.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=runs.env(), cwd=runs.ROOT)
     assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "error" in x) or r.stderr[-2000:]
