@@ -76,10 +76,11 @@ def total_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
     so each group is one foreach norm; a sharded group's norm is completed over its
     mesh; squared stage norms are summed over the pipeline group.
     """
+    from torch.distributed.tensor import DTensor
     groups: dict = {}
     for p in params:
         g = p.grad
-        key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
     device = params[0].device if params else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -148,7 +149,8 @@ class TrainEngine:
         return {k: mb[k].to(self.device, non_blocking=True) for k in self.loss.extra_keys if k in mb}
 
     def _set_grad_sync(self, enabled: bool) -> None:
-        if hasattr(self.model, "set_requires_gradient_sync"):
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(self.model, FSDPModule):
             self.model.set_requires_gradient_sync(enabled)
 
     def global_tokens(self, microbatches: list[Batch]) -> torch.Tensor:
