@@ -177,7 +177,8 @@ def remove_stale_temps(prefix: str) -> list[str]:
     (their PID no longer alive on this host); return the paths removed. Temporaries of a
     live run are kept."""
     directory = os.path.dirname(os.path.abspath(prefix))
-    pattern, removed = output_name(prefix), []
+    pattern = output_name(prefix)
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

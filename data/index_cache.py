@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from polytron.data._megatron import GPTDataset
+from polytron.data._megatron import GPTDataset, GPTDatasetConfig
 from polytron.data.errors import DataError
 from polytron.data.files import os_reason
 
@@ -181,6 +181,8 @@ def _install(staged: CacheFiles, final: CacheFiles) -> None:
 
 class CheckedGPTDataset(GPTDataset):
     """megatron-core's GPTDataset with a verified, pickle-free index cache (see module doc)."""
+
+    config: GPTDatasetConfig  # set by megatron-core's constructor; swapped in :meth:`_build_into`
 
     def _key_on_content(self) -> None:
         """Add the dataset's identity (:func:`dataset_identity`) to megatron-core's cache key

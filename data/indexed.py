@@ -29,7 +29,7 @@ from polytron.data.errors import DataError
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 #: megatron-core ``DType`` codes.
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3,
+DTYPE_CODES: dict[np.dtype, int] = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3,
                np.dtype(np.int32): 4, np.dtype(np.int64): 5, np.dtype(np.float64): 6,
                np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
 _CODE_DTYPES = {code: dt for dt, code in DTYPE_CODES.items()}
@@ -111,6 +111,7 @@ class DatasetWriter:
 
     def add(self, tokens: bytes | memoryview, lengths: np.ndarray) -> None:
         """Append documents: ``tokens`` are their ids back to back, ``lengths`` (n,) their sizes."""
+        assert self._file is not None, "DatasetWriter.add after finish or abort"
         self._file.write(tokens)
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.documents += len(lengths)
@@ -118,6 +119,7 @@ class DatasetWriter:
 
     def finish(self, idx_path: str) -> None:
         """Close ``.bin`` and write the index for everything added."""
+        assert self._file is not None, "DatasetWriter.finish after finish or abort"
         self._file.close()
         self._file = None
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)

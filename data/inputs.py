@@ -11,7 +11,7 @@ import gzip
 import io
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Protocol
 
 from polytron.data.errors import DataError
 from polytron.data.files import is_own_output, os_reason
@@ -72,6 +72,14 @@ def detect_format(path: str) -> str:
     return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
 
 
+class _ByteStream(Protocol):
+    """What :class:`_CountingReader` reads from: a file, a ``GzipFile`` or a :class:`_ZstdStream`."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class _CountingReader:
     """Opens a plain, gzip or zstd file; ``disk_pos()`` is the on-disk byte position."""
 
@@ -79,12 +87,12 @@ class _CountingReader:
         self.path = path
         self.raw: BinaryIO = open(path, "rb")
         try:
-            self.stream: BinaryIO = self._decompressor(path)
+            self.stream: _ByteStream = self._decompressor(path)
         except BaseException:
             self.raw.close()
             raise
 
-    def _decompressor(self, path: str) -> BinaryIO:
+    def _decompressor(self, path: str) -> _ByteStream:
         """The raw file, or a decompressing stream over it."""
         if path.endswith(".gz"):
             return gzip.GzipFile(fileobj=self.raw)

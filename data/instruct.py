@@ -78,7 +78,8 @@ def synthesis_prompt(text: str, history: Sequence[tuple[str, Sequence[Pair]]] = 
 def render_prompt(prompt: Sequence[PromptPart], bos: str = "<s>", eos: str = "</s>") -> str:
     """The prompt as one string, placeholders written as ``bos`` / ``eos`` (the released
     code builds exactly this string and lets the tokenizer parse the special tokens)."""
-    return "".join(bos if p == BOS else eos if p == EOS else p for p in prompt)
+    written = {BOS: bos, EOS: eos}
+    return "".join(written[p] if isinstance(p, Special) else p for p in prompt)
 
 
 def encode_prompt(prompt: Sequence[PromptPart], encode: Callable[[str], list[int]],
@@ -179,7 +180,7 @@ def chains(docs: Iterable[Synthesized]) -> list[list[Synthesized]]:
     by_tail: dict[int, list[Synthesized]] = {}
     out: list[list[Synthesized]] = []
     for doc in sorted(docs, key=lambda d: d.id):
-        chain = by_tail.pop(doc.prev, None) if doc.inherits else None
+        chain = by_tail.pop(doc.prev, None) if doc.inherits and doc.prev is not None else None
         if chain is None:
             chain = []
             out.append(chain)

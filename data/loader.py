@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -393,12 +394,12 @@ def build_data(cfg: DataConfig, *, model_vocab_size: int, seed: int, global_batc
     sizes = [max(train_iterations, 1) * G, max(eval_iterations, 1) * G, G]
     _check_index_memory(infos, weights, cfg.split, sizes[0], cfg.seq_len)
     datasets = _build_megatron(cfg, prefixes, weights, tok, seed, sizes)
-    flags = dict(eod_id=tok.eod_id, position_ids=cfg.reset_position_ids, doc_ids=cfg.reset_attention_mask,
-                 sources=cfg.per_source_loss)
-    train = TrainLoader(_Sampler(datasets[0], micro_batch_size, name="train", **flags), G, dp_rank,
+    sampler = partial(_Sampler, eod_id=tok.eod_id, position_ids=cfg.reset_position_ids,
+                      doc_ids=cfg.reset_attention_mask, sources=cfg.per_source_loss)
+    train = TrainLoader(sampler(datasets[0], micro_batch_size, name="train"), G, dp_rank,
                         dp_size, cfg.prefetch, _fingerprint(prefixes, weights, cfg, seed, tok), sizes[0])
     valid = datasets[1]
-    vs = _Sampler(valid, micro_batch_size, name="valid", **flags) if valid is not None and len(valid) else None
+    vs = sampler(valid, micro_batch_size, name="valid") if valid is not None and len(valid) else None
     bundle = DataBundle(tok, train, valid, datasets[2], prefixes, weights, infos, vs)
     log.info(bundle.describe())
     return bundle

@@ -37,7 +37,9 @@ def mask_prefix(prefix: str) -> str:
 
 def has_loss_mask(prefix: Optional[str]) -> bool:
     """True when ``PREFIX.lossmask.bin`` and ``.idx`` both exist."""
-    return bool(prefix) and all(os.path.exists(mask_prefix(prefix) + ext) for ext in (".bin", ".idx"))
+    if not prefix:
+        return False
+    return all(os.path.exists(mask_prefix(prefix) + ext) for ext in (".bin", ".idx"))
 
 
 def remove_loss_mask(prefix: str) -> None:

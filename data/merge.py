@@ -79,27 +79,33 @@ def read_summary(prefix: str) -> dict | None:
 
 def combine_summaries(parts: list[dict], output_prefix: str) -> dict:
     """One summary for datasets merged from ``parts`` (preprocessing summaries, in merge order)."""
-    out = {"output_prefix": output_prefix, "documents": 0, "tokens": 0, "skipped": 0,
-           "skipped_by_reason": {}, "skipped_lines": [], "input_files": [], "input_bytes": 0,
-           "seconds": 0.0, "mb_per_s": 0.0, "docs_per_s": 0.0, "files": [], "shards": [],
-           "merged_from": len(parts)}
+    counts = dict.fromkeys(("documents", "tokens", "skipped", "input_bytes"), 0)
+    seconds = 0.0
+    by_reason: dict[str, int] = {}
+    skipped_lines: list[dict] = []
+    input_files: list[str] = []
+    files: list[dict] = []
+    shared: dict[str, object] = {}  # first value of each tokenizer/format field any part records
     for s in parts:
-        for key in ("documents", "tokens", "skipped", "input_bytes"):
-            out[key] += int(s.get(key, 0))
-        out["seconds"] += float(s.get("seconds", 0.0))
+        for key in counts:
+            counts[key] += int(s.get(key, 0))
+        seconds += float(s.get("seconds", 0.0))
         for reason, n in s.get("skipped_by_reason", {}).items():
-            out["skipped_by_reason"][reason] = out["skipped_by_reason"].get(reason, 0) + n
-        room = MAX_LISTED_SKIPS - len(out["skipped_lines"])
-        out["skipped_lines"] += s.get("skipped_lines", [])[:max(room, 0)]
-        out["input_files"] += s.get("input_files", [])
-        out["files"] += s.get("files", [])
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        skipped_lines += s.get("skipped_lines", [])[:max(MAX_LISTED_SKIPS - len(skipped_lines), 0)]
+        input_files += s.get("input_files", [])
+        files += s.get("files", [])
         for key in ("workers", "tokenizer", "tokenizer_fingerprint", "vocab_size", "eod_id", "dtype", "encoder"):
             if key in s:
-                out.setdefault(key, s[key])
-    if out["seconds"] > 0:  # summed over the parts: processing time, not the wall time of a job
-        out["mb_per_s"] = out["input_bytes"] / 1e6 / out["seconds"]
-        out["docs_per_s"] = out["documents"] / out["seconds"]
-    return out
+                shared.setdefault(key, s[key])
+    # rates over the summed processing time of the parts, not the wall time of a job
+    mb_per_s = counts["input_bytes"] / 1e6 / seconds if seconds > 0 else 0.0
+    docs_per_s = counts["documents"] / seconds if seconds > 0 else 0.0
+    return {"output_prefix": output_prefix, "documents": counts["documents"], "tokens": counts["tokens"],
+            "skipped": counts["skipped"], "skipped_by_reason": by_reason, "skipped_lines": skipped_lines,
+            "input_files": input_files, "input_bytes": counts["input_bytes"], "seconds": seconds,
+            "mb_per_s": mb_per_s, "docs_per_s": docs_per_s, "files": files, "shards": [],
+            "merged_from": len(parts), **shared}
 
 
 def check_one_tokenizer(summaries: list[dict]) -> str:
@@ -140,8 +146,8 @@ def merge_datasets(prefixes: list[str], output_prefix: str, summaries: list[dict
     out = check_output_prefix(output_prefix, "--output-prefix")
     _check_not_an_input(prefixes, out)
     if summaries is None:
-        summaries = [read_summary(p) for p in prefixes]
-    summaries = [s for s in summaries if s]
+        summaries = [s for s in map(read_summary, prefixes) if s is not None]
+    summaries = [s for s in summaries if s]  # an empty summary has nothing to combine
     fingerprint = check_one_tokenizer(summaries)
     created = missing_dirs(os.path.dirname(out))
     tag = f".tmp{os.getpid()}"

@@ -154,6 +154,9 @@ def read_synthesized(path: str) -> tuple[list[Synthesized], int]:
     """The records of one synthesis output file, and the number of unreadable lines."""
     docs, bad_lines = [], 0
     for _, obj in iter_jsonl(path):
+        if obj is None:  # not a JSON object
+            bad_lines += 1
+            continue
         try:
             docs.append(record_of(obj))
         except (TypeError, KeyError, ValueError, AttributeError):    # not a record (or not an object)
@@ -342,19 +345,17 @@ def realized_composition(paths: list[str], weights: list[float], tokenizer: str,
     bundle = build_data(cfg, model_vocab_size=vocab, seed=seed, global_batch_size=batch,
                         micro_batch_size=batch, dp_rank=0, dp_size=1, train_iterations=steps,
                         eval_iterations=0, eval_interval=0)
-    rows = [{"source_id": i, "prefix": p, "samples": 0, "tokens": 0, "loss_tokens": 0} for i, p in enumerate(paths)]
+    counts = [{"samples": 0, "tokens": 0, "loss_tokens": 0} for _ in paths]  # per source
     for _ in range(steps):
         for mb in bundle.train.next_step():
             ids = mb["source"].argmax(1).tolist() if "source" in mb else [0] * len(mb["tokens"])
             for i, mask in zip(ids, mb["loss_mask"]):
-                rows[i]["samples"] += 1
-                rows[i]["tokens"] += int(mask.numel())
-                rows[i]["loss_tokens"] += int(mask.sum())
-    for key in ("tokens", "loss_tokens"):
-        total = max(sum(r[key] for r in rows), 1)
-        for r in rows:
-            r[f"{key}_share"] = r[key] / total
-    return rows
+                counts[i]["samples"] += 1
+                counts[i]["tokens"] += int(mask.numel())
+                counts[i]["loss_tokens"] += int(mask.sum())
+    totals = {key: max(sum(c[key] for c in counts), 1) for key in ("tokens", "loss_tokens")}
+    return [{"source_id": i, "prefix": p, **c, **{f"{key}_share": c[key] / total for key, total in totals.items()}}
+            for i, (p, c) in enumerate(zip(paths, counts))]
 
 
 __all__ = ["MixtureConfig", "SourceConfig", "ConfigError", "build_mixture", "load_mixture",

@@ -208,7 +208,8 @@ def _text_units(chunk: Chunk, unit: str) -> Iterator[tuple[int, list[bytes]]]:
         for i, raw in enumerate(chunk.lines):
             yield chunk.first_line + i, [raw]
         return
-    start, para = 0, []
+    start = 0
+    para: list[bytes] = []
     for i, raw in enumerate(chunk.lines):
         if raw.strip():
             if not para:
@@ -229,11 +230,11 @@ def _decoded_units(chunk: Chunk, text: str, unit: str) -> Iterator[tuple[int, st
         for i, line in enumerate(_split_lines(text)):
             yield chunk.first_line + i, line
     else:
-        line, pos = chunk.first_line, 0
+        first, pos = chunk.first_line, 0  # first: the line number where paragraph m starts
         for m in _PARAGRAPH.finditer(text):
-            line += text.count("\n", pos, m.start())
+            first += text.count("\n", pos, m.start())
             pos = m.start()
-            yield line, m.group()
+            yield first, m.group()
 
 
 def _text_docs(chunk: Chunk, unit: str, skips: list) -> tuple[list[str], int]:
@@ -379,6 +380,7 @@ class _Output:
     def _close(self) -> None:
         """Finish the current shard's index."""
         w, name, self.current = self.current, self.current_name, None
+        assert w is not None, "_Output._close with no shard open"
         with writing(f"output {name}"):
             w.finish(name + ".idx" + self.tag)
         self.done.append((name, w))
@@ -388,7 +390,7 @@ class _Output:
         if self.by_file and self.current is not None and file_idx != self.current_file:
             self._close()
         self.current_file = file_idx
-        tokens = memoryview(tokens)  # slices below without copies
+        view = memoryview(tokens)  # slices below without copies
         while lengths.size:
             w = self.current or self._open()
             seen = self.inputs_of.setdefault(self.current_name, [])
@@ -402,8 +404,8 @@ class _Output:
                 take = min(take, lengths.size)
             nbytes = int(lengths[:take].sum(dtype=np.int64)) * self.dtype.itemsize
             with writing(f"output {self.current_name}"):
-                w.add(tokens[:nbytes], lengths[:take])
-            tokens, lengths = tokens[nbytes:], lengths[take:]
+                w.add(view[:nbytes], lengths[:take])
+            view, lengths = view[nbytes:], lengths[take:]
             if self.shard_bytes > 0 and w.nbytes >= self.shard_bytes:
                 self._close()
 
@@ -598,6 +600,7 @@ class _Progress:
             self.last = now
 
     def _postfix(self, now: float) -> None:
+        assert self.bar is not None, "_Progress._postfix without a bar"
         rate = self.documents / max(now - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{rate:,.0f} docs/s", refresh=False)
 

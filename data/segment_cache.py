@@ -30,7 +30,7 @@ import itertools
 import operator
 import re
 from functools import partial
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class SegmentCachedEncoder:
         buf = np.fromiter(_chain(ids), dtype=self._dtype, count=int(lengths.sum())).tobytes()
         return list(map(buf.__getitem__, map(slice, (ends - lengths * size).tolist(), ends.tolist())))
 
-    def _fill(self, flat: list[str], vals: list) -> None:
+    def _fill(self, flat: list[str], vals: list[bytes | None]) -> None:
         """Encode the segments missing from the cache; replace their ``None`` in ``vals``."""
         where = list(itertools.compress(range(len(vals)), map(_is_none, vals)))
         missing = list({flat[i] for i in where})
@@ -156,8 +156,9 @@ class SegmentCachedEncoder:
         vals = list(map(self._cache.get, flat))
         if None in vals:
             self._fill(flat, vals)
+        filled = cast("list[bytes]", vals)  # _fill replaced every None
         join = b"".join
-        docs = [join(vals[a:b]) for a, b in zip(bounds, bounds[1:])]
+        docs = [join(filled[a:b]) for a, b in zip(bounds, bounds[1:])]
         size = self._dtype.itemsize
         lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs)) // size + 1
         return self._eod.join(docs) + (self._eod if docs else b""), lengths
@@ -187,7 +188,7 @@ def _load_proto(path: str):
     """The SentencePiece ``ModelProto`` of a ``.model`` file."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf builds the class at import time
     with open(path, "rb") as f:
         proto.ParseFromString(f.read())
     return proto

@@ -22,6 +22,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Mapping, TypedDict
 
 from polytron.data.errors import DataError
 from polytron.data.files import (
@@ -118,7 +119,7 @@ def load_plan(path: str) -> Plan:
         raise DataError(f"plan {path}: not a preprocessing plan (bad JSON or fields)") from None
 
 
-def _write_json(path: str, obj: dict, what: str) -> None:
+def _write_json(path: str, obj: Mapping[str, object], what: str) -> None:
     """Write JSON to a temporary name, then rename (readers see all of it or nothing)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with writing(what):
@@ -156,7 +157,19 @@ def _log(task: int, message: str) -> None:
     print(f"[preprocess task {task}] {message}", flush=True)
 
 
-def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: int = 1 << 18) -> dict:
+class TaskReport(TypedDict):
+    """What one task of a plan did (``tasks/NNNNN.summary.json`` in the plan's work dir)."""
+    task: int
+    files: list[int]             # indices of the plan's inputs assigned to the task
+    skipped_finished: list[int]  # those already finished by an earlier run
+    processed: list[int]         # those tokenized by this run
+    documents: int               # documents, tokens and skipped documents of the processed files
+    tokens: int
+    skipped: int
+    seconds: float               # wall time of this run
+
+
+def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: int = 1 << 18) -> TaskReport:
     """Tokenize task ``task``'s files of the plan, skipping finished ones; return the task summary."""
     plan = load_plan(plan_path)
     if not 0 <= task < plan.tasks:
@@ -166,8 +179,8 @@ def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: i
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     _log(task, f"restart {restart}: {len(mine)} files, {len(done)} already finished")
     t0 = time.time()
-    report = {"task": task, "files": mine, "skipped_finished": done, "processed": [], "documents": 0,
-              "tokens": 0, "skipped": 0}
+    report = TaskReport(task=task, files=mine, skipped_finished=done, processed=[], documents=0,
+                        tokens=0, skipped=0, seconds=0.0)
     for n, i in enumerate(mine, 1):
         if i in done:
             _log(task, f"{n}/{len(mine)} {plan.inputs[i]}: finished earlier, skipped")
@@ -178,8 +191,9 @@ def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: i
                           chunk_bytes=chunk_bytes, encoder=plan.encoder, allow_empty=True)
         _write_json(plan.shard(i) + ".done.json", _stamp(plan, i), f"shard {plan.shard(i)}")
         report["processed"].append(i)
-        for key in ("documents", "tokens", "skipped"):
-            report[key] += getattr(summ, key)
+        report["documents"] += summ.documents
+        report["tokens"] += summ.tokens
+        report["skipped"] += summ.skipped
         _log(task, f"{n}/{len(mine)} {plan.inputs[i]}: {summ.documents} documents, {summ.tokens} tokens, "
                    f"{summ.skipped} skipped, {summ.seconds:.1f} s ({summ.mb_per_s:.2f} MB/s)")
     report["seconds"] = round(time.time() - t0, 3)
@@ -187,6 +201,14 @@ def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: i
                 f"task summary in {plan.work_dir}")
     _log(task, f"done: {len(report['processed'])} files tokenized, {len(done)} skipped as finished")
     return report
+
+
+def _shard_summary(plan: Plan, index: int) -> dict:
+    """The summary of a finished shard (:func:`shard_done` checked it is there)."""
+    summary = read_summary(plan.shard(index))
+    if summary is None:
+        raise DataError(f"shard {plan.shard(index)}: its summary is missing or unreadable; rerun its task")
+    return summary
 
 
 def merge_plan(plan_path: str, output_prefix: str = "") -> dict:
@@ -198,7 +220,7 @@ def merge_plan(plan_path: str, output_prefix: str = "") -> dict:
         first = ", ".join(f"{plan.inputs[i]} (task {owner[i]})" for i in missing[:3])
         raise DataError(f"plan {plan_path}: {len(missing)} of {len(plan.inputs)} shards are not finished: "
                         f"{first}{' ...' if len(missing) > 3 else ''}; rerun those tasks first")
-    summaries = [read_summary(plan.shard(i)) for i in range(len(plan.inputs))]
+    summaries = [_shard_summary(plan, i) for i in range(len(plan.inputs))]
     prefixes = [plan.shard(i) for i, s in enumerate(summaries) if s["documents"] > 0]
     if not prefixes:
         skipped = sum(s["skipped"] for s in summaries)

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence, cast
 
 from polytron.data.errors import DataError
 from polytron.data.files import ensure_writable_dir, missing_dirs, remove_empty_dirs, writing
@@ -50,6 +50,14 @@ class _MegatronAttrs:
             self._fingerprint = _fingerprint(self._content(), self.vocab_size, self._special_ids())
         return self._fingerprint
 
+    def _content(self) -> bytes:
+        """The bytes that define the tokenizer (hashed into :attr:`fingerprint`)."""
+        raise NotImplementedError
+
+    def _special_ids(self) -> dict[str, int | None]:
+        """The special token ids (bos, eos, unk, pad; None where undefined)."""
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(_MegatronAttrs):
     """A SentencePiece ``.model`` file; end-of-document is its ``</s>`` (eos) piece."""
@@ -71,7 +79,7 @@ class SentencePieceTokenizer(_MegatronAttrs):
         """The serialized model (pieces, scores, normalizer and trainer settings)."""
         return self._sp.serialized_model_proto()
 
-    def _special_ids(self) -> dict:
+    def _special_ids(self) -> dict[str, int | None]:
         sp = self._sp
         return {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
 
@@ -116,7 +124,7 @@ class HFTokenizer(_MegatronAttrs):
             return json.dumps(json.loads(backend.to_str()), sort_keys=True).encode()
         return json.dumps(sorted(self._tok.get_vocab().items())).encode()
 
-    def _special_ids(self) -> dict:
+    def _special_ids(self) -> dict[str, int | None]:
         t = self._tok
         return {"bos": t.bos_token_id, "eos": t.eos_token_id, "unk": t.unk_token_id, "pad": t.pad_token_id}
 
@@ -132,7 +140,7 @@ class HFTokenizer(_MegatronAttrs):
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a token id sequence."""
-        return self._tok.decode([int(i) for i in ids])
+        return cast(str, self._tok.decode([int(i) for i in ids]))  # a str for one sequence
 
 
 Tokenizer = SentencePieceTokenizer | HFTokenizer
@@ -173,7 +181,13 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise DataError(f"tokenizer {os.path.abspath(path)}: no such file or directory")
 
 
-def _lines_of(docs: Iterable[str], progress: "object | None") -> Iterator[str]:
+class _Progress(Protocol):
+    """A progress bar counting bytes (tqdm's ``update``)."""
+
+    def update(self, n: int, /) -> object: ...
+
+
+def _lines_of(docs: Iterable[str], progress: _Progress | None) -> Iterator[str]:
     """Feed SentencePiece one non-empty line at a time (it trains on sentences)."""
     for doc in docs:
         if progress is not None:
