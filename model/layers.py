@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.attention_kernels import causal_attention
-from polytron.model.protocols import TPRequirements, TPRole
+from polytron.model.protocols import SequenceShard, TPRequirements, TPRole
 
 #: Projection roles a linear factory receives.
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "head", "proj")
@@ -145,14 +145,19 @@ class Context:
     carry: dict[str, torch.Tensor] = field(default_factory=dict)   # tensors produced by earlier units
     cache: Any = None                   # an inference cache (generation), else None
     start: int = 0                      # position of the first token (generation with a cache)
+    seq: Optional[SequenceShard] = None  # the context-parallel sequence shard (parallel/context.py), else None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
     """Causal attention of (B, Hq, T, hd) queries over (B, Hkv, S, hd) keys/values.
 
     Without a cache S == T (training, full forward); with one, the queries are the last
-    T of S positions and see every key up to their own position.
+    T of S positions and see every key up to their own position. Under context
+    parallelism (``ctx.seq`` set) q, k, v hold this rank's chunks and the shard's
+    ``attention`` (ring or all-gather) runs instead.
     """
+    if ctx.seq is not None:        # context parallel: q, k, v are this rank's sequence shard
+        return ctx.seq.attention(q, k, v, ctx)
     n_rep = q.shape[1] // k.shape[1]
     T, S = q.shape[2], k.shape[2]
     if ctx.mask is not None:

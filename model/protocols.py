@@ -35,6 +35,9 @@ protocol                   what the module offers                            rea
 :class:`FullParamShapes`   ``full_param_shapes()``: unsharded shapes by FQN  pretrain/checkpoint
 :class:`RecurrentCache`    an inference cache holding per-layer recurrent     model/yoco/layers.py
                            states (``recurrent_state`` / ``set_...``)         (retention)
+:class:`SequenceShard`     this forward's context-parallel sequence shard:    model/layers.py ``attend``,
+                           layout, ``gather``/``halo``/``shard``,             CP mixers (parallel/context.py)
+                           ``attention``
 =========================  ================================================  ==========================
 
 This module imports nothing from the rest of polytron, so every layer, the model core
@@ -191,4 +194,39 @@ class RecurrentCache(Protocol):
         ...
 
     def set_recurrent_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        ...
+
+
+@runtime_checkable
+class SequenceShard(Protocol):
+    """The context-parallel sequence shard of one forward pass (``Context.seq``;
+    implemented by :class:`parallel.context.SequenceShard`). The sequence of ``seq_len``
+    tokens is cut into ``2 * size`` chunks of ``chunk_len``; rank ``rank`` holds chunks
+    ``rank`` and ``2 * size - 1 - rank`` in that order (``positions``: their global indices)."""
+
+    size: int
+    rank: int
+    kind: str                          # "ring" | "allgather"
+    seq_len: int
+    chunk_len: int
+    positions: torch.Tensor            # (T/size,) int64 global positions of the local tokens
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Local tokens -> the full sequence in global order (differentiable)."""
+        ...
+
+    def halo(self, x: torch.Tensor, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` tokens preceding each local chunk (zeros before position 0)."""
+        ...
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Full sequence -> this rank's two chunks."""
+        ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Causal (document-masked) attention of local queries over the whole sequence's keys."""
+        ...
+
+    def bind(self, local_len: int, doc_ids: Optional[torch.Tensor]) -> "SequenceShard":
+        """The view of one forward pass (local length, document ids gathered once)."""
         ...

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytron.model.layers import OUTPUT_ROLES, Context, rope_table, select_rope
+from polytron.model.protocols import SequenceShard
 from polytron.model.spec import Unit, get_spec
 
 
@@ -91,9 +92,18 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------ forward
 
+    #: The context-parallel sequence shard (set by parallel/context.py), else None: then
+    #: ``x``, ``position_ids`` and ``doc_ids`` hold this rank's chunks of each sequence.
+    seq_shard: Optional[SequenceShard] = None
+
     def context(self, seq_len: int, position_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
                 cache=None, start: int = 0) -> Context:
         cos, sin = select_rope(self.rope, seq_len, position_ids, start)
+        if self.seq_shard is not None and cache is None:
+            # local (B, T/cp) ids; attention masks per block from the gathered ids, never T x T
+            local_len = position_ids.shape[1] if position_ids is not None else seq_len
+            seq = self.seq_shard.bind(local_len, doc_ids)
+            return Context(cos=cos, sin=sin, mask=None, cache=cache, start=start, seq=seq)
         mask = document_mask(doc_ids) if doc_ids is not None else None
         return Context(cos=cos, sin=sin, mask=mask, cache=cache, start=start)
 
