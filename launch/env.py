@@ -285,13 +285,15 @@ def lost_peer(exc: BaseException) -> str | None:
     gloo raises ``RuntimeError`` naming the closed connection, NCCL and the store raise
     ``torch.distributed.DistError`` subclasses. Other RuntimeErrors are not ours to reword.
     """
+    dist_errors: tuple[type[BaseException], ...] = ()   # none in torch without distributed support
     try:
         from torch.distributed import DistError
-    except ImportError:                                   # torch without distributed support
-        DistError = ()                                    # type: ignore[assignment]  # noqa: N806
+        dist_errors = (DistError,)
+    except ImportError:
+        pass
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    if not isinstance(exc, DistError) and not any(p in text.lower() for p in _PEER_LOST):
+    if not isinstance(exc, dist_errors) and not any(p in text.lower() for p in _PEER_LOST):
         return None
     first = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", first)     # gloo's source location prefix
     first = first.split(". This is typically caused")[0]

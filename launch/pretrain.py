@@ -16,7 +16,6 @@ the workers and their exit status back (docs/launch.md).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from polytron.model.errors import Failure, PolytronError
@@ -34,8 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def help_config() -> None:
-    from polytron.pretrain.config import RunConfig
     from polytron.model.configlib import field_docs
+    from polytron.pretrain.config import RunConfig
     for key, text, default in field_docs(RunConfig):
         print(f"{key} = {default!r}\n    {text}")
 
@@ -58,9 +57,9 @@ def run(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from polytron.launch.env import check_master_reachable, choose_backend, detect_launch_env, export_env, lost_peer
+    from polytron.model.configlib import ConfigError
     from polytron.parallel.mesh import ParallelDims
     from polytron.pretrain.config import load_config
-    from polytron.model.configlib import ConfigError
 
     args = parse_args(argv)
     if args.help_config:

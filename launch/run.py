@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-
 from polytron.launch.env import LAUNCHER_PID_VAR  # noqa: E402
 from polytron.model.errors import BadInput, Failure, error_line
 from polytron.tools.cli import command

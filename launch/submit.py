@@ -19,7 +19,6 @@ the status of ``sbatch`` when it refuses the job.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import shutil
@@ -132,9 +131,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_run_config(config: Path, overrides: list[str], world_size: int):
     """Load and validate the run config and its layout for ``world_size`` processes."""
+    from polytron.model.configlib import ConfigError
     from polytron.parallel.mesh import LayoutError, ParallelDims
     from polytron.pretrain.config import load_config
-    from polytron.model.configlib import ConfigError
 
     try:
         cfg = load_config(str(config), overrides)

@@ -19,11 +19,16 @@ the run without checkpointing.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from polytron.model.spec import Unit
+
+if TYPE_CHECKING:
+    from polytron.model.transformer import Transformer
 
 
 def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
@@ -35,7 +40,7 @@ def checkpoint_block(block: nn.Module) -> None:
     block.forward = functools.partial(_checkpointed_forward, block, block.forward)
 
 
-def apply_activation_checkpointing(model: nn.Module, policy: str) -> int:
+def apply_activation_checkpointing(model: Transformer, policy: str) -> int:
     """Apply ``policy`` to the block units of ``model``; returns how many blocks recompute."""
     if policy == "none":
         return 0
@@ -49,13 +54,13 @@ def apply_activation_checkpointing(model: nn.Module, policy: str) -> int:
     return count
 
 
-def block_index(model: nn.Module, unit) -> int:
+def block_index(model: Transformer, unit: Unit) -> int:
     """Position of a block unit among the whole model's blocks (the same on every stage)."""
     blocks = [u.name for u in model.spec.units(model.cfg) if u.kind == "block"]
     return blocks.index(unit.name)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: Transformer) -> None:
     """``torch.compile`` each block unit separately (same graph for every block, compiled
     once), and the final norm when this part has it."""
     for unit, module in model.unit_modules():

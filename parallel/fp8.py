@@ -44,13 +44,16 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
 
 from polytron.model.configlib import ConfigError, bad, doc
 from polytron.model.protocols import TPRoles
+
+if TYPE_CHECKING:
+    from polytron.model.transformer import Transformer
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_gw_hp", "delayed", "mxfp8")
 #: recipe -> backends that implement it
@@ -202,7 +205,7 @@ def _check_gpu(cfg: FP8Config) -> None:
 
 # ---------------------------------------------------------------- selection
 
-def block_positions(part: nn.Module) -> dict[str, int]:
+def block_positions(part: Transformer) -> dict[str, int]:
     """Block unit name -> its index among the whole model's blocks (same on every stage)."""
     blocks = [u.name for u in part.spec.units(part.cfg) if u.kind == "block"]
     return {name: i for i, name in enumerate(blocks)}
@@ -221,11 +224,13 @@ def kept_reason(module: nn.Module, cfg: FP8Config) -> Optional[str]:
     return None
 
 
-def select(part: nn.Module, cfg: FP8Config, tp: int, tp_roles: dict[str, object]) -> tuple[list[str], dict]:
+def select(part: Transformer, cfg: FP8Config, tp: int,
+           tp_roles: dict[str, object]) -> tuple[list[str], dict[str, int]]:
     """(paths of the linears of ``part`` to convert, {reason: count} of those kept)."""
     positions = block_positions(part)
     n_blocks = len(positions)
-    chosen, kept = [], {}
+    chosen: list[str] = []
+    kept: dict[str, int] = {}
     for unit, unit_module in part.unit_modules():
         edge = unit.kind == "block" and (positions[unit.name] < cfg.keep_first_blocks
                                          or positions[unit.name] >= n_blocks - cfg.keep_last_blocks)
@@ -257,7 +262,7 @@ def _gemm_ok(module: nn.Linear, role, tp: int) -> bool:
     return out_f % GEMM_MULTIPLE == 0 and in_f % GEMM_MULTIPLE == 0
 
 
-def declared_tp_roles(part: nn.Module, tp: int) -> dict[str, object]:
+def declared_tp_roles(part: Transformer, tp: int) -> dict[str, object]:
     """Module path -> 'colwise' / 'rowwise' / 'kv' (split) / 'kv_replicated' from ``tp_roles()``."""
     out: dict[str, object] = {}
     for unit, unit_module in part.unit_modules():
@@ -280,8 +285,8 @@ def replace(part: nn.Module, path: str, new: nn.Module) -> None:
 
 def torchao_config(cfg: FP8Config, emulate: bool, fsdp_all_gather: bool):
     """The ``Float8LinearConfig`` of the recipe and format."""
-    from torchao.float8 import CastConfig, Float8LinearConfig
-    from torchao.float8.config import e4m3_dtype
+    from torchao.float8 import CastConfig, Float8LinearConfig  # type: ignore[import-untyped]
+    from torchao.float8.config import e4m3_dtype  # type: ignore[import-untyped]
     if cfg.recipe in ("rowwise", "rowwise_gw_hp"):
         base = Float8LinearConfig.from_recipe_name("rowwise" if cfg.recipe == "rowwise" else "rowwise_with_gw_hp")
         return _with(base, emulate=emulate)
@@ -299,11 +304,16 @@ def _with(config, **changes):
 def to_float8_linear(module: nn.Linear, config, fp8_collectives: bool) -> nn.Module:
     """torchao's ``Float8Linear`` over the same parameters, keeping the role;
     ``fp8_collectives``: its tensor-parallel all-gathers may move FP8 (NCCL)."""
-    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.float8_linear import Float8Linear  # type: ignore[import-untyped]
     new = Float8Linear.from_float(module, config=config)
     new.role = module.role
     new.fp8_collectives = fp8_collectives
     return new
+
+
+def float8_config(module: nn.Module) -> Any:
+    """The ``Float8LinearConfig`` of a torchao ``Float8Linear`` (torchao ships no types)."""
+    return module.config
 
 
 def is_float8_tensorwise(module: nn.Module) -> bool:
@@ -314,7 +324,7 @@ def is_float8_tensorwise(module: nn.Module) -> bool:
     if type(module).__name__ != "Float8Linear" or not getattr(module, "fp8_collectives", False):
         return False
     from torchao.float8.config import ScalingGranularity, ScalingType
-    c = module.config
+    c = float8_config(module)
     casts = (c.cast_config_input, c.cast_config_weight, c.cast_config_grad_output,
              c.cast_config_input_for_grad_weight, c.cast_config_weight_for_grad_input,
              c.cast_config_grad_output_for_grad_weight)
@@ -328,7 +338,7 @@ def float8_tp_style(role, module: nn.Module, tp: int, sequence_parallel: bool):
     gathered input feeds only such linears (the all-gather then moves FP8); else None."""
     from torch.distributed.tensor import Replicate, Shard
     if role in ("colwise", "kv") and is_float8_tensorwise(module):
-        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel  # type: ignore[import-untyped]
         return Float8ColwiseParallel()
     if role == "rowwise" and is_float8_tensorwise(module):
         from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
@@ -353,7 +363,7 @@ def _float8_consumers(module: nn.Module, tp: int) -> bool:
     if any(r[1] % tp for r in kv):
         return False
     readers = [module.get_submodule(c) for c, r in roles.items() if r == "colwise" or r in kv]
-    return bool(readers) and all(is_float8_tensorwise(m) and m.config.cast_config_input.target_dtype
+    return bool(readers) and all(is_float8_tensorwise(m) and float8_config(m).cast_config_input.target_dtype
                                  == torch.float8_e4m3fn for m in readers)
 
 
@@ -459,7 +469,7 @@ class FP8:
 
     # ------------------------------------------------------------ conversion
 
-    def convert(self, part: nn.Module) -> None:
+    def convert(self, part: Transformer) -> None:
         """Swap the selected projections of ``part`` (before tensor parallelism)."""
         tp = self.dims.tp
         chosen, kept = select(part, self.cfg, tp, declared_tp_roles(part, tp))

@@ -18,6 +18,8 @@ balance by observed load get a reduction of that load over the data-parallel ran
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -25,6 +27,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from polytron.model.protocols import FullPrecision
 from polytron.model.spec import PLAIN_KINDS
 from polytron.parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from polytron.model.transformer import Transformer
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
@@ -41,7 +46,7 @@ def mixed_precision(param_dtype: torch.dtype, reduce_dtype: torch.dtype):
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
                reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
     """Wrap each inner unit of ``model`` (a Transformer or a pipeline stage), then the root.
 

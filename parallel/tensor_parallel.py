@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ from torch.distributed.tensor.parallel import (
 
 from polytron.model.protocols import TPRoles
 from polytron.parallel.roles import UNIT_ROLES, register_tp_style, style_for
+
+if TYPE_CHECKING:
+    from polytron.model.transformer import Transformer
 
 
 class ReplicatedKVHeads(ParallelStyle):
@@ -110,7 +113,8 @@ def _kv_head_forward(module: nn.Module, inner_forward, cols: slice, mesh: Device
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
     x_local = x.to_local(grad_placements=[Partial()])           # (B, T, d), grad is partial
-    local = {name: p.to_local(grad_placements=[Partial()]) for name, p in module.named_parameters()}
+    local = {name: cast(DTensor, p).to_local(grad_placements=[Partial()])   # parameters are DTensors here
+             for name, p in module.named_parameters()}
     with _reparametrize_module(module, local):
         y = inner_forward(x_local)                               # (B, T, Hkv*hd), whole projection
     return y[..., cols]
@@ -221,7 +225,7 @@ def unit_plan(unit_kind: str, unit: nn.Module, tp: int, sequence_parallel: bool)
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard ``model`` (a Transformer or a pipeline stage of one) over ``tp_mesh`` in place."""
     tp = tp_mesh.size()
     for unit, module in model.unit_modules():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import yaml
 
@@ -283,7 +283,7 @@ def resolve_paths(cfg: RunConfig, base: str) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] = (), base: str | None = None) -> RunConfig:
+def load_config(path: str | None, overrides: Sequence[str] = (), base: str | None = None) -> RunConfig:
     """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validated. Relative
     paths are resolved against ``base`` (default: the current directory, where the user
     launched from; see :func:`resolve_paths`)."""

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 
@@ -21,6 +21,8 @@ DEFAULT_PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}
 #: CPU fp32 matmul peak per thread, measured on the 2-core CI machine (about 0.3
 #: TFLOP/s on 2 threads, measured for the design notes); a process's peak scales with its threads.
 CPU_PEAK_TFLOPS_PER_THREAD = 0.15
+#: The modes ``wandb.init`` takes (``WANDB_MODE`` may name any of them).
+WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def peak_flops(cfg: LoggingConfig, device: torch.device, dtype_name: str) -> float:
@@ -84,6 +86,7 @@ class MetricsLogger:
         """Write one record everywhere; print ``line`` (or a default rendering)."""
         if not self.enabled:
             return
+        assert self.jsonl is not None          # opened whenever the logger is enabled
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         step = record.get("iteration", 0)
@@ -117,7 +120,8 @@ def truncate_metrics(path: str, last_iteration: int) -> int:
         return 0
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
-    kept, dropped = [], []
+    kept: list[str] = []
+    dropped: list[str] = []
     for line in lines:
         try:
             rec = json.loads(line)
@@ -142,7 +146,7 @@ def truncate_metrics(path: str, last_iteration: int) -> int:
 
 def _start_wandb(cfg: RunConfig, run_dir: str):
     """A wandb run that never prompts: offline without a key or network."""
-    mode = cfg.logging.wandb_mode
+    mode: str = cfg.logging.wandb_mode
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     if mode == "disabled":
@@ -150,7 +154,7 @@ def _start_wandb(cfg: RunConfig, run_dir: str):
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.training.name, dir=run_dir,
-                      mode=mode, config=cfg.to_dict(), resume="allow",
+                      mode=cast(WandbMode, mode), config=cfg.to_dict(), resume="allow",
                       id=_wandb_id(run_dir), settings=wandb.Settings(console="off"))
 
 

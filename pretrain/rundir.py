@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch.distributed as dist
 
@@ -99,8 +99,9 @@ class RunDirectory:
         directory would resolve relative paths elsewhere); the first differing line is named."""
         if not dist.is_initialized():
             return
-        texts: list[Optional[str]] = [None] * self.world_size
-        dist.all_gather_object(texts, self.cfg.to_yaml())
+        gathered: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(gathered, self.cfg.to_yaml())
+        texts = cast(list[str], gathered)            # every rank sent its config text
         for r, text in enumerate(texts):
             if text != texts[0]:
                 ours, theirs = texts[0].splitlines(), text.splitlines()

@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-
-from polytron.launch.run import (EXIT_REQUEUE, FORWARDED, child_pids, launch,  # noqa: E402,F401
-                        requeue_requested)
+from polytron.launch.run import EXIT_REQUEUE, FORWARDED, child_pids, launch, requeue_requested  # noqa: E402,F401
 from polytron.model.errors import BadInput
 from polytron.tools.cli import command
-
 
 #: Seconds node 0's agent waits for every node to join, and the others to reach node 0
 #: (torchrun's static rendezvous, ``--rdzv-conf timeout=``); ``POLYTRON_RENDEZVOUS_TIMEOUT`` overrides.

@@ -84,6 +84,13 @@ def scan(root: str) -> Scan:
     return out
 
 
+def scanned_iteration(name: str) -> int:
+    """The iteration of a name :func:`scan` classified complete or incomplete (it has one)."""
+    it = ckpt_iteration(name)
+    assert it is not None, f"{name} is not a checkpoint name"
+    return it
+
+
 def describe_incomplete(s: Scan) -> list[str]:
     """One line per incomplete checkpoint directory: what is missing and that it is kept."""
     lines = []
@@ -174,7 +181,7 @@ def start_lineage(root: str, origin: Optional[str]) -> list[str]:
     if it is None:                    # e.g. a weights-only export: it is not part of a lineage
         return []
     s = scan(root)
-    newer = [n for n in s.complete + s.incomplete if ckpt_iteration(n) > it]
+    newer = [n for n in s.complete + s.incomplete if scanned_iteration(n) > it]
     reason = f"rollback-to-{os.path.basename(origin)}" if origin else "restart"
     moved = set_aside(root, newer, f"{reason}-{_stamp()}")
     inside = origin is not None and os.path.dirname(os.path.abspath(origin)) == os.path.abspath(root)

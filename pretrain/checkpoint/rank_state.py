@@ -99,6 +99,13 @@ def derived_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration * 7919 + rank) % 2**63
 
 
+def _numpy_state() -> tuple[str, np.ndarray, int, int, float]:
+    """numpy's global RNG state in the legacy tuple form (its generator is MT19937)."""
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple), "numpy's global generator is not MT19937"
+    return state
+
+
 class RngState:
     """This rank's RNG streams (python, numpy, torch CPU/CUDA). Resumed under another world
     size, every rank reseeds with :func:`derived_seed` (seed, iteration, rank): deterministic.
@@ -108,7 +115,7 @@ class RngState:
         self.seed, self.rank = seed, rank
 
     def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = _numpy_state()
         state = {"python": random.getstate(), "torch": torch.get_rng_state(),
                  "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
         if torch.cuda.is_available():

@@ -109,6 +109,7 @@ class PendingSave:
         if error is None:
             if self.checksums is None:
                 self.start_checksums()
+            assert self.checksums is not None       # set by start_checksums
             try:
                 sums = self.checksums.result()
             except DCP_ERRORS as e:
@@ -208,8 +209,10 @@ def save(root: str, iteration: int, model_parts, optimizer, trainer_state: dict,
     try:
         with dcp_one_process(not is_dist()):
             if async_save:
-                pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group(),
-                                                no_dist=not is_dist())
+                saved = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group(),
+                                       no_dist=not is_dist())
+                # a plain Future unless a staging stager is given (then an AsyncSaveResponse)
+                pending.future = saved if isinstance(saved, Future) else saved.upload_completion
             else:
                 dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist())
     except DCP_ERRORS as e:
