@@ -44,6 +44,7 @@ from polytron.model.layers import (
     register,
 )
 from polytron.model.protocols import RecurrentCache
+from polytron.model.yoco import context_parallel
 from polytron.model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
 
 #: Carry names of the shared key and value (produced by :class:`SharedKV`).
@@ -96,13 +97,19 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = project_qkv(self, x, ctx)                  # (B, H, T, hd)
+        if ctx.seq is not None:                             # context parallel: own chunks + halo
+            y = context_parallel.window_attention(q, k, v, self.window, ctx)
+        else:
+            y = self._attend(q, k, v, ctx)                               # (B, Hq, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
         seg = segments(ctx.mask)
         if ctx.cache is not None:                                        # keys: window so far + new
             update = getattr(ctx.cache, "window_update", None)
             k, v = update(self.layer_idx, k, v) if update else ctx.cache.update(self.layer_idx, k, v)
             seg = None
-        y = sliding_window_attention(q, k, v, self.window, seg)          # (B, Hq, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return sliding_window_attention(q, k, v, self.window, seg)       # (B, Hq, T, hd)
 
     def tp_roles(self) -> dict:
         kv = ("kv", self.num_kv_heads, self.head_dim)
@@ -158,6 +165,8 @@ class GatedRetention(nn.Module):
         return self.wo(F.silu(self.wg(x)) * o)
 
     def _retain(self, q, k, v, log_decay, ctx: Context) -> torch.Tensor:
+        if ctx.seq is not None:                             # context parallel: chunk states scanned
+            return context_parallel.retention(q, k, v, log_decay, self.chunk, ctx)
         cache = ctx.cache
         if cache is None:
             return chunk_retention(q, k, v, log_decay, self.chunk, segments(ctx.mask))[0]
@@ -281,7 +290,11 @@ class CrossAttention(nn.Module):
         cos, sin = (t.narrow(-3, t.shape[-3] - T, T) for t in (ctx.cos, ctx.sin))   # last T positions
         q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, hd)
         k, v = (_ContiguousGrad.apply(ctx.carry[n]) for n in CARRY)      # (B, Hkv, S, hd), S >= T
-        y = attend(q, k, v, ctx)                                         # (B, Hq, T, hd)
+        if ctx.seq is not None:             # context parallel: the K/V shards gathered once per forward
+            k, v = context_parallel.shared_kv(k, v, ctx)                 # (B, Hkv, T_full, hd)
+            y = context_parallel.cross_attention(q, k, v, ctx)
+        else:
+            y = attend(q, k, v, ctx)                                     # (B, Hq, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def tp_roles(self) -> dict:
