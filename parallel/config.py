@@ -29,7 +29,13 @@ class ParallelConfig:
         "neighbouring data-parallel ranks (carved from data_parallel_shard, which it must divide; "
         "tokens reach their experts by all-to-all) and FSDP-sharded over the remaining "
         "data-parallel ranks; must divide model.moe.num_experts (parallel/expert_parallel.py)."))
-    context: int = field(default=1, metadata=doc("Context-parallel degree."))
+    context: int = field(default=1, metadata=doc(
+        "Context-parallel degree: each sequence is cut into 2 x context chunks and rank i of a "
+        "context group holds chunks i and 2 x context - 1 - i (parallel/context.py); data.seq_len "
+        "must be divisible by 2 x context."))
+    context_kind: Literal["ring", "allgather"] = field(default="ring", metadata=doc(
+        "How attention sees the other ranks' keys/values under context > 1: ring (blocks passed "
+        "around the context group, overlapped with compute) or allgather (gathered once per layer)."))
     activation_checkpoint: Literal["none", "selective", "full"] = field(default="none", metadata=doc(
         "Recompute activations in backward: none, selective (every other block), or full (all blocks)."))
     fsdp_reduce_dtype: Literal["fp32", "compute"] = field(default="fp32", metadata=doc(

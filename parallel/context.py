@@ -138,7 +138,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.stack(parts)
 
@@ -255,7 +255,7 @@ def _shift(tensors: list[torch.Tensor], shard: SequenceShard, backward: bool = F
     the same shapes from the other side; returns a wait() giving the received tensors."""
     nxt, prv = _ring_peers(shard)
     dst, src = (prv, nxt) if backward else (nxt, prv)
-    recv = [torch.empty_like(t) for t in tensors]
+    recv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     ops = [dist.P2POp(dist.isend, t.contiguous(), dst, shard.group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, src, shard.group) for r in recv]
     reqs = dist.batch_isend_irecv(ops)
