@@ -46,9 +46,11 @@ def training(args) -> dict:
     for _ in range(args.repeats):
         for runner in runners.values():
             runner.run(args.steps, args.warmup)
-    out = {name: {"tokens_per_s": r.tokens_per_s(), "runs_tokens_per_s": [r.tokens_per_step / t for t in r.times]}
-           for name, r in runners.items()}
-    out["ratio_bitnet_over_dense"] = out["bitnet"]["tokens_per_s"] / out["dense"]["tokens_per_s"]
+    speed = {name: r.tokens_per_s() for name, r in runners.items()}
+    out: dict[str, object] = {
+        name: {"tokens_per_s": speed[name], "runs_tokens_per_s": [r.tokens_per_step / t for t in r.times]}
+        for name, r in runners.items()}
+    out["ratio_bitnet_over_dense"] = speed["bitnet"] / speed["dense"]
     out["shape"] = {k: getattr(cfgs["bitnet"].model, k) for k in ("hidden_size", "num_layers", "num_heads",
                                                                   "ffn_hidden_size", "vocab_size")}
     out["tokens_per_step"] = runners["bitnet"].tokens_per_step

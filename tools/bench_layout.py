@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from polytron.parallel.engine import build_engine
     from polytron.parallel.mesh import ParallelDims
+    from polytron.parallel.runtime import pick_device, pick_dtype
     from polytron.pretrain.config import load_config
     from polytron.pretrain.host import setup_host
-    from polytron.parallel.runtime import pick_device, pick_dtype
     from polytron.pretrain.optim import build_optimizer
     from polytron.pretrain.step import TrainStep
 
@@ -151,11 +151,11 @@ def measure_layouts(config: str, layouts: list[str], steps: int = 5, warmup: int
         except subprocess.TimeoutExpired:
             out.append({"layout": layout, "error": f"timed out after {timeout_s:.0f}s"})
             continue
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode == 0 and lines:
             out.append(json.loads(lines[-1][len("RESULT "):]))
         else:
-            errs = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+            errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
             tail = errs[-1] if errs else (proc.stderr.strip().splitlines() or ["no output"])[-1]
             out.append({"layout": layout, "error": f"exit {proc.returncode}: {tail}"})
     return out

@@ -30,16 +30,20 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
+import torch
 
 from polytron.tools.cli import command
 
+#: An expert GEMM kind (``MoEConfig.gemm``).
+Gemm = Literal["auto", "grouped", "batched", "looped"]
+#: The expert GEMMs timed against each other.
+GEMMS: tuple[Gemm, ...] = ("grouped", "batched", "looped")
 
-def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: str = "grouped"):
+
+def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: Gemm = "grouped"):
     """One-layer model whose MLP is ``mlp``; the dense SwiGLU has top_k x expert_ffn inner width."""
     from polytron.model.config import ModelConfig
     from polytron.model.moe.config import MoEConfig
@@ -55,7 +59,11 @@ def layer_config(args, mlp: str = "moe", heads: int = 1, gemm: str = "grouped"):
 def build_layer(cfg) -> torch.nn.Module:
     """The MLP of a one-layer model built and initialized like any model (model.transformer)."""
     from polytron.model.transformer import build_model
-    return build_model(cfg, seed=0).layers["0"].mlp
+    model = build_model(cfg, seed=0)
+    assert model.layers is not None                       # an unsplit model holds every layer
+    mlp = model.layers["0"].mlp
+    assert isinstance(mlp, torch.nn.Module)
+    return mlp
 
 
 def timed(fn: Callable[[], None], iters: int) -> float:
@@ -66,12 +74,12 @@ def timed(fn: Callable[[], None], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def layer_bench(args) -> dict:
+def layer_bench(args) -> dict[str, dict[str, float]]:
     from polytron.model.hooks import StatsCollector, step_scope
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(0))
     variants: dict[str, torch.nn.Module] = {
         "dense SwiGLU (same activated params)": build_layer(layer_config(args, "swiglu"))}
-    for gemm in ("grouped", "batched", "looped"):
+    for gemm in GEMMS:
         variants[f"MoE, {gemm} experts"] = build_layer(layer_config(args, gemm=gemm))
     if args.heads > 1:
         variants[f"MH-MoE h={args.heads}, grouped"] = build_layer(layer_config(args, "mh_moe", args.heads))
@@ -144,21 +152,29 @@ def _ep_run(args, ep: int) -> dict:
             return splits(self, counts)
         finally:
             spent[0] += time.perf_counter() - t
-    xp._exchange, xp.ExpertDispatch.splits = timed_exchange, timed_splits
     gen = torch.Generator().manual_seed(1 + dist_rank())
     batches = [[{"tokens": (s := torch.randint(0, 4096, (4, 257), generator=gen))[:, :-1], "labels": s[:, 1:]}]
                for _ in range(args.steps + 1)]
-    try:
+    with replaced(xp, "_exchange", timed_exchange), replaced(xp.ExpertDispatch, "splits", timed_splits):
         step(batches[0], 0)                              # warm-up
         spent[0] = 0.0
         start = time.perf_counter()
         for i, mb in enumerate(batches[1:]):
             step(mb, i + 1)
         total = time.perf_counter() - start
-    finally:
-        xp._exchange, xp.ExpertDispatch.splits = exchange, splits
     return {"step_ms": 1000 * total / args.steps, "exchange_ms": 1000 * spent[0] / args.steps,
             "exchange_share": spent[0] / total}
+
+
+@contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.<name>`` is ``value`` inside the block (the timing wrappers), restored after."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
 
 
 def dist_rank() -> int:
@@ -166,8 +182,9 @@ def dist_rank() -> int:
     return dist.get_rank()
 
 
-def ep_bench(args) -> dict:
+def ep_bench(args) -> dict[str, dict[str, float]]:
     import torch.multiprocessing as mp
+
     from polytron.launch.env import free_port
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -196,15 +213,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip-ep", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    result = {"threads": torch.get_num_threads(), "args": vars(args), "layer": layer_bench(args)}
+    layer = layer_bench(args)
+    result: dict[str, object] = {"threads": torch.get_num_threads(), "args": vars(args), "layer": layer}
     print(f"MoE layer, {args.tokens} tokens x d={args.hidden}, {args.experts} experts top-{args.top_k} of "
           f"ffn {args.expert_ffn} ({result['threads']} threads), forward + backward:")
-    dense = result["layer"]["dense SwiGLU (same activated params)"]["tokens_per_s"]
-    for name, r in result["layer"].items():
-        print(f"  {name:<40} {r['ms']:8.1f} ms  {r['tokens_per_s']:9.0f} tokens/s  {r['tokens_per_s'] / dense:5.2f}x dense")
+    dense = layer["dense SwiGLU (same activated params)"]["tokens_per_s"]
+    for name, r in layer.items():
+        print(f"  {name:<40} {r['ms']:8.1f} ms  {r['tokens_per_s']:9.0f} tokens/s  "
+              f"{r['tokens_per_s'] / dense:5.2f}x dense")
     if not args.skip_ep:
-        result["ep"] = ep_bench(args)
-        for name, r in result["ep"].items():
+        result["ep"] = ep = ep_bench(args)
+        for name, r in ep.items():
             print(f"{name}: step {r['step_ms']:.0f} ms, expert exchange {r['exchange_ms']:.0f} ms "
                   f"({100 * r['exchange_share']:.1f}% of the step)")
     if args.json:

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from polytron.model.errors import BadInput
 from polytron.tools import cli
@@ -226,7 +227,10 @@ def table(result: dict) -> str:
     runs, mb = result["runs"], result["input_mb"]
     tools = sorted({r["tool"] for r in runs}, key=TOOLS.index)
     workers = sorted({r["workers"] for r in runs} - {0})
-    rows = [("start-up, s (one-document run)", lambda t: _median(runs, t, 0, "wall_s"), "{:.2f}")]
+    # (row label, the row's value for a tool name, its format). Called with the tool name only; typed
+    # ``...`` because the per-worker lambdas bind ``w`` as a default, which mypy cannot match to [str]
+    rows: list[tuple[str, Callable[..., float], str]] = [
+        ("start-up, s (one-document run)", lambda t: _median(runs, t, 0, "wall_s"), "{:.2f}")]
     for w in workers:
         rows += [(f"MB/s end to end, {w} worker{'s' if w > 1 else ''}",
                   lambda t, w=w: mb / _median(runs, t, w, "wall_s"), "{:.2f}"),

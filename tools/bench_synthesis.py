@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from typing import cast
 
 from polytron.tools.cli import command
 
@@ -94,7 +95,8 @@ def reference(model_dir: str, texts: list[str], max_new: int) -> dict:
             out = model.generate(input_ids=ids, max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=tok.eos_token_id)[0]
         new_tokens += out.shape[0] - ids.shape[1]
-        pairs += len(parse_pairs(tok.decode(out[ids.shape[1]:], skip_special_tokens=True)).pairs)
+        text = cast(str, tok.decode(out[ids.shape[1]:], skip_special_tokens=True))   # one sequence: one string
+        pairs += len(parse_pairs(text).pairs)
     took = time.perf_counter() - t0
     return {"seconds": took, "docs_per_s": len(texts) / took, "new_tokens": new_tokens, "pairs": pairs}
 

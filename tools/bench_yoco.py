@@ -32,15 +32,15 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from polytron.model.config import ModelConfig  # noqa: E402
-from polytron.model.configlib import from_dict  # noqa: E402
+from polytron.model.config import ModelConfig
+from polytron.model.configlib import from_dict
 from polytron.model.errors import BadInput
 from polytron.tools.cli import command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The shape the memory section compares (Llama-3.2-1B-like: d=2048, 16 layers, 32 heads of 64, 8 KV heads).
 MEMORY_SHAPE = dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -86,12 +86,14 @@ def bench_memory(args) -> list[dict]:
     from polytron.model.yoco.cache import cache_bytes, dense_cache_bytes
     rows = []
     for context in CONTEXTS:
-        row = {"context": context}
+        row: dict[str, object] = {"context": context}
         for name, over in (("dense", dict(arch="llama")),
                            ("yoco_swa", dict(arch="yoco", yoco=dict(self_decoder="swa", sliding_window=1024))),
                            ("yoco_retention", dict(arch="yoco", yoco=dict(self_decoder="retention")))):
             cfg = config(MEMORY_SHAPE, **over)
-            cache = get_spec(cfg.arch).make_cache(cfg, 1, context, "cpu", torch.bfloat16)
+            make_cache = get_spec(cfg.arch).make_cache
+            assert make_cache is not None                # both architectures generate with a cache
+            cache = make_cache(cfg, 1, context, "cpu", torch.bfloat16)
             row[name] = {"bytes": cache.bytes(), "storage_bytes": storage_bytes(cache),
                          "computed": (dense_cache_bytes if name == "dense" else cache_bytes)(
                              cfg, context, 1, torch.bfloat16)}
@@ -169,11 +171,11 @@ def bench_swa(args) -> list[dict]:
     rows = []
     for window in (512, 1024):
         band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)          # (T, T)
-        masked = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=band)  # noqa: E731
-        blocked = lambda a, b, c: sliding_window_attention(a, b, c, window)            # noqa: E731
+        masked = lambda a, b, c, band=band: F.scaled_dot_product_attention(a, b, c, attn_mask=band)  # noqa: E731
+        blocked = lambda a, b, c, window=window: sliding_window_attention(a, b, c, window)  # noqa: E731
         causal = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
         torch.testing.assert_close(blocked(q, k, v), masked(q, k, v), atol=1e-5, rtol=0)
-        row = {"T": T, "window": window, "heads": H, "head_dim": hd}
+        row: dict[str, float] = {"T": T, "window": window, "heads": H, "head_dim": hd}
         for name, fn in (("blocked_swa_s", blocked), ("masked_full_s", masked), ("causal_full_s", causal)):
             row[name] = _time_fwd_bwd(fn, q, k, v, args.repeats)
         rows.append(row)

@@ -45,18 +45,16 @@ import sys
 import time
 from typing import Callable, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from polytron.parallel.engine import build_engine  # noqa: E402
-from polytron.parallel.mesh import ParallelDims  # noqa: E402
-from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
-from polytron.pretrain.host import setup_host  # noqa: E402
-from polytron.parallel.runtime import autocast_context, pick_device, pick_dtype  # noqa: E402
-from polytron.pretrain.optim import build_optimizer  # noqa: E402
-from polytron.pretrain.step import TrainStep  # noqa: E402
+from polytron.parallel.engine import build_engine
+from polytron.parallel.mesh import ParallelDims
+from polytron.parallel.runtime import autocast_context, pick_device, pick_dtype
+from polytron.pretrain.config import RunConfig, load_config
+from polytron.pretrain.host import setup_host
+from polytron.pretrain.optim import build_optimizer
+from polytron.pretrain.step import TrainStep
 from polytron.tools.cli import command
 
 Step = Callable[[], None]
@@ -156,7 +154,9 @@ def hf_llama(cfg: RunConfig, device: torch.device) -> nn.Module:
     hf_cfg.use_cache = False
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(cfg.training.seed)
-    return LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
+    model = LlamaForCausalLM(hf_cfg)
+    # transformers wraps ``to`` with functools.wraps; mypy then reads it as unbound (self missing)
+    return model.to(device=device, dtype=torch.float32).train()  # type: ignore[call-arg]
 
 
 def hf_step(cfg: RunConfig, device: torch.device, compile_model: bool = False) -> Step:
@@ -216,7 +216,8 @@ class Runner:
 
     def __init__(self, name: str, build: Callable[[RunConfig, torch.device], Step],
                  cfg: RunConfig, device: torch.device):
-        self.name, self.device, self.times = name, device, []
+        self.name, self.device = name, device
+        self.times: list[float] = []
         self.tokens_per_step = cfg.training.micro_batch_size * cfg.data.seq_len
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -12,8 +12,8 @@ keys. Writes into the output directory:
 
 * ``<name>.bin/.idx`` per source (``<name>.lossmask.bin/.idx`` for response-only loss) and
   ``<name>.summary.json`` recording the tokenizer's fingerprint;
-* ``mixture.json``: the tokenizer and its fingerprint, per source its dataset, documents, tokens, loss tokens, ratio, weight
-  and source id (``loss/source<id>`` in the training log), plus formatting statistics;
+* ``mixture.json``: the tokenizer and its fingerprint, per source its dataset, documents, tokens, loss tokens, ratio,
+  weight and source id (``loss/source<id>`` in the training log), plus formatting statistics;
 * ``pretrain.yaml``: ``run_config`` (a launch/configs/ipt-*.yaml recipe) with ``data.paths``,
   ``data.weights``, ``data.tokenizer`` and ``data.seq_len`` set::
 

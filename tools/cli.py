@@ -19,7 +19,7 @@ import functools
 import logging
 import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Union, overload
 
 from polytron.model.errors import EXIT_FAILED, PolytronError, error_line
 
@@ -29,8 +29,17 @@ EXIT_INTERRUPTED = 130
 Main = Callable[..., int]
 
 
+@overload
+def command(main: Main, *, interrupted: str = ..., cleanup: Optional[Callable[[], None]] = ...) -> Main: ...
+
+
+@overload
+def command(main: None = None, *, interrupted: str = ...,
+            cleanup: Optional[Callable[[], None]] = ...) -> Callable[[Main], Main]: ...
+
+
 def command(main: Optional[Main] = None, *, interrupted: str = "error: interrupted",
-            cleanup: Optional[Callable[[], None]] = None) -> Main:
+            cleanup: Optional[Callable[[], None]] = None) -> Union[Main, Callable[[Main], Main]]:
     """Wrap a tool's ``main``: one ``error:`` line and the exit status instead of a traceback.
 
     ``interrupted`` is the line printed on Ctrl-C; ``cleanup`` runs last, after the error

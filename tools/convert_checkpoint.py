@@ -63,13 +63,13 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from typing import Any, Iterator, Optional
 
-
-import torch  # noqa: E402
+import torch
 
 from polytron.model.errors import WriteFailed
-from polytron.model.hf import ConvertError, find_adapter, read_hf_config  # noqa: E402
-from polytron.model.provenance import UntrustedCode, add_plugin_option, trusted_model_config  # noqa: E402
+from polytron.model.hf import ConvertError, find_adapter, read_hf_config
+from polytron.model.provenance import UntrustedCode, add_plugin_option, trusted_model_config
 from polytron.tools.cli import command
+
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                       "chat_template.jinja", "chat_template.json")
@@ -214,7 +214,7 @@ def stored_path(value: Any, key: str, run_cfg: dict, ckpt_path: Optional[str]) -
                     "this directory: pass --tokenizer PATH")
 
 
-def checkpoint_tokenizer(state: dict, ckpt_path: str, override: Optional[str]):
+def checkpoint_tokenizer(state: dict, ckpt_path: Optional[str], override: Optional[str]):
     """The tokenizer to use with a checkpoint (None when the run names none), loaded without
     remote code and checked against the checkpoint's ``tokenizer_fingerprint`` when it
     records one: a mismatch is refused, or, for an explicit ``override``, noted on stderr."""
@@ -263,7 +263,7 @@ def _sentencepiece_to_hf(model_file: str, dst: str) -> None:
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import normalizers
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf builds its message classes at import
     with open(model_file, "rb") as f:
         proto.ParseFromString(f.read())
     sp = spm.SentencePieceProcessor(model_file=model_file)
@@ -276,7 +276,7 @@ def _sentencepiece_to_hf(model_file: str, dst: str) -> None:
     backend = LlamaTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False).backend_tokenizer
     shutil.rmtree(tmp)
     # spm's own rules: dummy prefix "▁" (if set), spaces -> "▁", no pre-splitting
-    seq = [normalizers.Replace(" ", "▁")]
+    seq: list[normalizers.Normalizer] = [normalizers.Replace(" ", "▁")]
     if proto.normalizer_spec.add_dummy_prefix:
         seq.insert(0, normalizers.Prepend("▁"))
     backend.normalizer = normalizers.Sequence(seq)
@@ -534,9 +534,9 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     DST must be new or empty unless ``overwrite`` (see the module docstring)."""
     import yaml
 
+    from polytron.model.configlib import to_dict
     from polytron.pretrain import checkpoint as ckpt
     from polytron.pretrain.config import RunConfig
-    from polytron.model.configlib import to_dict
     check_destination(dst, overwrite, [src])
     hf_cfg, cfg_file = read_hf_config(src)
     adapter = find_adapter(hf_cfg.get("model_type"), cfg_file)

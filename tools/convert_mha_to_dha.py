@@ -42,12 +42,10 @@ import os
 import sys
 import time
 
+import torch
 
-import torch  # noqa: E402
-
-from polytron.model.hf import ConvertError  # noqa: E402
+from polytron.model.hf import ConvertError
 from polytron.tools.cli import command
-
 
 # ====================================================================== source
 
@@ -59,8 +57,8 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
     from polytron.pretrain import checkpoint as ckpt
     from polytron.pretrain.config import RunConfig
     if os.path.isfile(os.path.join(src, "config.json")):
-        from polytron.tools.convert_checkpoint import hf_config_to_model, read_safetensors
         from polytron.model.hf import find_adapter, read_hf_config
+        from polytron.tools.convert_checkpoint import hf_config_to_model, read_safetensors
         hf_cfg, cfg_file = read_hf_config(src)
         mcfg = hf_config_to_model(hf_cfg, cfg_file)
         tensors = find_adapter(hf_cfg.get("model_type"), cfg_file).from_hf_tensors(mcfg, read_safetensors(src), src)
@@ -71,10 +69,11 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         origin, path = os.path.abspath(src), None
     else:
         path = ckpt.resolve_checkpoint(src)
-        run_dict = ckpt.read_trainer_state(path).get("config")
-        if not isinstance(run_dict, dict):
+        stored = ckpt.read_trainer_state(path).get("config")
+        if not isinstance(stored, dict):
             raise ConvertError(f"{path}: the checkpoint records no run config")
-        from polytron.model.provenance import check_plugins        # a checkpoint is data: its plugins need --plugin
+        run_dict = stored
+        from polytron.model.provenance import check_plugins  # a checkpoint is data: its plugins need --plugin
         check_plugins(run_dict.get("model"), plugins, f"checkpoint {path}")
         tensors = ckpt.load_tensors(path)
         origin = path

@@ -35,17 +35,15 @@ import sys
 import time
 from typing import Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from polytron.parallel.engine import build_engine  # noqa: E402
-from polytron.parallel.mesh import ParallelDims  # noqa: E402
-from polytron.parallel.runtime import pick_device, pick_dtype  # noqa: E402
-from polytron.pretrain.config import RunConfig, load_config  # noqa: E402
-from polytron.pretrain.host import setup_host  # noqa: E402
-from polytron.pretrain.optim import build_optimizer  # noqa: E402
-from polytron.pretrain.step import TrainStep  # noqa: E402
+from polytron.parallel.engine import build_engine
+from polytron.parallel.mesh import ParallelDims
+from polytron.parallel.runtime import pick_device, pick_dtype
+from polytron.pretrain.config import RunConfig, load_config
+from polytron.pretrain.host import setup_host
+from polytron.pretrain.optim import build_optimizer
+from polytron.pretrain.step import TrainStep
 from polytron.tools.cli import command
 
 
@@ -93,7 +91,7 @@ def train_side(cfg: RunConfig, steps: list[list[dict]], device: torch.device, wa
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"losses": [float(l) for l in losses], "seconds_per_step": seconds, "fp8": summary}
+    return {"losses": [float(loss) for loss in losses], "seconds_per_step": seconds, "fp8": summary}
 
 
 def sides(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:

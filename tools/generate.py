@@ -35,9 +35,8 @@ import os
 import sys
 from typing import Any, Optional
 
-
 from polytron.model.errors import BadInput
-from polytron.model.provenance import UntrustedCode, add_plugin_option  # noqa: E402  (light: no torch)
+from polytron.model.provenance import UntrustedCode, add_plugin_option  # light: no torch
 from polytron.tools.cli import command
 
 
@@ -90,6 +89,7 @@ def load_model(path: str, cfg, device: str):
     import torch
 
     from polytron.model.layers import rope_table
+    from polytron.model.protocols import InitBuffers
     from polytron.model.transformer import Transformer
     from polytron.pretrain import checkpoint as ckpt
     tensors = ckpt.load_tensors(path)
@@ -100,7 +100,7 @@ def load_model(path: str, cfg, device: str):
     model.tie_weights()
     model.rope = rope_table(cfg, device=model.rope.device)       # non-persistent: not in checkpoints
     for module in model.modules():
-        if hasattr(module, "init_buffers"):
+        if isinstance(module, InitBuffers):
             module.init_buffers()
     model.load_state_dict(tensors, strict=False)                 # names checked above
     model.tie_weights()

@@ -19,12 +19,10 @@ removed. Needs neither torch nor megatron-core.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
-from polytron.data.errors import DataError  # noqa: E402
-from polytron.data.merge import merge_datasets, resolve_inputs  # noqa: E402
+from polytron.data.errors import DataError
+from polytron.data.merge import merge_datasets, resolve_inputs
 from polytron.tools.cli import command
 
 

@@ -22,11 +22,9 @@ import math
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from polytron.data.errors import DataError  # noqa: E402
-from polytron.data.inputs import read_input_list  # noqa: E402
-from polytron.data.preprocess import ENCODERS, TEXT_UNITS, preprocess  # noqa: E402
+from polytron.data.errors import DataError
+from polytron.data.inputs import read_input_list
+from polytron.data.preprocess import ENCODERS, TEXT_UNITS, preprocess
 from polytron.tools.cli import command
 
 

@@ -50,13 +50,19 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
-
-from polytron.data.instruct import (Synthesized, encode_prompt, history_of, parse_pairs,  # noqa: E402
-                           record_of, render_prompt, synthesis_prompt)
+from polytron.data.instruct import (
+    Synthesized,
+    encode_prompt,
+    history_of,
+    parse_pairs,
+    record_of,
+    render_prompt,
+    synthesis_prompt,
+)
 from polytron.model.errors import BadInput
-from polytron.pretrain.faults import fault_point  # noqa: E402
+from polytron.pretrain.faults import fault_point
 from polytron.tools.cli import command
 
 META_VERSION = 1
@@ -153,7 +159,8 @@ class HFSynthesizer:
                 self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **opts)
         except Exception as e:                  # a foreign directory: whatever transformers raises is bad input
             raise BadInput(hf_load_error(path, e)) from None
-        self.model.to(device).eval()
+        # transformers wraps ``to`` with functools.wraps; mypy then reads it as unbound (self missing)
+        self.model.to(device).eval()  # type: ignore[arg-type]
         self.device = torch.device(device)
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.eos or 0)
@@ -171,7 +178,7 @@ class HFSynthesizer:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
+        return cast(str, self.tok.decode(ids, skip_special_tokens=False))   # one sequence: one string
 
     def generate(self, rows: list[list[int]], max_new: int, temperature: float, top_p: float,
                  seed: int) -> list[list[int]]:

@@ -15,11 +15,10 @@ import os
 import sys
 from typing import Iterator
 
-
-from polytron.data.errors import DataError  # noqa: E402
-from polytron.data.files import check_input_files, name_inputs  # noqa: E402
-from polytron.data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks  # noqa: E402
-from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece  # noqa: E402
+from polytron.data.errors import DataError
+from polytron.data.files import check_input_files, name_inputs
+from polytron.data.preprocess import TEXT_UNITS, _jsonl_docs, _text_docs, detect_format, iter_chunks
+from polytron.data.tokenizer import INSTRUCTION_MARKERS, train_sentencepiece
 from polytron.tools.cli import command
 
 

@@ -25,8 +25,9 @@ renormalized; a partition does so with top_k = experts.
 experts per MoE layer (other tensors: their mean); a genetic algorithm grows them to
 ``--experts`` N (parents: the two most distant experts; offspring: ``--merge`` average or
 dare, plus mutation; the most diverse of ``--candidates`` kept); then seed samples from the
-run config's data (or ``--seed-data`` prefixes, blended equally) are labelled with the expert whose dense model has the lowest loss, and
-only the routers train on those labels for ``--router-steps`` (held-out accuracy reported).
+run config's data (or ``--seed-data`` prefixes, blended equally) are labelled with the expert
+whose dense model has the lowest loss, and only the routers train on those labels for
+``--router-steps`` (held-out accuracy reported).
 The sources must share one tokenizer: the fingerprint each checkpoint records
 (``tokenizer_fingerprint`` in trainer_state.json), for an older checkpoint that of the
 tokenizer its run config names (relative paths looked up under its run directory) when it
@@ -51,14 +52,13 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 
-import torch  # noqa: E402
-
-from polytron.model.hf import ConvertError  # noqa: E402
+from polytron.model.hf import ConvertError
 from polytron.tools.cli import command
-from polytron.tools.convert_mha_to_dha import batches, load_source, source_model  # noqa: E402
+from polytron.tools.convert_mha_to_dha import batches, load_source, source_model
 
 
 def moe_settings(args, run):
@@ -89,7 +89,8 @@ def sparse(args) -> dict:
     from polytron.tools.convert_checkpoint import check_destination
     if not 0 <= args.noise < math.inf:
         raise ConvertError(f"--noise {args.noise:g}: must be a finite number >= 0")
-    run, tensors, origin = load_source(args.src, args.overrides, needs_data=False, plugins=tuple(args.plugins))      # reads no data
+    run, tensors, origin = load_source(args.src, args.overrides, needs_data=False,
+                                       plugins=tuple(args.plugins))  # reads no data
     cfg = up.moe_config(run.model, moe_settings(args, run), args.partition)
     check_destination(args.dst, args.overwrite, [args.src])
     out = up.sparse_upcycle(tensors, cfg, partition=args.partition, noise=args.noise, seed=args.seed)
@@ -122,7 +123,7 @@ def upit(args) -> dict:
                              candidates=args.candidates)
     start = time.perf_counter()
     out, logs, dense = up.upit_tensors(list(sources), cfg, args.experts, expansion, seed=args.seed)
-    report = {"mode": "upit", "sources": list(origins), "tokenizer_fingerprints": fingerprints,
+    report: dict[str, Any] = {"mode": "upit", "sources": list(origins), "tokenizer_fingerprints": fingerprints,
               "moe": dataclasses.asdict(cfg.moe),
               "expansion": dataclasses.asdict(expansion), "layers": _expansion_report(logs, args.experts)}
     report["expansion"]["seconds"] = round(time.perf_counter() - start, 2)
@@ -204,10 +205,10 @@ def _pre_optimize(args, run, cfg, tensors: dict, dense: list[dict]) -> dict:
         raise ConvertError(f"--per-expert {per}: {e}") from None
     samples, gen = up.rows(pool), torch.Generator().manual_seed(args.seed)
     train, test = [], []
-    for e, ids in enumerate(picks):
+    for expert, ids in enumerate(picks):
         ids = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
-        train += [(i, e) for i in ids[held:]]
-        test += [(i, e) for i in ids[:held]]
+        train += [(i, expert) for i in ids[held:]]
+        test += [(i, expert) for i in ids[:held]]
     train = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
     mb = run.training.micro_batch_size
     tb, ty = up.rebatch([samples[i] for i, _ in train], [e for _, e in train], mb)
@@ -293,7 +294,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--noise", type=float, default=0.0, help="expert weight noise, relative to each weight's std")
     g.add_argument("--partition", action="store_true", help="slice the dense inner width into the experts")
     _common(s)
-    u = sub.add_parser("upit", help="UpIT: intermediate checkpoints as experts, genetic expansion, router pre-optimization")
+    u = sub.add_parser("upit", help="UpIT: intermediate checkpoints as experts, genetic expansion, "
+                                    "router pre-optimization")
     u.add_argument("paths", nargs="+", metavar="SRC... DST", help="K >= 2 dense checkpoints, then the output directory")
     u.add_argument("--merge", choices=("average", "dare"), default="average", help="offspring merge (default average)")
     u.add_argument("--weight-range", type=float, nargs=2, default=[0.2, 0.8], metavar=("LO", "HI"),
@@ -347,7 +349,8 @@ def _check_args(args) -> None:
                                "finite mutation scale >= 0 and a finite router learning rate > 0")
         if args.candidates < 1 or args.seed_samples < 2 or not (0 < args.held_out < 1) or args.router_steps < 0 \
                 or args.per_expert < 0:
-            raise ConvertError("--candidates >= 1, --seed-samples >= 2, --held-out in (0, 1), --router-steps >= 0, --per-expert >= 0")
+            raise ConvertError("--candidates >= 1, --seed-samples >= 2, --held-out in (0, 1), --router-steps >= 0, "
+                               "--per-expert >= 0")
 
 
 @command
@@ -356,8 +359,9 @@ def main(argv: list[str]) -> int:
     _check_args(args)
     report = sparse(args) if args.mode == "sparse" else upit(args)
     moe = report["moe"]
-    print(f"wrote {report['mode']} MoE checkpoint {os.path.join(args.dst, 'checkpoint')} ({moe['num_experts']} experts, "
-          f"top-{moe['top_k']}, {moe['shared_experts']} shared) and run config {os.path.join(args.dst, 'config.yaml')}")
+    print(f"wrote {report['mode']} MoE checkpoint {os.path.join(args.dst, 'checkpoint')} "
+          f"({moe['num_experts']} experts, top-{moe['top_k']}, {moe['shared_experts']} shared) "
+          f"and run config {os.path.join(args.dst, 'config.yaml')}")
     if report.get("needs_data"):
         print(f"note: the run config names no training data; train with data.paths=[PREFIX] (data tokenized "
               f"with the source's tokenizer): python launch/pretrain.py --config "

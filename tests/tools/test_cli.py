@@ -137,7 +137,7 @@ def test_one_process_checkpoint_io_warns_nothing(tmp_path):
         path = save_tensors(str(tmp_path / "ckpt"), {"w": torch.ones(2)}, {"iteration": 0})
         assert torch.equal(load_tensors(path)["w"], torch.ones(2))
         with dcp_one_process(True):
-            warnings.warn("a warning about the user's run")
+            warnings.warn("a warning about the user's run", stacklevel=1)   # attributed to this line
     assert [str(w.message) for w in seen] == ["a warning about the user's run"]
 
 
