@@ -36,7 +36,7 @@ and, with pipelining, ride to the last stage as extra target columns. The defaul
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ from polytron.parallel.config import ParallelConfig
 from polytron.parallel.loss import TokenLoss, default_loss, plain
 from polytron.parallel.mesh import LayoutError, ParallelDims
 from polytron.parallel.runtime import autocast_context
+
+if TYPE_CHECKING:
+    from polytron.parallel.fp8 import FP8
 
 Batch = dict[str, torch.Tensor]
 SIDE_INPUTS = ("position_ids", "doc_ids")
@@ -69,7 +72,7 @@ def model_inputs(mb: Batch, device: torch.device) -> tuple[torch.Tensor, dict]:
     return mb["tokens"].to(device, non_blocking=True), kwargs
 
 
-def total_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
+def total_grad_norm(params: Sequence[torch.Tensor], pp_group=None) -> torch.Tensor:
     """L2 norm of all gradients across every shard and pipeline stage (fp32 scalar).
 
     Gradients are grouped by kind (plain, or DTensor with a given mesh and placements)
@@ -95,10 +98,17 @@ def total_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
 class TrainEngine:
     """Non-pipelined engine: one model part, micro-batches run one after another."""
 
-    def __init__(self, model_parts: list[nn.Module], dims: ParallelDims, mesh, device: torch.device,
+    #: The FP8 plan applied to the parts (None: no FP8); set by :func:`build_engine`.
+    fp8: Optional[FP8]
+    #: Run after each optimizer update (:class:`pretrain.step.TrainStep`); set by :func:`build_engine`.
+    post_optimizer_hooks: list[Callable[[], None]]
+    #: Per-rank state of the engine's features, checkpointed per rank (name -> state).
+    rank_states: dict[str, FP8]
+
+    def __init__(self, model_parts: Sequence[nn.Module], dims: ParallelDims, mesh, device: torch.device,
                  dtype: torch.dtype, sequence_parallel: bool = False, fsdp: bool = False,
                  compile_loss: bool = False, loss: Optional[TokenLoss] = None):
-        self.model_parts = model_parts
+        self.model_parts: list[nn.Module] = list(model_parts)
         self.model = model_parts[0]
         self.dims = dims
         self.mesh = mesh
@@ -159,12 +169,14 @@ class TrainEngine:
         count = torch.zeros((), device=self.device)
         for mb in microbatches:
             count += (labels_of(mb).to(self.device, non_blocking=True) != -100).sum()
-        return self.reduce_sum(count).clamp_min(1.0)
+        from polytron.parallel.context import TEST_FAULTS
+        return self.reduce_sum(count, over_cp="per_rank_loss" not in TEST_FAULTS).clamp_min(1.0)
 
     # ------------------------------------------------------------ interface
 
     def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
         """Accumulate the step's gradients; returns the step's token-mean loss (device scalar)."""
+        microbatches = self.cp_shard(microbatches)
         n = len(microbatches)
         tokens = self.global_tokens(microbatches)
         scale = self.dims.dp / tokens                  # FSDP then averages over the dp ranks
@@ -176,6 +188,7 @@ class TrainEngine:
                     loss = self._loss_sum(mb)
                     (loss * scale).backward()
                 total += plain(loss.detach()).float()
+        self.sync_cp_grads()
         return self.reduce_sum(total) / tokens
 
     @torch.no_grad()
@@ -183,6 +196,7 @@ class TrainEngine:
         """Token-mean validation loss over the given micro-batches and the dp group (device)."""
         for m in self.model_parts:
             m.eval()
+        microbatches = self.cp_shard(microbatches)
         tokens = self.global_tokens(microbatches)
         total = torch.zeros((), device=self.device)
         for mb in microbatches:
@@ -192,21 +206,51 @@ class TrainEngine:
             m.train()
         return self.reduce_sum(total) / tokens
 
-    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a device scalar over the data-parallel ranks (asynchronous to the host)."""
-        if self.mesh is not None and self.dims.dp > 1:
+    def reduce_sum(self, value: torch.Tensor, over_cp: bool = True) -> torch.Tensor:
+        """Sum a device scalar over the data-parallel ranks, and the context-parallel ranks
+        (each holds part of every sequence) unless ``over_cp`` is false (asynchronous)."""
+        if self.mesh is not None and self.dims.cp > 1 and over_cp:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh["dp_cp"].get_group())
+        elif self.mesh is not None and self.dims.dp > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh["dp"].get_group())
         return value
 
+    def cp_shard(self, microbatches: list[Batch]) -> list[Batch]:
+        """Under context parallelism, this rank's two chunks of every token-indexed key."""
+        if self.dims.cp == 1:
+            return microbatches
+        from polytron.parallel.context import shard_batch
+        rank = self.mesh["cp"].get_local_rank()
+        return [shard_batch(mb, self.dims.cp, rank) for mb in microbatches]
+
+    def sync_cp_grads(self) -> None:
+        """Sum the gradients over the cp ranks (each computed them from its own tokens; the
+        loss is already normalized by the whole sequence's token count). One flat all-reduce."""
+        if self.dims.cp == 1:
+            return
+        from torch.distributed.tensor import DTensor
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for m in self.model_parts for p in m.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.mesh["cp"].get_group())
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+
     def _pp_group(self):
         return None
+
+    def _counted(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters the gradient norm counts (each parameter of the model once)."""
+        return params
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (all shards, all stages) on the device; returns the
         norm before clipping as a device scalar (nothing is read back)."""
         params = [p for m in self.model_parts for p in m.parameters() if p.grad is not None]
-        norm = total_grad_norm(params, self._pp_group())
+        norm = total_grad_norm(self._counted(params), self._pp_group())
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             groups: dict = {}
@@ -239,7 +283,7 @@ class TrainEngine:
                 else:
                     sums[i, 0] = value
         if self.mesh is not None:
-            group = self.mesh["pp_dp"].get_group()
+            group = self.mesh["pp_dp_cp" if self.dims.cp > 1 else "pp_dp"].get_group()
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
         out = {}
@@ -260,7 +304,7 @@ class TrainEngine:
 
 def _gather_kinds(mine: dict[str, str]) -> dict[str, str]:
     """Statistic name -> reduction, over the names reported on any rank."""
-    everyone = [mine]
+    everyone: list[Optional[dict[str, str]]] = [mine]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
@@ -271,7 +315,7 @@ class PipelineEngine(TrainEngine):
     """Pipelined engine: this rank's stage modules run under a ``torch.distributed.pipelining``
     schedule, with the step's micro-batches as the schedule's micro-batches."""
 
-    def __init__(self, model_parts: list[nn.Module], stage_indices: list[int], dims: ParallelDims,
+    def __init__(self, model_parts: Sequence[nn.Module], stage_indices: list[int], dims: ParallelDims,
                  mesh, device: torch.device, dtype: torch.dtype, schedule: str,
                  sequence_parallel: bool = False, fsdp: bool = False, compile_loss: bool = False,
                  loss: Optional[TokenLoss] = None):
@@ -284,6 +328,7 @@ class PipelineEngine(TrainEngine):
         self._schedules: dict[tuple[int, bool], object] = {}
         self._scale = torch.ones((), device=device)     # this step's loss scale (dp / tokens)
         self._extra_widths: list[tuple[str, int]] = []  # the loss's extra columns in the target
+        self.tied_group = None      # the embedding group, when a tied pair spans stages (build_engine)
         if dtype != torch.float32 and not fsdp:
             for part in model_parts:      # autocast each stage's forward only, not the backward
                 part.forward = _autocast_forward(part.forward, device, dtype)
@@ -291,11 +336,19 @@ class PipelineEngine(TrainEngine):
     def _pp_group(self):
         return self.pp_group
 
+    def _counted(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Without the last stage's copies of tied parameters (the first stage counts them)."""
+        from polytron.parallel.pipeline import tied_copies
+        copies = {id(part.get_parameter(local)) for part in self.model_parts
+                  for local, source in tied_copies(part).items() if local != source}
+        return [p for p in params if id(p) not in copies]
+
     def _schedule(self, n: int, train: bool):
         """Schedule for ``n`` micro-batches (cached; eval gets its own stages and schedule)."""
         key = (n, train)
         if key not in self._schedules:
             from torch.distributed.pipelining import PipelineStage
+
             from polytron.parallel.pipeline import schedule_class
             stages = [PipelineStage(part, idx, self.dims.num_stages, self.device, group=self.pp_group)
                       for part, idx in zip(self.model_parts, self.stage_indices)]
@@ -319,6 +372,7 @@ class PipelineEngine(TrainEngine):
 
     def _run(self, microbatches: list[Batch], train: bool) -> torch.Tensor:
         """Run the schedule over the concatenated micro-batches; token-mean loss on every rank."""
+        microbatches = self.cp_shard(microbatches)
         n = len(microbatches)
         tokens_total = self.global_tokens(microbatches)
         self._scale = self.dims.dp / tokens_total
@@ -336,9 +390,11 @@ class PipelineEngine(TrainEngine):
                 schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
             else:
                 schedule.eval(*args, target=target, losses=losses, **kwargs)
+        if train:
+            self.sync_cp_grads()
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         if self.is_last_stage:
-            total = sum(plain(l.detach()).float() for l in losses) / self.dims.dp + total
+            total = sum(plain(loss.detach()).float() for loss in losses) / self.dims.dp + total
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pp_group)   # from the last stage
         return self.reduce_sum(total)
 
@@ -358,8 +414,22 @@ class PipelineEngine(TrainEngine):
         return labels, extra
 
     def forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
-        """One pipelined step; FSDP gradient sync is left to the schedule (last backward only)."""
-        return self._run(microbatches, train=True)
+        """One pipelined step; FSDP gradient sync is left to the schedule (last backward only);
+        the copies of a tied pair then get their summed gradient."""
+        loss = self._run(microbatches, train=True)
+        if self.tied_group is not None:
+            from polytron.parallel.pipeline import sync_tied_grads
+            sync_tied_grads(self.model_parts, self.tied_group)
+        return loss
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """As :meth:`TrainEngine.full_parameters`; a tied copy under the unsplit model's name."""
+        from polytron.parallel.pipeline import tied_copies
+        out = super().full_parameters()
+        for part in self.model_parts:
+            for local, source in tied_copies(part).items():
+                out[source] = out.pop(local)
+        return out
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[Batch]) -> torch.Tensor:
@@ -398,7 +468,7 @@ def _autocast_forward(forward, device: torch.device, dtype: torch.dtype):
 
 # ---------------------------------------------------------------- building
 
-def parallelize(part: nn.Module, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims,
+def parallelize(part: Transformer, model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims,
                 mesh, dtype: torch.dtype, fp8=None) -> bool:
     """Apply FP8 -> TP/SP -> activation checkpointing -> compile -> FSDP to one model part.
 
@@ -423,11 +493,24 @@ def parallelize(part: nn.Module, model_cfg: ModelConfig, pcfg: ParallelConfig, d
     return False
 
 
-def materialize(part: nn.Module, device: torch.device, seed: int) -> None:
+def materialize(part: Transformer, device: torch.device, seed: int) -> None:
     """Allocate a meta-built (possibly sharded) part on ``device`` and initialize it."""
     part.to_empty(device=device)
     part.tie_weights()
     part.init_weights(seed)
+
+
+def _tie_stages(parts: Sequence[nn.Module], model_cfg: ModelConfig, dims: ParallelDims, mesh):
+    """With tied parameters under pipelining (the embedding on the first stage, the head on
+    the last): the embedding group, with the last stage's copy set to the first stage's
+    initial value. None for an untied model; every rank decides alike (from the config)."""
+    from polytron.model.spec import get_spec
+    from polytron.parallel.pipeline import init_tied_copies, tied_group
+    if not get_spec(model_cfg.arch).tied(model_cfg):
+        return None
+    group = tied_group(mesh, dims)
+    init_tied_copies(parts, group)           # nothing to do on a middle pipeline rank
+    return group
 
 
 def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDims, mesh,
@@ -454,12 +537,18 @@ def build_engine(model_cfg: ModelConfig, pcfg: ParallelConfig, dims: ParallelDim
     fsdp = False
     for part in parts:
         fsdp = parallelize(part, model_cfg, pcfg, dims, mesh, dtype, fp8)
+    if dims.cp > 1:
+        from polytron.parallel.context import apply_context_parallel
+        for part in parts:
+            apply_context_parallel(part, mesh["cp"].get_group(), pcfg.context_kind)
     for part in parts:
         materialize(part, device, seed)
     sp = pcfg.sequence_parallel
+    engine: TrainEngine
     if dims.pp > 1:
         engine = PipelineEngine(parts, ids, dims, mesh, device, dtype, pcfg.pipeline_schedule, sp, fsdp,
                                 pcfg.compile, loss)
+        engine.tied_group = _tie_stages(parts, model_cfg, dims, mesh)
     else:
         engine = TrainEngine(parts, dims, mesh, device, dtype, sp, fsdp, pcfg.compile, loss)
     engine.fp8 = fp8

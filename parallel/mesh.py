@@ -6,7 +6,9 @@ with the same one-line message, and no rank waits for peers). ``build_mesh``
 then creates a :class:`DeviceMesh` with named dimensions
 ``("pp", "dp_replicate", "dp_shard", "cp", "tp")`` plus the flattened ``"dp"``
 (replicate x shard) used for loss averaging and data sharding, and ``"pp_dp"`` over
-which per-step statistics are reduced. The mesh is passed
+which per-step statistics are reduced. With context parallelism (``cp > 1``) also
+``"dp_cp"`` and ``"pp_dp_cp"``: loss sums, token counts and statistics are reduced over
+the cp ranks too, since each holds part of every sequence (parallel/context.py). The mesh is passed
 explicitly to everything that communicates; there are no process-group globals.
 
 Expert parallelism (``parallel.expert = ep > 1``, torchtitan's layout) is carved from
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 from polytron.model.config import ModelConfig
 from polytron.model.configlib import ConfigError
@@ -57,8 +60,10 @@ class ParallelDims:
         return self.pp * self.virtual_stages
 
     @classmethod
-    def resolve(cls, p: ParallelConfig, model: ModelConfig, world_size: int) -> "ParallelDims":
-        """Fill data_parallel_shard=-1 and validate against the model and world size."""
+    def resolve(cls, p: ParallelConfig, model: ModelConfig, world_size: int,
+                seq_len: Optional[int] = None) -> "ParallelDims":
+        """Fill data_parallel_shard=-1 and validate against the model, world size and (when
+        given) the training sequence length ``data.seq_len``."""
         fixed = p.data_parallel_replicate * p.context * p.tensor * p.pipeline
         shard = p.data_parallel_shard
         if shard == -1:
@@ -76,10 +81,10 @@ class ParallelDims:
         dims = cls(pp=p.pipeline, dp_replicate=p.data_parallel_replicate, dp_shard=shard,
                    cp=p.context, tp=p.tensor, ep=p.expert, virtual_stages=p.virtual_stages,
                    world_size=world_size)
-        dims._check_model(p, model)
+        dims._check_model(p, model, seq_len)
         return dims
 
-    def _check_model(self, p: ParallelConfig, m: ModelConfig) -> None:
+    def _check_model(self, p: ParallelConfig, m: ModelConfig, seq_len: Optional[int] = None) -> None:
         from polytron.model.spec import get_spec, layer_units
         spec = get_spec(m.arch)
         err = spec.check_layout(m, self.tp) if self.tp > 1 else None
@@ -102,14 +107,21 @@ class ParallelDims:
             raise LayoutError("parallel.pipeline_schedule=gpipe runs one stage per rank; "
                               "parallel.virtual_stages > 1 needs interleaved_1f1b (or 1f1b, which "
                               "then means interleaved)")
-        if self.pp > 1 and spec.tied(m):
-            raise LayoutError("model.tie_embeddings=true is not supported with parallel.pipeline > 1 "
-                              "(embedding and head live on different stages)")
         if self.cp > 1:
-            raise LayoutError("parallel.context > 1 is not available yet (context parallelism "
-                              "arrives with the long-context work)")
+            self._check_context(p, m, seq_len)
         if self.ep > 1:
             self._check_experts(m)
+
+    def _check_context(self, p: ParallelConfig, m: ModelConfig, seq_len: Optional[int]) -> None:
+        """Context parallelism: a layout the sequence sharding can serve, every mixer kind with a
+        CP form (parallel/context.py), and no feature that does not compose with it yet."""
+        from polytron.parallel.context import check_context_parallel
+        if p.compile:
+            raise LayoutError(f"parallel.context={self.cp} with parallel.compile=true is not supported "
+                              f"yet (ring attention runs eagerly)")
+        err = check_context_parallel(m, self.cp, seq_len)
+        if err:
+            raise LayoutError(err)
 
     def _check_experts(self, m: ModelConfig) -> None:
         """Expert parallelism needs routed experts that ep divides, carved from dp_shard."""
@@ -128,6 +140,7 @@ class ParallelDims:
     def build_mesh(self, device_type: str):
         """DeviceMesh over all ranks with named dims and a flattened 'dp' dim."""
         from torch.distributed.device_mesh import init_device_mesh
+        shape: tuple[int, ...]
         if self.ep > 1:
             shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_MESH_DIMS)
@@ -137,8 +150,12 @@ class ParallelDims:
             shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
             shard = ("dp_shard",)
-        mesh[("dp_replicate", *shard)]._flatten("dp")
-        mesh[("pp", "dp_replicate", *shard)]._flatten("pp_dp")        # step statistics
+        dp_dims, pp_dp_dims = ("dp_replicate", *shard), ("pp", "dp_replicate", *shard)
+        mesh[dp_dims]._flatten("dp")
+        mesh[pp_dp_dims]._flatten("pp_dp")        # step statistics
+        if self.cp > 1:       # loss, token counts and statistics are summed over cp as well
+            mesh[dp_dims + ("cp",)]._flatten("dp_cp")
+            mesh[pp_dp_dims + ("cp",)]._flatten("pp_dp_cp")
         # torch 2.11+ warns that slicing the flattened "dp" from the root mesh will be
         # deprecated; it still works in 2.13 and is the documented way to reach the
         # group. Silence only that message (moving to the bookkept flattened mesh is

@@ -19,11 +19,17 @@ each stage as keyword arguments and chunked per micro-batch by the schedule.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, Sequence
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from polytron.model.spec import Unit
-from polytron.parallel.mesh import LayoutError
+from polytron.parallel.mesh import LayoutError, ParallelDims
+
+if TYPE_CHECKING:
+    from polytron.model.transformer import Transformer
 
 
 def split_layers(num_layers: int, num_stages: int, split: list[int] | None = None) -> list[list[int]]:
@@ -87,7 +93,7 @@ def stage_carry(stages: list[list[Unit]], s: int) -> tuple[tuple[str, ...], tupl
     return tuple(sorted(carry_in)), tuple(sorted(carry_out))
 
 
-def cut_stage(model: nn.Module, stages: list[list[Unit]], s: int) -> nn.Module:
+def cut_stage(model: Transformer, stages: list[list[Unit]], s: int) -> Transformer:
     """Stage ``s``: a deep copy of the (meta) ``model`` keeping only that stage's units."""
     stage = copy.deepcopy(model)
     carry_in, carry_out = stage_carry(stages, s)
@@ -105,3 +111,76 @@ def schedule_class(name: str, virtual_stages: int):
         return ScheduleInterleaved1F1B
     return {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe,
             "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
+
+
+# ---------------------------------------------------------------- tied parameters across stages
+
+def tied_copies(part: nn.Module) -> dict[str, str]:
+    """Tied parameters whose pair is split over pipeline stages, as this part holds them:
+    local name -> the name the unsplit model uses (the source of the tie, e.g.
+    ``{"output.weight": "tok_embeddings.weight"}`` on the last stage and
+    ``{"tok_embeddings.weight": "tok_embeddings.weight"}`` on the first). Empty for a
+    part holding both sides (no pipeline) or neither, and for modules without a spec."""
+    spec, cfg = getattr(part, "spec", None), getattr(part, "cfg", None)
+    if spec is None:
+        return {}
+    names = {n for n, _ in part.named_parameters(remove_duplicate=False)}
+    return {(name if name in names else source): source for name, source in spec.tied(cfg)
+            if (name in names) != (source in names)}
+
+
+def tied_group(mesh, dims: ParallelDims):
+    """Megatron's embedding group: the first and last pipeline ranks of this rank's model
+    replica (same dp, cp and tp coordinates), or None for a rank that is neither. With the
+    looped placement stage 0 is on pipeline rank 0 and the last stage on rank ``pp - 1``.
+    Groups of their own, also at pp=2 (the "pp" group carries the schedule's messages);
+    every rank creates every pair's group (a collective over the world)."""
+    import torch.distributed as dist
+    columns = mesh.mesh.reshape(dims.pp, -1)               # (pp, replicas): global ranks
+    pairs = [[int(c[0]), int(c[-1])] for c in columns.t()]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    return group
+
+
+def _tied_tensors(parts: Sequence[nn.Module], grads: bool) -> list[tuple[str, bool, torch.Tensor]]:
+    """(name in the unsplit model, is the copy, local tensor) of each split tied parameter
+    this rank holds, ordered by name so both ends of the pair issue the same collectives;
+    the local shard of a DTensor (both copies are sharded alike: same shape and placements)."""
+    out = []
+    for part in parts:
+        for local, source in tied_copies(part).items():
+            p = part.get_parameter(local)
+            t = _grad_like_param(p) if grads else p
+            out.append((source, local != source, t.to_local() if isinstance(t, DTensor) else t))
+    return sorted(out, key=lambda e: e[0])
+
+
+def _grad_like_param(p: nn.Parameter) -> torch.Tensor:
+    """``p.grad``, made to exist and to share ``p``'s sharding: a vocab-parallel embedding's
+    weight gradient comes back replicated (full rows on each tp rank), the head's sharded."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    elif isinstance(p.grad, DTensor) and isinstance(p, DTensor) and p.grad.placements != p.placements:
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    return p.grad
+
+
+@torch.no_grad()
+def init_tied_copies(parts: Sequence[nn.Module], group) -> None:
+    """Give the last stage's copy the first stage's initial value: the copy is zeroed and the
+    pair summed over the embedding group (exact in any dtype)."""
+    import torch.distributed as dist
+    for _, is_copy, t in _tied_tensors(parts, grads=False):
+        if is_copy:
+            t.zero_()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+@torch.no_grad()
+def sync_tied_grads(parts: Sequence[nn.Module], group) -> None:
+    """Sum the gradients of the two copies over the embedding group (after the backward of a
+    step, before clipping and the optimizer), so both copies take the same update: the
+    gradient the single tied parameter of the unsplit model gets."""
+    import torch.distributed as dist
+    for _, _, g in _tied_tensors(parts, grads=True):
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)

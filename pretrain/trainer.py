@@ -72,7 +72,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, local_rank: int, backend: str):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size)
+        self.dims = ParallelDims.resolve(cfg.parallel, cfg.model, world_size, cfg.data.seq_len)
         self.device = pick_device(cfg.training.device, local_rank)
         self.dtype, self.dtype_name = pick_dtype(cfg.precision.dtype, self.device)
         setup_host(self.device, cfg.training)

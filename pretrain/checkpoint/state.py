@@ -38,7 +38,31 @@ def model_state(model_parts: list[torch.nn.Module]) -> list[dict[str, Any]]:
 
 
 def optim_state(model_parts, optimizer) -> list[dict[str, Any]]:
-    return [get_optimizer_state_dict(part, optimizer, options=_OPT_OPTS) for part in model_parts]
+    """Flattened optimizer state of each part, keyed by the unsplit model's names: the last
+    pipeline stage's copy of a tied weight is saved under its source's name (as one process
+    saves it), so both copies write (and read) the same entries and any layout loads them."""
+    return [_renamed(get_optimizer_state_dict(part, optimizer, options=_OPT_OPTS), _tied_names(part))
+            for part in model_parts]
+
+
+def _tied_names(part: torch.nn.Module) -> dict[str, str]:
+    """This part's tied copies: local name -> the unsplit model's name (only those that differ)."""
+    from polytron.parallel.pipeline import tied_copies
+    return {local: source for local, source in tied_copies(part).items() if local != source}
+
+
+def _renamed(flat: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``flat`` (``state.<fqn>.<key>`` / ``param_groups.<fqn>.<key>``) with each fqn in ``names``
+    replaced by its mapped name."""
+    if not names:
+        return flat
+    prefixes = {f"{top}.{old}.": f"{top}.{new}." for old, new in names.items()
+                for top in ("state", "param_groups")}
+    out = {}
+    for key, value in flat.items():
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        out[prefixes[old] + key[len(old):] if old else key] = value
+    return out
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +182,8 @@ def _apply(model_parts, optimizer, model_sd, optim_sd, state) -> None:
         sd = {k: state["model"][k] for k in model_sd[i]}
         set_model_state_dict(part, sd, options=StateDictOptions(strict=True))
         if optim_sd is not None:
-            osd = {k: merged_opt[k] for k in optim_sd[i]}
+            back = {new: old for old, new in _tied_names(part).items()}
+            osd = _renamed({k: merged_opt[k] for k in optim_sd[i]}, back)
             set_optimizer_state_dict(part, optimizer, osd, options=_OPT_OPTS)
     for group, saved in zip(optimizer.param_groups if optimizer is not None else [], hyper):
         group.update(saved)

@@ -54,6 +54,13 @@ def test_resolve_accepts_replicated_kv_heads() -> None:
     assert (dims.tp, dims.dp_shard) == (8, 2)
 
 
+def test_resolve_accepts_tied_embeddings_under_pipelining() -> None:
+    """Once refused ("tied embeddings need pp=1"): the stages now sum the tied pair's gradients."""
+    dims = ParallelDims.resolve(ParallelConfig(pipeline=2, virtual_stages=2, tensor=2),
+                                _model(tie_embeddings=True), 4)
+    assert (dims.pp, dims.tp) == (2, 2)
+
+
 def test_split_layers_even_uneven_and_placement() -> None:
     assert split_layers(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     assert split_layers(4, 2, [3, 1]) == [[0, 1, 2], [3]]
