@@ -27,8 +27,12 @@ protocol                   what the module offers                            rea
                            weighted-sum FLOPs per token
 :class:`ExpertLayer`       ``routed_experts()``, ``set_dispatch(d)``         parallel/expert_parallel.py
 :class:`ExpertGroups`      rows sorted by expert; ``regrouped(...)``         an expert dispatch
-:class:`LoadReducing`      ``load_reducer``: a hook summing observed load    parallel/expert_parallel.py
-                           over the data-parallel ranks
+:class:`LoadReducing`      ``load_reducer``: a hook summing observed load    parallel/expert_parallel.py,
+                           over the data-parallel (and cp) ranks             parallel/context.py
+:class:`SequenceReducing`  ``seq_reducer``: a hook summing per-sequence      parallel/context.py
+                           statistics over the cp ranks
+:class:`CPRequirements`    ``cp_requirements(cfg, cp)``                     parallel/context.py
+                           (classmethod): an error line or None              layout checks
 :class:`FullPrecision`     ``full_precision``: compute in fp32 under         parallel/fsdp.py
                            mixed precision (its own FSDP unit)
 :class:`PostOptimizerStep` ``post_optimizer_step()`` after every update      pretrain/step.py
@@ -160,6 +164,25 @@ class LoadReducing(Protocol):
     """A module that balances by observed load; the parallel layer sets the reduction."""
 
     load_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+@runtime_checkable
+class SequenceReducing(Protocol):
+    """A module whose statistics must cover the whole sequence (a router's load and
+    balancing loss); under context parallelism the parallel layer sets ``seq_reducer``, which
+    sums a detached fp32 vector over the ranks holding parts of the same sequences."""
+
+    seq_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+@runtime_checkable
+class CPRequirements(Protocol):
+    """A layer class that runs under context parallelism within limits (check with ``issubclass``)."""
+
+    @classmethod
+    def cp_requirements(cls, cfg: Any, cp: int) -> Optional[str]:
+        """The first setting ``parallel.context=cp`` cannot serve, as one error line, or None."""
+        ...
 
 
 @runtime_checkable

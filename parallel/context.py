@@ -419,6 +419,39 @@ def apply_context_parallel(part: nn.Module, group, kind: str) -> None:
         entry = cp_mixer(kinds.get(type(module), ""))
         if entry is not None and entry.fn is not None:
             module.forward = _cp_forward(module, entry.fn)
+    attach_sequence_reduction(part, group)
+
+
+def _sum_over(group, t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` summed over ``group``."""
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def attach_sequence_reduction(part: nn.Module, group) -> None:
+    """Statistics that must cover the whole sequence (an MoE router's load, balancing and
+    z losses: :class:`~polytron.model.protocols.SequenceReducing`) are summed over the cp
+    ``group``; observed load that balances after the optimizer step
+    (:class:`~polytron.model.protocols.LoadReducing`) over the cp ranks as well as the
+    data-parallel ranks its reducer already covers."""
+    from functools import partial
+
+    from polytron.model.protocols import LoadReducing, SequenceReducing
+    over_cp = partial(_sum_over, group)
+    for m in part.modules():
+        if isinstance(m, SequenceReducing):
+            m.seq_reducer = over_cp
+        if isinstance(m, LoadReducing):
+            m.load_reducer = _then(m.load_reducer, over_cp)
+
+
+def _then(first: Optional[Callable[[torch.Tensor], torch.Tensor]],
+          second: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``second(first(t))`` (``second(t)`` without a first)."""
+    if first is None:
+        return second
+    return lambda t: second(first(t))
 
 
 def _cp_forward(module: nn.Module, fn: CPMixer) -> Callable:
@@ -433,7 +466,6 @@ def check_context_parallel(cfg: Any, cp: int, seq_len: Optional[int] = None) -> 
     """The first reason the model ``cfg`` cannot run at ``parallel.context=cp``, or None.
     Builds the model on the meta device to see every layer's mixer kind."""
     from polytron.model.layers import ATTENTIONS
-    from polytron.model.protocols import ExpertLayer, LoadReducing
     from polytron.model.transformer import Transformer
     if seq_len is not None and seq_len % (2 * cp):
         return (f"data.seq_len={seq_len} must be divisible by 2 x parallel.context = {2 * cp} "
@@ -442,9 +474,9 @@ def check_context_parallel(cfg: Any, cp: int, seq_len: Optional[int] = None) -> 
         model = Transformer(cfg)
     kinds = {cls: name for name, cls in ATTENTIONS.items()}
     for name, module in model.named_modules():
-        if isinstance(module, (ExpertLayer, LoadReducing)):
-            return (f"parallel.context={cp}: model.mlp={cfg.mlp} ({name}) has no context-parallel "
-                    f"form yet (routing statistics must see the whole sequence)")
+        err = _routing_check(module, name, cfg, cp)
+        if err:
+            return err
         kind = kinds.get(type(module))
         if kind is None:
             continue
@@ -455,4 +487,17 @@ def check_context_parallel(cfg: Any, cp: int, seq_len: Optional[int] = None) -> 
         err = entry.check(cfg, cp) if entry.check else None
         if err:
             return err
+    return None
+
+
+def _routing_check(module: nn.Module, name: str, cfg: Any, cp: int) -> Optional[str]:
+    """A routed layer runs under cp within its declared limits (CPRequirements) and balances
+    on statistics it can sum over the sequence (SequenceReducing); anything else is refused."""
+    from polytron.model.protocols import CPRequirements, ExpertLayer, LoadReducing, SequenceReducing
+    if isinstance(module, CPRequirements):
+        return type(module).cp_requirements(cfg, cp)
+    if isinstance(module, ExpertLayer) or (isinstance(module, LoadReducing)
+                                           and not isinstance(module, SequenceReducing)):
+        return (f"parallel.context={cp}: model.mlp={cfg.mlp} ({name}) has no context-parallel "
+                f"form yet (routing statistics must see the whole sequence)")
     return None

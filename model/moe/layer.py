@@ -155,7 +155,7 @@ class MoE(nn.Module):
         if not torch.is_grad_enabled():
             return
         i = self.layer_idx
-        share = routing.counts.float() / (rows * self.top_k)                    # (E,)
+        share = routing.counts.float() / (rows * self.top_k) if routing.share is None else routing.share  # (E,)
         report(f"moe/load_max_l{i}", share.max() * self.num_experts)
         if groups.capacity is not None:
             report(f"moe/dropped_l{i}", 1.0 - groups.counts.sum().float() / (rows * self.top_k))
@@ -168,6 +168,17 @@ class MoE(nn.Module):
     @classmethod
     def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:
         return None                       # runs whole on every tensor-parallel rank
+
+    @classmethod
+    def cp_requirements(cls, cfg, cp: int) -> Optional[str]:
+        """Routing is token-local and the router's statistics are summed over cp
+        (``Router.seq_reducer``); capacity dropping ranks a token against the whole sequence's
+        assignments, which no rank sees, so it is refused."""
+        if cfg.moe.capacity_factor > 0:
+            return (f"parallel.context={cp} with model.moe.capacity_factor={cfg.moe.capacity_factor}: "
+                    f"capacity dropping ranks tokens over the whole sequence; use capacity_factor=0 "
+                    f"(dropless) under context parallelism")
+        return None
 
     @classmethod
     def num_experts_of(cls, cfg) -> int:

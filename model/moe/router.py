@@ -18,6 +18,14 @@ Losses (attached to the layer output with :func:`model.hooks.add_aux_loss`):
   N tokens of expert i's normalized score (softmax probability, or the sigmoid scores
   divided by their sum over experts as in DeepSeek-V3). 1 x coeff when balanced.
 * z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
+
+Context parallelism (``seq_reducer`` set by parallel/context.py): each rank holds part of
+every sequence, and routing stays token-local, but ``f_i``, ``P_i``, the z-loss mean and the
+reported load are those of the whole sequence: one all-reduce per layer and micro-batch
+sums the detached per-expert counts, score sums, the z-loss sum and the row count over the
+cp ranks. A rank's loss is its own tokens' share of the whole-sequence loss (gradient:
+its tokens' terms with the global ``f`` and row count; the cp ranks' gradients are summed),
+carrying the whole-sequence value so the reported ``aux/*`` statistic is one process's.
 """
 from __future__ import annotations
 
@@ -37,12 +45,18 @@ class Routing(NamedTuple):
     counts: torch.Tensor       # (E,) int64 assignments per expert (before capacity)
     aux: Optional[torch.Tensor] = None      # fp32 scalar: the weighted load-balancing loss
     z: Optional[torch.Tensor] = None        # fp32 scalar: the weighted z-loss
+    share: Optional[torch.Tensor] = None    # (E,) the whole sequence's assignment share (cp); None: counts
 
 
 def _training_forward() -> bool:
     """True in the forward of a training step (not evaluation, not an activation-checkpoint
     replay in backward, not a pipeline schedule's shape inference, not outside a step)."""
     return _recording() and current().aux_scale > 0
+
+
+def _carrying(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part``'s gradient with the (detached) value ``whole``."""
+    return part + (whole - part).detach()
 
 
 class Router(nn.Module):
@@ -61,6 +75,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.num_experts, width, dtype=torch.float32))   # (E, w)
         self.role = "router"
         self.load_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.seq_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if self.rate > 0:
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts))   # persistent: checkpointed
             self.register_buffer("expert_load", torch.zeros(moe.num_experts))   # this step's assignments
@@ -79,6 +94,8 @@ class Router(nn.Module):
             counts = torch.bincount(experts.flatten(), minlength=self.num_experts)   # (E,)
             if self.rate > 0 and _training_forward():
                 self.expert_load.add_(counts.to(self.expert_load.dtype))
+            if self.seq_reducer is not None and torch.is_grad_enabled():
+                return self._sequence_routing(experts, weights, counts, probs, logits)
             return Routing(experts, weights, counts, self._balance_loss(probs, counts),
                            self._z_loss(logits))
 
@@ -94,6 +111,27 @@ class Router(nn.Module):
         if self.z_coeff == 0 or not torch.is_grad_enabled():
             return None
         return self.z_coeff * torch.logsumexp(logits, -1).square().mean()
+
+    def _sequence_routing(self, experts: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                          probs: torch.Tensor, logits: torch.Tensor) -> Routing:
+        """Routing whose losses and load share cover the whole sequence (``seq_reducer``)."""
+        assert self.seq_reducer is not None
+        E, N = self.num_experts, probs.shape[0]
+        if self.score == "sigmoid":
+            probs = probs / probs.sum(-1, keepdim=True)                       # (N, E) normalized scores
+        psum = probs.sum(0)                                                   # (E,) this rank's score sums
+        zsum = torch.logsumexp(logits, -1).square().sum()                     # this rank's z terms
+        local = torch.cat([counts.float(), psum.detach(), zsum.detach()[None], probs.new_tensor([N])])
+        total = self.seq_reducer(local)                                       # (2E+2,) over the cp ranks
+        all_counts, all_psum, all_z, rows = total[:E], total[E:2 * E], total[2 * E], total[2 * E + 1]
+        f = all_counts / all_counts.sum().clamp_min(1)                        # (E,) whole-sequence fractions
+        aux = z = None
+        if self.aux_coeff != 0:
+            scale = self.aux_coeff * E / rows
+            aux = _carrying((f * psum).sum() * scale, (f * all_psum).sum() * scale)
+        if self.z_coeff != 0:
+            z = _carrying(zsum * (self.z_coeff / rows), all_z * (self.z_coeff / rows))
+        return Routing(experts, weights, counts, aux, z, all_counts / (rows * self.top_k))
 
     @torch.no_grad()
     def post_optimizer_step(self) -> None:

@@ -2,7 +2,8 @@
 checks shown to catch a ring that drops one block and a loss normalized per rank.
 
 The layouts themselves (dense CP2/CP4 with documents, all-gather, x TP2, x PP2, x FSDP2,
-DHA, BitNet) are in tests/distributed/layouts_cp.py and run with the equivalence suite.
+DHA, BitNet) are in tests/distributed/layouts_cp.py, MoE CP2 x EP2 and MH-MoE CP2 in
+tests/distributed/layouts_moe_cp.py; they run with the equivalence suite.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tests.distributed.test_equivalence import assert_matches
 @pytest.mark.parametrize("parallel,model,seq_len,needle", [
     ({"context": 2}, {}, 10, "data.seq_len=10 must be divisible by 2 x parallel.context = 4"),
     ({"context": 2, "compile": True}, {}, 16, "parallel.compile=true"),
-    ({"context": 2}, {"arch": "moe"}, 16, "no context-parallel form yet"),
+    ({"context": 2}, {"arch": "moe", "moe": {"capacity_factor": 1.0}}, 16, "model.moe.capacity_factor=1.0"),
+    ({"context": 2, "expert": 2}, {"arch": "moe"}, 16, "parallel.expert=2 must divide the data-parallel shard"),
 ])
 def test_bad_cp_layout_is_one_line(parallel: dict, model: dict, seq_len: int, needle: str) -> None:
     with pytest.raises(LayoutError) as err:
