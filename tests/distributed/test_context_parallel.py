@@ -48,3 +48,82 @@ def test_equivalence_catches_cp_faults() -> None:
     for fault in faults:
         with pytest.raises(AssertionError):
             assert_matches(result.get(fault), ref)
+
+
+# ---------------------------------------------------------------- resume across a change of cp
+
+SAVED_AT = 2                       # steps 0-1, save, then step 2 (the third)
+EOD = 5                            # token id ending a document in the loader's samples
+
+
+def _loader():
+    """The real TrainLoader over in-memory samples (the suite's "masked" batches of steps 0-2);
+    documents end at token EOD, so doc_ids follow the tokens through the cp sharding."""
+    from polytron.data.loader import TrainLoader, _Sampler
+    samples = []
+    for i in range(eq.STEPS):
+        b = eq.global_batch(i, "masked", 128)
+        samples += [{k: b[k][j] for k in ("tokens", "labels", "loss_mask")} for j in range(eq.GLOBAL_BATCH)]
+    sampler = _Sampler(samples, eq.MICRO, EOD, position_ids=False, doc_ids=True, name="train")
+    return TrainLoader(sampler, eq.GLOBAL_BATCH, 0, 1, 0, "cp-resume", len(samples))
+
+
+def _cp_run(cp: int, root: str, resume: str = "") -> dict:
+    """MoE (dropless, balancing bias) at parallel.context=cp: train to SAVED_AT and save (or
+    resume ``resume``, loader position included), then the last step."""
+    import os
+
+    import torch
+
+    from polytron.parallel.engine import build_engine
+    from polytron.pretrain import checkpoint
+    from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
+    from polytron.pretrain.optim import build_optimizer
+    from polytron.pretrain.step import TrainStep
+    from tests.distributed.layouts_moe_cp import MOE_CP
+    pcfg, mcfg = ParallelConfig(context=cp), eq.model_config(**MOE_CP)
+    dims = ParallelDims.resolve(pcfg, mcfg, cp, eq.SEQ)
+    engine = build_engine(mcfg, pcfg, dims, dims.build_mesh("cpu") if cp > 1 else None,
+                          torch.device("cpu"), torch.float32, eq.SEED)
+    opt_cfg = OptimizerConfig(grad_clip=eq.GRAD_CLIP)
+    optimizer = build_optimizer(engine.model_parts, opt_cfg)
+    step = TrainStep(engine, optimizer, opt_cfg, ScheduleConfig(kind="constant", warmup_iters=0), eq.STEPS)
+    loader, saved, first = _loader(), "", SAVED_AT
+    if resume:
+        loader.load_state_dict(checkpoint.load(resume, engine.model_parts, optimizer)["data"])
+    else:
+        for i in range(SAVED_AT):
+            step(loader.next_step(), i)
+        state = {"iteration": SAVED_AT, "data": loader.state_dict()}
+        checkpoint.save(root, SAVED_AT, engine.model_parts, optimizer, state, 5).finalize()
+        saved = os.path.join(root, checkpoint.ckpt_name(SAVED_AT))
+    position = loader.consumed_samples
+    loss = [float(step(loader.next_step(), i).loss) for i in range(first, eq.STEPS)][-1]
+    return {"loss": loss, "position": position, "params": engine.full_parameters(), "saved": saved}
+
+
+def _cp2_worker(single_ckpt: str, root: str) -> dict:
+    """Both directions at cp=2: an uninterrupted run that saves, and a resume of ``single_ckpt``."""
+    return {"run": _cp_run(2, root), "resumed": _cp_run(2, "", resume=single_ckpt)}
+
+
+def _same_run(got: dict, want: dict, what: str) -> None:
+    assert got["position"] == want["position"] == SAVED_AT * eq.GLOBAL_BATCH, f"{what}: loader position"
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), f"{what}: loss {got['loss']} vs {want['loss']}"
+    assert sorted(got["params"]) == sorted(want["params"]), f"{what}: parameter names"
+    for name, ref in want["params"].items():
+        rel = float((got["params"][name] - ref).norm() / ref.norm())
+        assert rel <= 1e-4, f"{what}: {name} differs by {rel:.2e}"
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_resumes_across_a_change_of_cp(tmp_path) -> None:
+    """Saved at cp=1, resumed at cp=2, and the reverse: the loader continues at the saved
+    sample and the last step's loss and the parameters equal the uninterrupted cp=1 run."""
+    from tests.distributed.harness import run_distributed
+    single = _cp_run(1, str(tmp_path / "single"))
+    ranks = run_distributed(_cp2_worker, 2, single["saved"], str(tmp_path / "cp2"), backend="gloo", timeout=300)
+    for r, res in enumerate(ranks):
+        _same_run(res["run"], single, f"cp=2 uninterrupted (rank {r})")
+        _same_run(res["resumed"], single, f"cp=2 resumed from cp=1 (rank {r})")
+    _same_run(_cp_run(1, "", resume=ranks[0]["run"]["saved"]), single, "cp=1 resumed from cp=2")
