@@ -28,6 +28,18 @@ def test_bad_cp_layout_is_one_line(parallel: dict, model: dict, seq_len: int, ne
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_fp8_with_cp_is_one_line() -> None:
+    """FP8 x CP is refused at config validation (before any process group): per-rank scales."""
+    from polytron.model.configlib import ConfigError
+    from polytron.parallel.fp8 import FP8Config
+    from polytron.pretrain.config import RunConfig
+    cfg = RunConfig()
+    cfg.parallel.context, cfg.precision.fp8, cfg.data.builtin_corpus = 2, FP8Config(enabled=True), True
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert "precision.fp8.enabled=true with parallel.context=2" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cp_layout_accepted() -> None:
     dims = ParallelDims.resolve(ParallelConfig(context=2), eq.model_config(), 4, 16)
     assert (dims.cp, dims.dp) == (2, 2)
