@@ -16,6 +16,12 @@ them for the classes of ``transformers/integrations/bitnet.py`` when the model l
   scale matches the class the config selects (``--packed autobitlinear``, the 2B4T
   release's choice and the default, or ``--packed bitlinear``).
 
+Configs BitNetForCausalLM does not compute (the paper's ``gqa`` + ``swiglu`` with
+``bitnet.linear_norm``, a ternary embedding, MoE MLPs, ...) export to the
+``polytron_bitnet`` remote-code family (:class:`model.llama.hf.LlamaStackAdapter`: a Llama
+config plus the composition fields, the modeling file assembled from the kinds' pieces);
+the packed export stays BitNetForCausalLM's alone.
+
 Projections of roles not in ``model.bitnet.quantize`` (the head by default) are listed
 in ``modules_to_not_convert`` and stay ``nn.Linear``. ``bos_token_id`` / ``eos_token_id``
 are always written (null without a tokenizer), because transformers' BitNet defaults
@@ -28,8 +34,11 @@ from typing import Any
 import torch
 
 from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
-from polytron.model.hf_remote import register_fields, register_piece
-from polytron.model.llama.hf import llama_config_fields, llama_model_fields
+from polytron.model.hf_remote import Family, RemoteFallback, register_fields, register_piece
+from polytron.model.llama.hf import LlamaStackAdapter, llama_config_fields, llama_model_fields
+
+#: The remote-code family of bitnet compositions BitNetForCausalLM does not compute.
+REMOTE_TYPE = "polytron_bitnet"
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -77,9 +86,15 @@ def bitlinear_from_hf(hf: dict, file: str) -> dict:
 register_fields("bitlinear", bitlinear_fields, bitlinear_from_hf)
 
 
-class BitNetAdapter(NameMapAdapter):
-    """``BitNetForCausalLM`` with latent weights (``AutoBitLinear``, online quantization)."""
-    model_types = ("bitnet",)
+class BitNetAdapter(RemoteFallback, NameMapAdapter):
+    """``BitNetForCausalLM`` with latent weights (``AutoBitLinear``, online quantization) where the
+    2B4T slots fit, else the ``polytron_bitnet`` remote-code family (the paper's variant with
+    BitLinear's inner RMSNorm, a ternary embedding, MoE / MH-MoE MLPs, ...)."""
+    model_types = ("bitnet", REMOTE_TYPE)
+    remote = LlamaStackAdapter("bitnet", Family(REMOTE_TYPE, "modeling_polytron_bitnet.py",
+                                                "PolytronBitNetConfig", "PolytronBitNetForCausalLM"))
+
+    remote_code = RemoteFallback.remote_code     # the fallback's, not NameMapAdapter's None
 
     def top(self, cfg) -> dict[str, str]:
         return _TOP
@@ -92,7 +107,7 @@ class BitNetAdapter(NameMapAdapter):
 
     # ------------------------------------------------------------ config
 
-    def exportable(self, cfg) -> str:
+    def native_misfit(self, cfg) -> str:
         """Why ``cfg`` has no ``BitNetForCausalLM`` export ('' when it has one)."""
         slots = (cfg.attention, cfg.mlp, cfg.linear)
         if slots != ("gqa_subnorm", "relu2_subnorm", "bitlinear"):
@@ -115,7 +130,7 @@ class BitNetAdapter(NameMapAdapter):
                 "modules_to_not_convert": not_converted(cfg), "use_rms_norm": False,
                 "rms_norm_eps": cfg.norm_eps}
 
-    def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+    def native_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
         fields = llama_config_fields(cfg)
         fields.update(hidden_act="relu2")
         for key in ("mlp_bias", "pretraining_tp"):
@@ -125,8 +140,14 @@ class BitNetAdapter(NameMapAdapter):
                 "quantization_config": self.quantization_config(cfg),
                 "torch_dtype": dtype_name, "dtype": dtype_name}
 
-    def from_hf_config(self, hf: dict, file: str):
+    def native_from_config(self, hf: dict, file: str):
         return self.model_config(hf, file, latent_roles(hf.get("quantization_config"), file))
+
+    def native_to_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return NameMapAdapter.to_hf_tensors(self, cfg, tensors)
+
+    def native_from_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+        return NameMapAdapter.from_hf_tensors(self, cfg, hf, src)
 
     def model_config(self, hf: dict, file: str, quantize: list[str]):
         """Our ModelConfig for a ``bitnet`` config.json whose quantized roles are ``quantize``."""
@@ -142,7 +163,7 @@ class BitNetAdapter(NameMapAdapter):
             cfg.validate()
         except ValueError as e:
             raise ConvertError(f"{file}: {e}") from None
-        why = self.exportable(cfg)
+        why = self.native_misfit(cfg)
         if why:
             raise ConvertError(f"{file}: {why}")
         return cfg
@@ -193,8 +214,11 @@ class PackedBitNetAdapter(BitNetAdapter):
     def __init__(self, linear_class: str = "autobitlinear"):
         self.linear_class = linear_class
 
+    def uses_remote(self, cfg) -> bool:
+        return False                    # packed weights are BitNetForCausalLM's alone
+
     def exportable(self, cfg) -> str:
-        why = super().exportable(cfg)
+        why = self.native_misfit(cfg)
         if why:
             return why
         widths = {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,

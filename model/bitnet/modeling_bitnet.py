@@ -9,6 +9,8 @@ slots alone export natively to ``BitNetForCausalLM``):
   (mean summed in float64), the integer matmul, then ``* beta / s``; projections of roles
   not in ``quantized_roles`` stay ``nn.Linear``; ``bitlinear_norm_eps`` set: the paper's
   RMS normalization inside each BitLinear. Forward only (no straight-through gradients).
+  ``quantized_roles`` listing ``embedding``: the input embedding is looked up in its ternary
+  form T * beta (``BitEmbedding``).
 * ``subnorm``: ``gqa_subnorm`` attention and the ``relu2_subnorm`` MLP (2B4T's sub-norms).
 
 The imports above the pieces are for reading this file as a module.
@@ -21,6 +23,7 @@ from torch import nn
 
 from polytron.model.hf_remote.pieces import (
     ATTENTIONS,
+    EMBEDDINGS,
     LINEAR_FNS,
     LINEARS,
     MLPS,
@@ -56,8 +59,19 @@ class BitLinear(nn.Linear):
         return bitlinear(self.bit_config, x, self.weight, self.bias)
 
 
+class BitEmbedding(nn.Embedding):
+    """An embedding looked up in its ternary form T * beta (``quantized_roles`` has ``embedding``)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        beta = (w.detach().abs().sum(dtype=torch.float64) / w.numel()).clamp(min=1e-5).float()
+        table = ((w.float() * (1.0 / beta)).round().clamp(-1, 1) * beta).to(w.dtype)     # (V, d)
+        return F.embedding(input_ids, table)                                           # (B, T, d)
+
+
 LINEARS["bitlinear"] = BitLinear
 LINEAR_FNS["bitlinear"] = bitlinear
+EMBEDDINGS["bitlinear"] = lambda config: BitEmbedding(config.vocab_size, config.hidden_size)
 
 
 # piece: subnorm

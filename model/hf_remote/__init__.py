@@ -29,6 +29,7 @@ Nothing here imports an architecture folder: architectures register into these t
 """
 from __future__ import annotations
 
+import abc
 import ast
 import importlib.util
 import re
@@ -199,22 +200,32 @@ class RemoteAdapter:
 
     # ------------------------------------------------------------ config.json
 
+    def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} writes no config.json of its own")
+
+    def from_hf_config(self, hf: dict, file: str):
+        raise NotImplementedError(f"{type(self).__name__} reads no config.json of its own")
+
     def composition_fields(self, cfg) -> dict:
         """The fields the assembled file reads besides the family's own: kinds per layer, the
         linear kind and its quantized roles, and every used kind's registered fields."""
         per = self.layer_kinds(cfg)
         out = {"architectures": [self.family.model_class], "model_type": self.family.model_type,
                "auto_map": self.family.auto_map(), "layer_attention": [a for a, _ in per],
-               "layer_mlp": [m for _, m in per], "mlp_kind": cfg.mlp, "linear_kind": cfg.linear}
-        for kind in _unique([cfg.linear, *(m for _, m in per)]):
+               "layer_mlp": [m for _, m in per], "attention_kind": cfg.attention, "mlp_kind": cfg.mlp,
+               "linear_kind": cfg.linear}
+        for kind in _unique([cfg.linear, cfg.attention, *(m for _, m in per)]):
             if kind in FIELDS:
                 out.update(FIELDS[kind][0](cfg))
         return out
 
-    def composition_from_hf(self, hf: dict, file: str) -> dict:
-        """ModelConfig keyword arguments of the composition fields (absent: swiglu + linear)."""
+    def composition_from_hf(self, hf: dict, file: str, attention: bool = False) -> dict:
+        """ModelConfig keyword arguments of the composition fields (absent: swiglu + linear);
+        with ``attention`` also the attention kind (absent: gqa) and its fields."""
         out = {"mlp": hf.get("mlp_kind", "swiglu"), "linear": hf.get("linear_kind", "linear")}
-        for kind in _unique([out["linear"], out["mlp"]]):
+        if attention:
+            out["attention"] = hf.get("attention_kind", "gqa")
+        for kind in _unique([out["linear"], out.get("attention"), out["mlp"]]):
             if kind in FIELDS:
                 out.update(FIELDS[kind][1](hf, file))
         return out
@@ -284,10 +295,71 @@ class RemoteAdapter:
         return {k: ours[k].float().contiguous() for k in expected}
 
 
+
+class RemoteFallback(abc.ABC):
+    """An adapter whose native transformers class (``LlamaForCausalLM``, ``BitNetForCausalLM``)
+    computes only some configs: the others export to the assembled remote-code family
+    ``remote``, and ``from-hf`` reads that family's ``model_type`` back.
+
+    The subclass gives ``native_misfit`` (why the native class does not fit, '' when it does)
+    and the ``native_*`` halves; this class dispatches every adapter method on them."""
+    remote: RemoteAdapter
+
+    @abc.abstractmethod
+    def native_misfit(self, cfg) -> str:
+        """Why the native class does not compute ``cfg`` ('' when it does)."""
+
+    @abc.abstractmethod
+    def native_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+        """The native class's ``config.json``."""
+
+    @abc.abstractmethod
+    def native_from_config(self, hf: dict, file: str):
+        """Our ModelConfig from the native class's ``config.json``."""
+
+    @abc.abstractmethod
+    def native_to_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our tensors under the native class's names."""
+
+    @abc.abstractmethod
+    def native_from_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+        """Our tensors from the native class's names, checked."""
+
+    def uses_remote(self, cfg) -> bool:
+        return bool(self.native_misfit(cfg))
+
+    def exportable(self, cfg) -> str:
+        """Why ``cfg`` has no export ('' when the native class or the remote family has one)."""
+        return self.remote.exportable(cfg) if self.uses_remote(cfg) else ""
+
+    def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+        if self.uses_remote(cfg):
+            return self.remote.to_hf_config(cfg, bos_id, eos_id, dtype_name)
+        return self.native_config(cfg, bos_id, eos_id, dtype_name)
+
+    def remote_code(self, cfg) -> dict[str, str]:
+        """The assembled modeling file when ``cfg`` needs the remote family, else ``{}``."""
+        return self.remote.remote_code(cfg) if self.uses_remote(cfg) else {}
+
+    def from_hf_config(self, hf: dict, file: str):
+        if hf.get("model_type") in self.remote.model_types:
+            return self.remote.from_hf_config(hf, file)
+        return self.native_from_config(hf, file)
+
+    def to_hf_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.uses_remote(cfg):
+            return self.remote.to_hf_tensors(cfg, tensors)
+        return self.native_to_tensors(cfg, tensors)
+
+    def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+        if self.uses_remote(cfg):
+            return self.remote.from_hf_tensors(cfg, hf, src)
+        return self.native_from_tensors(cfg, hf, src)
+
+
 def _unique(items) -> list:
     out: list = []
     for x in items:
-        if x not in out:
+        if x not in out and x is not None:
             out.append(x)
     return out
-

@@ -26,6 +26,8 @@ MLPS: dict = {}
 #: Linear kind -> module factory (config, in, out, bias, role), and -> function (x, weight, bias).
 LINEARS: dict = {"linear": lambda config, i, o, bias, role: nn.Linear(i, o, bias=bias)}
 LINEAR_FNS: dict = {"linear": lambda config, x, w, b: F.linear(x, w, b)}
+#: Linear kind -> input embedding factory (config), used when ``quantized_roles`` lists ``embedding``.
+EMBEDDINGS: dict = {"linear": lambda config: nn.Embedding(config.vocab_size, config.hidden_size)}
 
 
 def _quantized(config, role: str) -> bool:
@@ -42,6 +44,13 @@ def linear_kind(config, role: str) -> str:
 def make_linear(config, in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
     """A projection of the config's linear kind for ``role`` (q k v o gate up down proj head)."""
     return LINEARS[linear_kind(config, role)](config, in_features, out_features, bias, role)
+
+
+def make_embedding(config) -> nn.Module:
+    """The input embedding: plain unless ``quantized_roles`` lists ``embedding`` (then the linear kind's)."""
+    roles = getattr(config, "quantized_roles", None) or []
+    kind = (getattr(config, "linear_kind", "linear") or "linear") if "embedding" in roles else "linear"
+    return EMBEDDINGS[kind](config)
 
 
 def linear_fn(config, role: str):
@@ -238,7 +247,7 @@ class LlamaStackPreTrainedModel(PreTrainedModel):
 class LlamaStackModel(LlamaStackPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = make_embedding(config)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()

@@ -1,5 +1,10 @@
 """Hugging Face ``LlamaForCausalLM`` (and Mistral without sliding window) <-> our dense decoder.
 
+Configs whose slots ``LlamaForCausalLM`` does not compute (``mlp: moe`` / ``mh_moe``,
+``attention: dha``, ``linear: bitlinear``, ...) export to the ``polytron_llama``
+remote-code family instead: a Llama config plus the composition fields and the modeling
+file assembled from the kinds' pieces (:mod:`model.hf_remote`), same tensor names.
+
 Both sides use the rotate-half RoPE layout, so q/k weights copy without permutation.
 RoPE is written both the transformers 5 way (``rope_parameters``) and the 4.x way
 (``rope_theta`` + ``rope_scaling``).
@@ -8,7 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from polytron.model.hf import ConvertError, NameMapAdapter, require_fields
+from polytron.model.hf_remote import Family, RemoteAdapter, RemoteFallback
+
+#: The remote-code family of llama compositions without a native class.
+REMOTE_TYPE = "polytron_llama"
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -95,9 +106,41 @@ def llama_model_fields(hf: dict, file: str) -> dict:
         attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)))
 
 
-class LlamaAdapter(NameMapAdapter):
-    """``LlamaForCausalLM``: one rename per tensor."""
-    model_types = ("llama", "mistral")
+class LlamaStackAdapter(RemoteAdapter):
+    """The remote-code family of an architecture on the Llama skeleton (``arch``), for
+    compositions no transformers class computes: a Llama config plus the composition fields
+    (:mod:`model.hf_remote`), tensors under Llama's names."""
+
+    def __init__(self, arch: str, family: Family):
+        self.arch, self.family, self.model_types = arch, family, (family.model_type,)
+
+    def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+        return {**llama_config_fields(cfg), **self.composition_fields(cfg), "bos_token_id": bos_id,
+                "eos_token_id": eos_id, "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name}
+
+    def from_hf_config(self, hf: dict, file: str):
+        from polytron.model.config import ModelConfig
+        from polytron.model.configlib import ConfigError
+        require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
+                                            "num_hidden_layers", "num_attention_heads"))
+        try:
+            cfg = ModelConfig(arch=self.arch, **llama_model_fields(hf, file),
+                              **self.composition_from_hf(hf, file, attention=True))
+            cfg.validate()
+        except (ValueError, ConfigError, TypeError) as e:
+            raise ConvertError(f"{file}: {e}") from None
+        return cfg
+
+
+class LlamaAdapter(RemoteFallback, NameMapAdapter):
+    """``LlamaForCausalLM`` (one rename per tensor) where its slots fit (gqa + swiglu + linear),
+    else the ``polytron_llama`` remote-code family (MoE / MH-MoE MLPs, DHA attention,
+    BitLinear projections, ...)."""
+    model_types = ("llama", "mistral", REMOTE_TYPE)
+    remote = LlamaStackAdapter("llama", Family(REMOTE_TYPE, "modeling_polytron_llama.py",
+                                               "PolytronLlamaConfig", "PolytronLlamaForCausalLM"))
+
+    remote_code = RemoteFallback.remote_code     # the fallback's, not NameMapAdapter's None
 
     def top(self, cfg) -> dict[str, str]:
         return _TOP
@@ -108,19 +151,19 @@ class LlamaAdapter(NameMapAdapter):
     def tied(self, cfg) -> list[tuple[str, str]]:
         return [("output.weight", "tok_embeddings.weight")] if cfg.tie_embeddings else []
 
-    def exportable(self, cfg) -> str:
+    def native_misfit(self, cfg) -> str:
         """Why ``cfg`` has no ``LlamaForCausalLM`` export ('' when it has one)."""
         if cfg.attention != "gqa" or cfg.mlp != "swiglu" or cfg.linear != "linear":
             return (f"attention={cfg.attention}, mlp={cfg.mlp}, linear={cfg.linear} has no "
                     "LlamaForCausalLM export")
         return ""
 
-    def to_hf_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
+    def native_config(self, cfg, bos_id, eos_id, dtype_name: str) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama_config_fields(cfg),
                 "bos_token_id": bos_id, "eos_token_id": eos_id, "pretraining_tp": 1, "use_cache": True,
                 "torch_dtype": dtype_name, "dtype": dtype_name}
 
-    def from_hf_config(self, hf: dict, file: str):
+    def native_from_config(self, hf: dict, file: str):
         from polytron.model.config import ModelConfig
         require_fields(hf, file, _MUST_BE, ("vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads"))
@@ -130,3 +173,9 @@ class LlamaAdapter(NameMapAdapter):
         except ValueError as e:
             raise ConvertError(f"{file}: {e}") from None
         return cfg
+
+    def native_to_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return NameMapAdapter.to_hf_tensors(self, cfg, tensors)
+
+    def native_from_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+        return NameMapAdapter.from_hf_tensors(self, cfg, hf, src)

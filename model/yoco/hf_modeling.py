@@ -33,6 +33,7 @@ from polytron.model.hf_remote.pieces import (
     apply_rope,
     attend,
     init_module,
+    make_embedding,
     make_linear,
     rope_cos_sin,
 )
@@ -257,7 +258,7 @@ class YOCOStackPreTrainedModel(PreTrainedModel):
 class YOCOStackModel(YOCOStackPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = make_embedding(config)
         self.layers = nn.ModuleList(YOCODecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.kv_layer = KVLayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
