@@ -76,3 +76,36 @@ def test_layouts_each_run_under_torchrun(tiny_config):
     assert by["single"]["world_size"] == 1 and by["single"]["tokens_per_s"] > 0
     assert by["fsdp2"]["world_size"] == 2 and by["fsdp2"]["tokens_per_s"] > 0
     assert "error" in by["nosuch3"] and "nosuch3" in by["nosuch3"]["error"]
+
+
+TINY_CP = ["model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=64",
+           "model.vocab_size=128", "model.num_layers=2", "model.yoco.sliding_window=8"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--models", "dense,nosuch"], "--models: unknown model 'nosuch'"),
+    (["--cps", "1,x"], "--cps: expected comma-separated integers"),
+    (["--cps", "1,4", "--lengths", "36"], "--lengths: 36 is not divisible by 2 x max(--cps) = 8"),
+])
+def test_bench_context_bad_arguments(args, needle, capsys):
+    from polytron.tools import bench_context
+    assert bench_context.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_bench_context_tiny_cp1(tmp_path):
+    """cp=1 in process on a tiny dense and YOCO retention model: saved-activation bytes grow with the
+    sequence, no K/V gather without cp, and the budget picks the longest length that fits."""
+    from polytron.tools import bench_context
+    out = tmp_path / "ctx.json"
+    assert bench_context.main(["--models", "dense,yoco_retention", "--cps", "1", "--lengths", "16,64",
+                               "--repeats", "1", "--budget-mib", "0.3", "--json", str(out), *TINY_CP]) == 0
+    res = json.loads(out.read_text())
+    by = {(r["model"], r["seq_len"]): r for r in res["rows"]}
+    for model in ("dense", "yoco_retention"):
+        short, long = by[model, 16], by[model, 64]
+        assert 2 * short["act_bytes"] < long["act_bytes"] < 8 * short["act_bytes"]     # ~linear in T
+        assert short["kv_gathers"] == long["kv_gathers"] == 0 and long["step_s"] > 0 and long["vs_cp1"] == 1
+        fits = [T for T in (16, 64) if by[model, T]["act_bytes"] <= 0.3 * 2 ** 20]
+        assert res["longest_within_budget"][model]["1"] == (max(fits) if fits else None)
