@@ -16,6 +16,7 @@ import transformers  # in the dev extra: a missing install must fail, not skip
 
 from polytron.model.config import ModelConfig
 from polytron.model.configlib import from_dict
+from polytron.model.hf import ConvertError
 from polytron.model.hf_remote import assemble, missing_kind
 from polytron.model.spec import get_spec
 from polytron.model.transformer import build_model
@@ -165,7 +166,7 @@ def trained_configs() -> dict[str, dict]:
 
 
 def from_test_tree(cfg: ModelConfig) -> str:
-    """Why ``cfg`` is skipped ('' when it is not): its architecture or a layer kind is
+    """Why ``cfg`` has no export ('' when it has one): its architecture or a layer kind is
     registered from the test tree and has no Hugging Face adapter or piece."""
     from polytron.model.layers import ATTENTIONS, MLPS
     spec = get_spec(cfg.arch)
@@ -202,13 +203,15 @@ def test_every_trained_configuration_exports_and_reloads(tmp_path, name):
     from polytron.pretrain.config import RunConfig
     from tests.distributed.equivalence import model_config
     cfg = model_config(**trained_configs()[name])
-    why = from_test_tree(cfg)
-    if why:
-        pytest.skip(why)
     model = perturbed(cfg)
     orig = {k: v.detach() for k, v in model.state_dict().items()}
     state = {"iteration": 1, "consumed_samples": 0, "consumed_tokens": 0, "config": RunConfig(model=cfg).to_dict()}
     ckpt.save_tensors(str(tmp_path / "checkpoint"), orig, state)
+    if from_test_tree(cfg):       # a test-only kind with no export: refused in one line, nothing written
+        with pytest.raises(ConvertError) as refused:
+            to_hf(str(tmp_path / "checkpoint"), str(tmp_path / "hf"))
+        assert "\n" not in str(refused.value) and not os.path.exists(tmp_path / "hf")
+        return
     to_hf(str(tmp_path / "checkpoint"), str(tmp_path / "hf"))
     hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
