@@ -16,6 +16,7 @@ the workers and their exit status back (docs/launch.md).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from polytron.model.errors import Failure, PolytronError
@@ -39,11 +40,29 @@ def help_config() -> None:
         print(f"{key} = {default!r}\n    {text}")
 
 
+_HAD_PROCESS_GROUP = False
+
+
 def close_process_group() -> None:
     """Destroy the default process group if this process made one (after the error line)."""
+    global _HAD_PROCESS_GROUP
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        _HAD_PROCESS_GROUP = True
         dist.destroy_process_group()
+
+
+def exit_now(status: int) -> None:
+    """Exit with ``status``. After a multi-process run the interpreter's own teardown is
+    skipped (``os._exit``, once every stream is flushed and the metrics, wandb and process
+    group are closed): gloo's worker threads may still hold finished work objects then, and
+    destroying them during interpreter finalization aborts the process ("terminate called
+    without an active exception", SIGABRT) after a run that succeeded."""
+    if not _HAD_PROCESS_GROUP:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @command(interrupted="interrupted", cleanup=close_process_group)
@@ -93,4 +112,4 @@ def run(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    exit_now(run(sys.argv[1:]))
