@@ -1,8 +1,11 @@
-"""Reading preprocessing inputs: globs and input lists, plain/.gz/.zst streams, chunks of whole documents.
+"""Reading preprocessing inputs: globs and input lists, plain/.gz/.zst streams, Parquet and
+Arrow/``datasets`` tables, chunks of whole documents.
 
 The main process of ``tools/preprocess_data.py`` only moves bytes: :func:`iter_chunks`
 reads a file (decompressing on the fly) and cuts it into blocks that end at a document
 boundary, counting lines so that workers can report skipped documents by line number.
+A Parquet or Arrow input gives blocks of its text column's UTF-8 bytes with per-document
+offsets (:mod:`data.table_inputs`), numbered by row instead of line.
 """
 from __future__ import annotations
 
@@ -13,20 +16,38 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Protocol
 
+import numpy as np
+
 from polytron.data.errors import DataError
-from polytron.data.files import is_own_output, os_reason
+from polytron.data.files import check_input_files, is_own_output, os_reason
+from polytron.data.table_inputs import (
+    ARROW_SUFFIX,
+    PARQUET_SUFFIXES,
+    dataset_dir_kind,
+    dataset_files,
+    is_table_format,
+    iter_arrow,
+    iter_parquet,
+    table_size,
+)
 
 COMPRESSED = (".gz", ".zst")
 
 
 @dataclass
 class Chunk:
-    """Whole documents of one input file as one raw byte block (cut at a line end)."""
+    """Whole documents of one input file as one raw byte block (cut at a line end).
+
+    For a table input (``parquet``/``arrow``) ``data`` holds the documents' UTF-8 text back
+    to back, ``offsets`` where each starts and ``first_line`` is the first one's row number.
+    """
     file_idx: int
-    fmt: str                 # "jsonl" or "text"
-    first_line: int          # 1-based line number of the block's first line
+    fmt: str                 # "jsonl", "text", "parquet" or "arrow"
+    first_line: int          # 1-based line (table: row) number of the block's first document
     data: bytes
     disk_bytes: int          # on-disk (possibly compressed) bytes this chunk advanced
+    offsets: np.ndarray | None = None  # table inputs: (documents + 1,) int64 into data
+    nulls: np.ndarray | None = None    # table inputs: (documents,) bool, True for a null value
 
     @property
     def lines(self) -> list[bytes]:
@@ -40,15 +61,19 @@ def expand_inputs(patterns: list[str], output_prefix: str = "") -> list[str]:
     An existing path is taken as is (even with glob characters in its name); a glob that
     matches no file is a :class:`DataError`. With ``output_prefix``, a glob skips that
     run's own outputs and their temporaries (``PREFIX.bin``, ``PREFIX_00000.idx``,
-    ``PREFIX.summary.json.tmp123`` ...) in the same directory.
+    ``PREFIX.summary.json.tmp123`` ...) in the same directory. A glob also matches
+    ``datasets`` directories (``save_to_disk``), never the files inside one it matched.
     """
     out: list[str] = []
     for p in patterns:
         if os.path.exists(p) or not glob.has_magic(p):
             out.append(p)
             continue
-        files = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True)
-                       if os.path.isfile(f) and not (output_prefix and is_own_output(f, output_prefix)))
+        found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True)
+                       if (os.path.isfile(f) or dataset_dir_kind(f) == "dataset")
+                       and not (output_prefix and is_own_output(f, output_prefix)))
+        tables = tuple(os.path.join(f, "") for f in found if os.path.isdir(f))
+        files = [f for f in found if not f.startswith(tables)]
         if not files:
             raise DataError(f"input {p}: matches no file")
         out.extend(files)
@@ -67,9 +92,29 @@ def read_input_list(path: str) -> list[str]:
 
 
 def detect_format(path: str) -> str:
-    """``jsonl`` for ``.jsonl``/``.json``/``.ndjson`` (optionally ``.gz``/``.zst``), else ``text``."""
+    """``parquet`` for ``.parquet``/``.pq``; ``arrow`` for ``.arrow`` and ``datasets`` directories;
+    ``jsonl`` for ``.jsonl``/``.json``/``.ndjson`` (optionally ``.gz``/``.zst``); else ``text``."""
+    if path.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if path.endswith(ARROW_SUFFIX) or dataset_dir_kind(path):
+        return "arrow"
     name = next((path[:-len(c)] for c in COMPRESSED if path.endswith(c)), path)
     return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
+
+
+def check_inputs(paths: list[str]) -> None:
+    """Every input is a file or a ``datasets`` directory (its data files listed and present)."""
+    files = [p for p in paths if not dataset_dir_kind(p)]
+    if files or not paths:
+        check_input_files(files)
+    for p in paths:
+        if dataset_dir_kind(p):
+            dataset_files(p)
+
+
+def input_size(path: str) -> int:
+    """On-disk bytes of an input (a ``datasets`` directory: its data files)."""
+    return table_size(path) if is_table_format(detect_format(path)) else os.path.getsize(path)
 
 
 class _ByteStream(Protocol):
@@ -169,12 +214,17 @@ def _cut(buf: bytes, fmt: str, text_unit: str) -> int:
 
 
 def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str,
-                chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
+                chunk_bytes: int = 1 << 20, json_key: str = "text") -> Iterator[Chunk]:
     """Cut one input file into byte blocks of whole documents, about ``chunk_bytes`` each.
 
     The main process only moves bytes (no per-line Python objects); parsing happens in
-    the workers.
+    the workers. Table inputs give column ``json_key``.
     """
+    if is_table_format(fmt):
+        pieces = iter_parquet if fmt == "parquet" else iter_arrow
+        for p in pieces(path, json_key, chunk_bytes):
+            yield Chunk(file_idx, fmt, p.first_row, p.data, p.disk_bytes, p.offsets, p.nulls)
+        return
     try:
         reader = _CountingReader(path)
     except OSError as e:

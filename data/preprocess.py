@@ -1,4 +1,5 @@
-"""Text / JSONL (plain, ``.gz`` or ``.zst``) -> Megatron ``.bin/.idx`` indexed datasets.
+"""Text / JSONL (plain, ``.gz`` or ``.zst``), Parquet, Arrow and ``datasets`` directories ->
+Megatron ``.bin/.idx`` indexed datasets.
 
 Pipeline: the main process reads each input file as bytes and cuts it into chunks of
 whole documents (about ``chunk_bytes`` each); worker processes decode, parse, validate
@@ -13,8 +14,12 @@ by size (``shard_mb``) or one per input file (``shard_by_file``); concatenating 
 (``tools/merge_datasets.py``) gives the unsharded dataset byte for byte.
 ``PREFIX.summary.json`` records documents, tokens and skipped lines per input file.
 
+A Parquet/Arrow input's text column arrives as chunks of its UTF-8 bytes with offsets
+(:mod:`data.table_inputs`); its documents go through the same checks and encoder, so the
+same documents give the same bytes whatever file format held them.
+
 Malformed input (invalid JSON, a missing or non-string text field, non-UTF-8 bytes,
-empty documents) is skipped and recorded with file, line and reason -- or, with
+empty documents, null table values) is skipped and recorded with file, line and reason -- or, with
 ``strict=True``, stops the run with a :class:`DataError`. A run that finds no valid
 document at all, or cannot write its output location, fails with a one-line
 :class:`DataError` and leaves nothing behind.
@@ -38,7 +43,6 @@ import numpy as np
 
 from polytron.data.errors import DataError
 from polytron.data.files import (
-    check_input_files,
     check_output_prefix,
     ensure_writable_dir,
     missing_dirs,
@@ -49,7 +53,7 @@ from polytron.data.files import (
     writing,
 )
 from polytron.data.indexed import DatasetWriter, optimal_dtype
-from polytron.data.inputs import Chunk, detect_format, expand_inputs, iter_chunks
+from polytron.data.inputs import Chunk, check_inputs, detect_format, expand_inputs, input_size, iter_chunks
 from polytron.data.segment_cache import build_encoder
 from polytron.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -199,6 +203,37 @@ def _jsonl_docs_by_line(chunk: Chunk, json_key: str, skips: list) -> list[str]:
     return texts
 
 
+def _table_docs(chunk: Chunk, json_key: str, skips: list) -> tuple[list[str], int]:
+    """Valid texts of a table chunk (UTF-8 values back to back at ``chunk.offsets``)."""
+    data, nulls = chunk.data, chunk.nulls
+    assert chunk.offsets is not None, "_table_docs on a chunk without offsets"
+    offsets = chunk.offsets.tolist()
+    try:
+        whole = data.decode("utf-8")
+    except UnicodeDecodeError:
+        whole = ""
+    ascii_only = len(whole) == len(data)  # all ASCII: byte offsets are str offsets
+    texts = []
+    for i in range(len(offsets) - 1):
+        if nulls is not None and nulls[i]:
+            skips.append((chunk.first_line + i, f"field '{json_key}' is null"))
+            continue
+        a, b = offsets[i], offsets[i + 1]
+        if ascii_only:
+            text = whole[a:b]
+        else:
+            try:
+                text = data[a:b].decode("utf-8")
+            except UnicodeDecodeError:
+                skips.append((chunk.first_line + i, "invalid UTF-8"))
+                continue
+        if not text.strip():
+            skips.append((chunk.first_line + i, "empty document"))
+            continue
+        texts.append(text)
+    return texts, len(data)
+
+
 def _text_units(chunk: Chunk, unit: str) -> Iterator[tuple[int, list[bytes]]]:
     """(first line, lines) of each document of a plain-text chunk."""
     if unit == "file":
@@ -297,7 +332,9 @@ def _prepare_worker(tok: Tokenizer, args: tuple) -> None:
 def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, validate and tokenize one chunk (runs in a worker process)."""
     skips: list[tuple[int, str]] = []
-    if chunk.fmt == "jsonl":
+    if chunk.offsets is not None:
+        texts, nbytes = _table_docs(chunk, _W["key"], skips)
+    elif chunk.fmt == "jsonl":
         texts, nbytes = _jsonl_docs(chunk, _W["key"], skips)
     else:
         texts, nbytes = _text_docs(chunk, _W["unit"], skips)
@@ -438,7 +475,7 @@ class _Output:
 
 def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int, encoder: str,
                   shard_mb: float) -> None:
-    check_input_files(inputs)
+    check_inputs(inputs)
     if text_unit not in TEXT_UNITS:
         raise DataError(f"text unit {text_unit!r}: allowed: {', '.join(TEXT_UNITS)}")
     if encoder not in ENCODERS:
@@ -502,7 +539,7 @@ def _write_all(inputs: list[str], output: _Output, summ: Summary, tok: Tokenizer
     bar = _Progress(inputs, show_progress)
     try:
         chunks = (c for i, p in enumerate(inputs)
-                  for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes))
+                  for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes, json_key))
         st = os.stat(summ.tokenizer)  # part of the key: a worker reuses a tokenizer only if unchanged
         init = (summ.tokenizer, json_key, text_unit, summ.dtype, encoder, st.st_size, st.st_mtime_ns)
         if _W.get("args") != init:
@@ -582,7 +619,7 @@ class _Progress:
             return
         from tqdm import tqdm
 
-        total = sum(os.path.getsize(p) for p in inputs)
+        total = sum(input_size(p) for p in inputs)
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                         dynamic_ncols=True, smoothing=0.1)
         self.t0 = self.last = time.time()

@@ -26,16 +26,16 @@ from typing import Mapping, TypedDict
 
 from polytron.data.errors import DataError
 from polytron.data.files import (
-    check_input_files,
     check_output_prefix,
     ensure_writable_dir,
     os_reason,
     refuse_outputs_as_inputs,
     writing,
 )
-from polytron.data.inputs import expand_inputs
+from polytron.data.inputs import check_inputs, expand_inputs, input_size
 from polytron.data.merge import merge_datasets, read_summary
 from polytron.data.preprocess import TEXT_UNITS, preprocess
+from polytron.data.table_inputs import dataset_dir_kind, dataset_files
 
 PLAN_VERSION = 1
 
@@ -81,7 +81,7 @@ def make_plan(inputs: list[str], output_prefix: str, tokenizer: str, tasks: int,
     """Validate the inputs and split them over ``tasks`` (at most one task per file)."""
     out = check_output_prefix(output_prefix)
     files = [os.path.abspath(p) for p in expand_inputs(inputs, out)]
-    check_input_files(files)
+    check_inputs(files)
     refuse_outputs_as_inputs(files, out)
     if tasks < 1:
         raise DataError(f"tasks {tasks}: must be >= 1")
@@ -91,7 +91,7 @@ def make_plan(inputs: list[str], output_prefix: str, tokenizer: str, tasks: int,
     if not os.path.exists(tok):
         raise DataError(f"tokenizer {tok}: no such file or directory")
     work = os.path.abspath(os.path.expanduser(work_dir or out + ".parts"))
-    sizes = [os.path.getsize(p) for p in files]
+    sizes = [input_size(p) for p in files]
     return Plan(files, sizes, tok, out, work, assign(sizes, min(tasks, len(files))), json_key, text_unit,
                 strict, encoder)
 
@@ -131,6 +131,9 @@ def _write_json(path: str, obj: Mapping[str, object], what: str) -> None:
 def _stamp(plan: Plan, index: int) -> dict:
     """What a finished shard of input ``index`` was made from."""
     def file_id(p: str) -> list:
+        if dataset_dir_kind(p):  # a datasets directory: its data files and state.json
+            stats = [os.stat(f) for f in [*dataset_files(p), os.path.join(p, "state.json")]]
+            return [p, sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)]
         st = os.stat(p)
         return [p, st.st_size, st.st_mtime_ns]
     return {"input": file_id(plan.inputs[index]), "tokenizer": file_id(plan.tokenizer),

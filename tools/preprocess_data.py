@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""Tokenize text / JSONL (plain, .gz or .zst) into Megatron ``.bin/.idx`` indexed datasets.
+"""Tokenize text / JSONL (plain, .gz or .zst), Parquet, Arrow and ``datasets`` directories into
+Megatron ``.bin/.idx`` indexed datasets.
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl.zst' b.txt.gz --output-prefix data/mydata \\
         --tokenizer tok.model|hf_tokenizer_dir [--workers N] [--shard-size-mb 4096 | --shard-by-file]
 
-Each JSONL line is one document (its ``--json-key`` field); in plain-text files a
-document is a paragraph (``--text-unit``). An end-of-document token is appended to
-every document. Malformed lines are skipped and reported with file and line (or stop
-the run with ``--strict``). Writes PREFIX.bin, PREFIX.idx (or shards PREFIX_00000.*, ...)
-and PREFIX.summary.json (with the tokenizer's ``tokenizer_fingerprint``, which training,
-merging and mixtures check). A glob input skips this run's own outputs; an input that is
-one of them (by name or by device and inode) is refused; ``.tmpPID`` files an earlier
-killed run left for the same prefix are removed. ``--plan PLAN --task-index I`` runs one
-task of a SLURM array (``python -m launch.submit preprocess``). Neither torch nor
-megatron-core is imported.
+Each JSONL line is one document (its ``--json-key`` field), and so is each row of a
+Parquet file, Arrow file or ``datasets`` directory saved with ``save_to_disk`` (its
+``--json-key`` column); in plain-text files a document is a paragraph (``--text-unit``).
+An end-of-document token is appended to every document. Malformed lines are skipped
+and reported with file and line (row, for tables), or stop the run with ``--strict``.
+Writes PREFIX.bin, PREFIX.idx (or shards PREFIX_00000.*, ...) and PREFIX.summary.json
+(with the tokenizer's ``tokenizer_fingerprint``, which training, merging and mixtures
+check). A glob input skips this run's own outputs; an input that is one of them (by name
+or by device and inode) is refused; ``.tmpPID`` files an earlier killed run left for the
+same prefix are removed. ``--plan PLAN --task-index I`` runs one task of a SLURM array
+(``python -m launch.submit preprocess``). Neither torch nor megatron-core is imported.
 """
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ from polytron.tools.cli import command
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", default=[],
-                   help="text, JSONL, .gz or .zst files, or globs (quoted; ** recurses)")
+                   help="text, JSONL, .gz, .zst, .parquet or .arrow files, datasets save_to_disk "
+                        "directories, or globs (quoted; ** recurses)")
     p.add_argument("--input-list", default="", help="file naming one input (or glob) per line")
     p.add_argument("--output-prefix", default="", help="writes PREFIX.bin / .idx / .summary.json")
     p.add_argument("--tokenizer", default="", help="SentencePiece .model file or Hugging Face tokenizer directory")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                    help="tokenizing processes (default: CPU count)")
-    p.add_argument("--json-key", default="text", help="text field of JSONL records")
+    p.add_argument("--json-key", default="text",
+                   help="text field of JSONL records, text column of Parquet/Arrow/datasets inputs")
     p.add_argument("--text-unit", choices=TEXT_UNITS, default="paragraph",
                    help="one document of a plain-text file: a blank-line separated paragraph, a line, "
                         "or the whole file")
