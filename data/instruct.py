@@ -20,9 +20,10 @@ side (``encode_prompt``) turns the placeholders into ids.
 :func:`parse_pairs` reads a generation back into pairs with the released rules (split at
 end markers, an unfinished last pair dropped, exactly one answer marker per pair, a
 question marker first, a non-empty answer, questions deduplicated case-insensitively)
-and counts what it drops. The pre-training templates live in
-:mod:`data.instruct_templates`; this module also links synthesized documents into the
-chains that multi-round synthesis produced (:func:`chains`).
+and counts what it drops; it also drops an empty question, which the released parser
+keeps (docs/instruction_pretraining.md, "Paper, released code and ours"). The
+pre-training templates live in :mod:`data.instruct_templates`; this module also links
+synthesized documents into the chains that multi-round synthesis produced (:func:`chains`).
 """
 from __future__ import annotations
 

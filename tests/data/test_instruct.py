@@ -132,17 +132,20 @@ def test_malformed_generations_are_dropped_and_counted(output, pairs, malformed,
 
 def test_templates_keep_every_pair_and_are_deterministic() -> None:
     doc = Synthesized(0, "Exclusive breastfeeding for twin babies: a study in East Java.", REAL_PAIRS)
-    seen = set()
+    seen, listed = set(), set()
     for seed in range(40):
         (text,) = format_chain([doc], seed, lambda t: True)
         assert format_chain([doc], seed, lambda t: True) == [text]          # same seed, same text
         seen.add(text)
         assert doc.text in text and REAL_PAIRS[0].question in text and REAL_PAIRS[0].answer in text
         assert "How many mothers took part in the study?" in text and "Options:\n-" not in text
-        assert all(o in text for o in ("184", "95", "23"))                  # options kept, relettered
+        shown = all(o in text for o in ("184", "95", "23"))                  # options kept, relettered,
+        assert shown or ("184" in text and "95" not in text and "23" not in text)  # or left out, answer as text
+        listed.add(shown)
         assert "the strongest effect" in text and "breastfeeding self-efficacy" in text
         assert "Let's think step by step." not in text and "Therefore, the answer is" not in text
     assert len(seen) >= 30                                                # varied templates
+    assert listed == {True, False}                # half the option patterns leave the options out
 
 
 def test_broken_special_forms_are_dropped_and_counted() -> None:
