@@ -12,14 +12,18 @@ from every cache is :class:`InferenceCache`:
 * ``length``: positions consumed so far, which is the ``start`` of the next forward;
 * ``advance(n)``: called exactly once after each forward of ``n`` new positions, so
   every layer of one forward writes the same positions ``[length, length + n)``;
-* ``bytes()``: memory the cache holds.
+* ``bytes()``: memory the cache holds;
+* optionally ``load_prefill(recorder)``: fill positions ``[0, T0)`` from a prefill run
+  under context parallelism (:mod:`parallel.context_prefill`); a cache without it is
+  refused there.
 
 A spec returns its cache from ``ModelSpec.make_cache(cfg, batch, max_len, device, dtype)``
 (``model/llama`` builds a :class:`DenseKVCache` over all its layers).
 
 Generation
 ----------
-:func:`generate` prefills the prompt in one forward and then feeds one token per step
+:func:`generate` prefills the prompt in one forward (or with ``prefill=``, e.g. under
+context parallelism: :mod:`parallel.context_prefill`) and then feeds one token per step
 with ``start`` equal to the cache length; with ``use_cache=False`` (or a spec without
 ``make_cache``) it recomputes the whole sequence every step. Decoding is greedy at
 ``temperature=0``, else temperature plus nucleus (top-p) sampling from a
@@ -29,11 +33,19 @@ same device.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
 from polytron.model.errors import PolytronError
+
+if TYPE_CHECKING:
+    from polytron.parallel.context_prefill import PrefillRecorder
+
+#: A prefill other than one forward (``stream(prefill=...)``): (model, prompt (B, T0), the
+#: empty cache) -> logits (B, V) of the last prompt position, with the cache's positions
+#: [0, T0) filled (the caller advances it), e.g. :func:`parallel.context_prefill.context_parallel_prefill`.
+Prefill = Callable[[Any, torch.Tensor, Any], torch.Tensor]
 
 
 class GenerationError(PolytronError, ValueError):
@@ -115,6 +127,19 @@ class DenseKVCache:
         """Allocated bytes of all key and value buffers (the full max_len, not the filled part)."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
 
+    def load_prefill(self, rec: "PrefillRecorder") -> None:
+        """Positions [0, T0) of every layer from a context-parallel prefill: each layer's
+        recorded local keys/values, in prompt order, from one all-gather (the same on every rank)."""
+        missing = [i for i in self.keys if i not in rec.kv]
+        if missing:
+            raise GenerationError(f"layer {missing[0]} recorded no keys/values in the context-parallel prefill")
+        if rec.valid_len > self.max_len:
+            raise GenerationError(f"the cache holds {self.max_len} positions; the prompt needs {rec.valid_len}")
+        full = rec.full({(i, j): rec.kv[i][j] for i in self.keys for j in (0, 1)})   # (B, Hkv, T0, hd)
+        for i in self.keys:
+            self.keys[i][:, :, :rec.valid_len] = full[(i, 0)]
+            self.values[i][:, :, :rec.valid_len] = full[(i, 1)]
+
 
 # ---------------------------------------------------------------- sampling
 
@@ -171,14 +196,18 @@ def _make_cache(model, batch: int, max_len: int):
 
 @torch.no_grad()
 def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-           seed: Optional[int] = None, use_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           seed: Optional[int] = None, use_cache: bool = True,
+           prefill: Optional[Prefill] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (logits (B, V) of the last position, chosen tokens (B,)) once per new token.
 
-    With a cache the prompt (B, T0) is prefilled in one forward, then each step feeds the
-    previous token with ``start`` = cache length. Without one each step runs the full
-    sequence so far. The caller may stop iterating at any time.
+    With a cache the prompt (B, T0) is prefilled in one forward (or by ``prefill``, e.g.
+    under context parallelism), then each step feeds the previous token with ``start`` =
+    cache length. Without one each step runs the full sequence so far. The caller may stop
+    iterating at any time.
     """
     _check_request(model, prompt, max_new_tokens, temperature, top_p)
+    if prefill is not None and not use_cache:
+        raise GenerationError("a prefill function fills the inference cache: it needs use_cache=True")
     if max_new_tokens == 0:
         return
     gen = None                                  # seed None: torch's global generator
@@ -189,9 +218,12 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
     cache = _make_cache(model, B, T0 + max_new_tokens) if use_cache else None
     tokens = prompt
     feed = prompt                                                        # (B, T) tokens not yet seen
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if cache is not None:
-            logits = model(feed, cache=cache, start=cache.length)[:, -1]  # (B, V)
+            if step == 0 and prefill is not None:
+                logits = prefill(model, feed, cache)                     # (B, V)
+            else:
+                logits = model(feed, cache=cache, start=cache.length)[:, -1]  # (B, V)
             cache.advance(feed.shape[1])
         else:
             logits = model(tokens)[:, -1]
@@ -203,20 +235,23 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
 
 def generate(model, prompt_tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: Optional[int] = None, use_cache: bool = True,
-             eos_id: Optional[int] = None) -> torch.Tensor:
+             eos_id: Optional[int] = None, prefill: Optional[Prefill] = None) -> torch.Tensor:
     """Prompt (B, T0) -> prompt plus N new tokens (B, T0 + N), N <= max_new_tokens.
 
     Greedy when ``temperature`` is 0; otherwise temperature + top-p sampling seeded by
     ``seed``. With ``eos_id``, a row that has produced it continues with ``eos_id`` and
-    generation stops early once every row has. Raises :class:`GenerationError` when
-    the prompt plus new tokens exceed ``cfg.max_seq_len``.
+    generation stops early once every row has. ``prefill`` replaces the prompt's forward
+    (``context_parallel_prefill(group)``: the prefill runs under context parallelism and
+    every rank then decodes the same tokens). Raises :class:`GenerationError` when the
+    prompt plus new tokens exceed ``cfg.max_seq_len``.
     """
     was_training = model.training
     model.eval()
     out = [prompt_tokens]
     done = torch.zeros(prompt_tokens.shape[0], dtype=torch.bool, device=prompt_tokens.device)   # (B,)
     try:
-        for _, nxt in stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, use_cache):
+        for _, nxt in stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, use_cache,
+                             prefill):
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
                 done |= nxt == eos_id

@@ -11,7 +11,9 @@
   values of each layer (B, Hkv_self, W - 1, hd), oldest first; a forward sees them
   followed by its own.
 * ``recurrent_state(layer)`` / ``set_recurrent_state(layer, S)`` (retention layers): the
-  state (B, H, hd, hd) in fp32.
+  state (B, H, hd, hd) in fp32;
+* ``load_prefill(recorder)``: the same contents from a prefill run under context
+  parallelism (:mod:`parallel.context_prefill`).
 
 Every buffer is allocated when the cache is built, so ``bytes()`` is what the cache
 holds for its ``max_len``: for YOCO it grows with the context by one layer's keys and
@@ -19,11 +21,14 @@ values per position, against ``num_layers`` for a dense model.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from polytron.model.generate import GenerationError
+
+if TYPE_CHECKING:
+    from polytron.parallel.context_prefill import PrefillRecorder
 
 
 class YOCOCache:
@@ -97,6 +102,34 @@ class YOCOCache:
 
     def set_recurrent_state(self, layer_idx: int, state: torch.Tensor) -> None:
         self.states[layer_idx].copy_(state)
+
+    # ------------------------------------------------------------ context-parallel prefill
+
+    def load_prefill(self, rec: "PrefillRecorder") -> None:
+        """Fill the cache from a prefill run under context parallelism
+        (:mod:`parallel.context_prefill`), as one process's prefill of the T0 prompt tokens
+        fills it: the shared key/value [0, T0) in prompt order (one all-gather), each
+        window's last min(T0, W-1) keys/values (one all-reduce for all layers), each
+        retention layer's state after the last prompt token (scanned by every rank)."""
+        T0 = rec.valid_len
+        if rec.shared is None:
+            raise GenerationError("the context-parallel prefill recorded no shared key/value")
+        if T0 > self.max_len:
+            raise GenerationError(f"the cache holds {self.max_len} positions; the prompt needs {T0}")
+        full = rec.full({"k": rec.shared[0], "v": rec.shared[1]})        # (B, Hkv, T0, hd) each
+        self.shared_k[:, :, :T0] = full["k"]
+        self.shared_v[:, :, :T0] = full["v"]
+        missing = [i for i in self.windows if i not in rec.kv] + [i for i in self.states if i not in rec.states]
+        if missing:
+            raise GenerationError(f"self-decoder layer {missing[0]} recorded nothing in the context-parallel prefill")
+        n = min(T0, next(iter(self.windows.values()))[0].shape[2]) if self.windows else 0
+        if n:
+            last = rec.last({(i, j): rec.kv[i][j] for i in self.windows for j in (0, 1)}, n)   # (B, Hs, n, hd)
+            for i, (kbuf, vbuf) in self.windows.items():
+                kbuf[:, :, :n] = last[(i, 0)]
+                vbuf[:, :, :n] = last[(i, 1)]
+        for i, state in self.states.items():
+            state.copy_(rec.states[i])
 
 
 def cache_shapes(cfg, batch: int, max_len: int) -> dict:

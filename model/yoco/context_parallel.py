@@ -82,10 +82,18 @@ def check_window(cfg, cp: int, seq_len: Optional[int] = None) -> Optional[str]:
 
 
 def training_only(ctx: Any) -> None:
-    """Context parallelism runs training-style forwards (no inference cache)."""
-    if ctx.cache is not None:
+    """Context parallelism runs training-style forwards: no inference cache, but for the
+    recorder of a context-parallel prefill (:func:`prefill_recorder`)."""
+    if ctx.cache is not None and prefill_recorder(ctx) is None:
         raise BadInput("YOCO under parallel.context > 1 runs without an inference cache "
-                       "(generate with parallel.context=1)")
+                       "(a generation prefill under cp goes through parallel/context_prefill.py)")
+
+
+def prefill_recorder(ctx: Any) -> Optional[Any]:
+    """``ctx.cache`` when it is the recorder of a context-parallel prefill
+    (:class:`parallel.context_prefill.PrefillRecorder`: ``record_current``, ``record_state``,
+    ``valid_len``), else None (training)."""
+    return ctx.cache if getattr(ctx.cache, "cp_prefill", False) else None
 
 
 # ---------------------------------------------------------------- documents
@@ -118,6 +126,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     -> (B, Hq, 2c, hd), with the W-1 keys/values before each chunk from a halo exchange."""
     seq, n = ctx.seq, window - 1
     training_only(ctx)
+    rec = prefill_recorder(ctx)
+    if rec is not None:                          # prefill: the cache keeps the last W-1 of these
+        rec.record_current(k, v)
     err = window_limit(window, seq.size, seq.seq_len)
     if err:
         raise BadInput(err)
@@ -169,19 +180,35 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torc
     log_decay (B, H, 2c) -> (B, H, 2c, dv), equal to the one-device chunkwise form."""
     seq = ctx.seq
     training_only(ctx)
+    rec = prefill_recorder(ctx)
+    if rec is not None:                          # prefill: the padding leaves the state alone
+        k, log_decay = without_padding(k, log_decay, seq.positions, rec.valid_len)
     seg = global_segments(seq)
     c = q.shape[2] // 2
     ids = chunk_ids(seq)
     parts = [chunk_summary(qj, kj, vj, lj, chunk, chunk_segments(seg, g, c), g * c)
              for g, qj, kj, vj, lj in zip(ids, *(split_chunks(t, 2) for t in (q, k, v, log_decay)))]
     if not SCAN_STATES:
+        if rec is not None:                      # what dropping the scan leaves: the last chunk's own
+            rec.record_state(seq.gather(torch.stack([p[1] for p in parts], dim=2), 2)[:, :, -1])
         return torch.cat([p[0] for p in parts], dim=2)
     states = seq.gather(torch.stack([p[1] for p in parts], dim=2), 2)   # (B, H, 2cp, dk, dv) fp32
     carries = seq.gather(torch.stack([p[2] for p in parts], dim=2), 2)  # (B, H, 2cp)
     entering = incoming_states(states, carries)
+    if rec is not None:                          # the state after the whole (padded) sequence
+        rec.record_state(carries[:, :, -1, None, None] * entering[:, :, -1] + states[:, :, -1])
     outs = [with_incoming(out, qj, read, entering[:, :, g])
             for g, qj, (out, _, _, read) in zip(ids, split_chunks(q, 2), parts)]
     return torch.cat(outs, dim=2)                                        # (B, H, 2c, dv)
+
+
+def without_padding(k: torch.Tensor, log_decay: torch.Tensor, positions: torch.Tensor,
+                    valid_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill padding (global positions >= ``valid_len``) with zero keys (B, H, 2c, dk) and
+    zero log decays (B, H, 2c): a padded position neither adds to the state nor decays it,
+    so the state after the padded sequence is the state after the last prompt token."""
+    real = (positions.to(k.device) < valid_len)                          # (2c,)
+    return k * real[:, None], log_decay * real
 
 
 def with_incoming(out: torch.Tensor, q: torch.Tensor, read: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
