@@ -7,6 +7,8 @@ from polytron.model.configlib import bad, doc
 
 #: Projection roles quantized by default: every one but the output head and MoE routers.
 DEFAULT_QUANTIZED = ["q", "k", "v", "o", "gate", "up", "down", "proj"]
+#: Roles whose projections read a block's input: without pre-norms their BitLinear norm is the only one.
+INPUT_ROLES = ("q", "k", "v", "gate", "up")
 
 
 @dataclass
@@ -22,6 +24,12 @@ class BitNetConfig:
         "before its 8-bit quantization: the paper's BitLinear (its released training code). "
         "false: the 2B4T model, whose sub-norms are separate layers (attention gqa_subnorm, "
         "mlp relu2_subnorm)."))
+    block_prenorm: bool = field(default=True, metadata=doc(
+        "Keep the Llama block's RMSNorm before the attention and before the MLP (model.arch=bitnet). "
+        "false: the training-tips FAQ's b1.58 block, x + attn(x) then + mlp(x), whose BitLinear inner "
+        "norm (linear_norm: true) is the only normalization of the block input; saves 2 x "
+        "hidden_size gains per layer. Needs the projections reading the block input (q k v gate up) "
+        "quantized. true: the 2B4T model's block and our default for the paper's variant."))
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
@@ -34,3 +42,18 @@ class BitNetConfig:
             raise bad("model.bitnet.quantize", self.quantize,
                       f"'embedding' only with model.arch=bitnet (model.arch={model.arch!r} builds a "
                       "plain embedding)")
+        if not self.block_prenorm:
+            self._validate_no_prenorm(model)
+
+    def _validate_no_prenorm(self, model) -> None:
+        """The FAQ block: BitLinear's inner norm must normalize every projection of the block input."""
+        if model.arch != "bitnet":
+            raise bad("model.bitnet.block_prenorm", False, f"true unless model.arch=bitnet (model.arch="
+                      f"{model.arch!r} builds its own blocks)")
+        if model.linear != "bitlinear" or not self.linear_norm:
+            raise bad("model.bitnet.block_prenorm", False, "true unless model.linear=bitlinear with "
+                      "model.bitnet.linear_norm=true (BitLinear's inner RMSNorm replaces the pre-norms)")
+        missing = [r for r in INPUT_ROLES if r not in self.quantize]
+        if missing:
+            raise bad("model.bitnet.block_prenorm", False, f"true while model.bitnet.quantize lacks "
+                      f"{', '.join(missing)} (those projections would read the un-normalized residual)")

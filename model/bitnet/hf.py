@@ -107,8 +107,14 @@ class BitNetAdapter(RemoteFallback, NameMapAdapter):
 
     # ------------------------------------------------------------ config
 
+    def exportable(self, cfg) -> str:
+        """Why ``cfg`` has no export ('' when it has one): the FAQ block has none."""
+        return no_prenorm_misfit(cfg) or super().exportable(cfg)
+
     def native_misfit(self, cfg) -> str:
         """Why ``cfg`` has no ``BitNetForCausalLM`` export ('' when it has one)."""
+        if no_prenorm_misfit(cfg):
+            return no_prenorm_misfit(cfg)
         slots = (cfg.attention, cfg.mlp, cfg.linear)
         if slots != ("gqa_subnorm", "relu2_subnorm", "bitlinear"):
             return (f"attention={cfg.attention}, mlp={cfg.mlp}, linear={cfg.linear}: BitNetForCausalLM is "
@@ -173,6 +179,16 @@ class BitNetAdapter(RemoteFallback, NameMapAdapter):
         if linear_class not in LINEAR_CLASSES:
             raise ConvertError(f"--packed {linear_class!r}: choose one of {', '.join(LINEAR_CLASSES)}")
         return PackedBitNetAdapter(linear_class)
+
+
+def no_prenorm_misfit(cfg) -> str:
+    """Why the FAQ block (``bitnet.block_prenorm: false``) does not export ('' for other models):
+    BitNetForCausalLM and the remote-code Llama stack always apply their input and
+    post-attention RMSNorms, and a norm with gain 1 still normalizes."""
+    if cfg.bitnet.block_prenorm:
+        return ""
+    return ("bitnet.block_prenorm=false (the FAQ block without pre-norms) has no Hugging Face export: "
+            "the exported blocks always normalize their input")
 
 
 def not_converted(cfg) -> list[str]:

@@ -9,6 +9,9 @@
   the output projection (``attn_sub_norm`` of the 2B4T model).
 * ``MLPS["relu2_subnorm"]``: ``down(subnorm(relu(gate x)^2 * up x))`` (``ffn_sub_norm``
   and ReLU^2 of the 2B4T model).
+* :class:`NoPreNormBlock`: the training-tips FAQ's b1.58 block, ``x + attn(x)`` then
+  ``+ mlp(x)``: no RMSNorm before the attention and the MLP, BitLinear's inner norm does
+  it (``model.bitnet.block_prenorm: false``).
 
 Both sub-norms normalize a tensor-parallel *sharded* hidden vector (heads, or the MLP's
 inner columns); they declare the ``sharded_norm`` role so the statistic is taken over
@@ -30,6 +33,7 @@ from polytron.model.layers import (
     ATTENTIONS,
     LINEARS,
     MLPS,
+    Block,
     Context,
     GroupedQueryAttention,
     RMSNorm,
@@ -129,3 +133,25 @@ class SubNormReLU2(nn.Module):
         if cfg.ffn_hidden_size % tp:
             return f"parallel.tensor={tp} must divide model.ffn_hidden_size={cfg.ffn_hidden_size}"
         return None
+
+
+class NoPreNormBlock(Block):
+    """x + attn(x), then + mlp(x): the FAQ's BitNet b1.58 block (``bitnet.block_prenorm: false``).
+
+    The FAQ turns a LLaMA block into b1.58 by replacing its projections with BitLinear and
+    removing the RMSNorm before attention and SwiGLU, since every BitLinear RMS-normalizes
+    its input (``bitnet.linear_norm: true``). Same attention / MLP modules and names as
+    :class:`~model.layers.Block`, without ``attention_norm`` / ``mlp_norm``."""
+
+    def __init__(self, cfg, layer_idx: int, attention: str, mlp: str):
+        nn.Module.__init__(self)
+        self.attention = ATTENTIONS[attention](cfg, layer_idx)
+        self.mlp = MLPS[mlp](cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.attention(x, ctx)                        # (B, T, d)
+        return x + self.mlp(x)
+
+    def tp_roles(self) -> dict:
+        # the residual (a sequence shard under SP) goes straight to the gathering attention / MLP
+        return {k: v for k, v in super().tp_roles().items() if k not in ("attention_norm", "mlp_norm")}

@@ -7,7 +7,9 @@ model BitNet is its slots:
 * the released 2B4T model (transformers ``BitNetForCausalLM``): ``attention: gqa_subnorm``,
   ``mlp: relu2_subnorm``, ``linear: bitlinear`` (exported by :mod:`model.bitnet.hf`);
 * the paper's model: ``attention: gqa``, ``mlp: swiglu``, ``linear: bitlinear`` with
-  ``bitnet.linear_norm: true`` (RMSNorm inside each BitLinear).
+  ``bitnet.linear_norm: true`` (RMSNorm inside each BitLinear); with
+  ``bitnet.block_prenorm: false`` also the FAQ's block without the two pre-norms
+  (:class:`~model.bitnet.layers.NoPreNormBlock`).
 
 The spec adds the option of a ternary input embedding (``bitnet.quantize`` lists
 ``embedding``) and the Hugging Face adapter. Importing this module registers the
@@ -22,7 +24,9 @@ from torch import nn
 from polytron.model.bitnet import layers  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
 from polytron.model.bitnet.config import BitNetConfig
 from polytron.model.bitnet.hf import BitNetAdapter
+from polytron.model.bitnet.layers import NoPreNormBlock
 from polytron.model.bitnet.quant import weight_ste
+from polytron.model.layers import layer_attention, layer_mlp
 from polytron.model.llama import build_unit as llama_build_unit
 from polytron.model.llama import check_layout, make_cache, tied, units
 from polytron.model.spec import ModelSpec, Unit, register_spec
@@ -43,6 +47,9 @@ def quantized_embedding(cfg) -> bool:
 def build_unit(cfg, unit: Unit) -> nn.Module:
     if unit.kind == "embedding" and quantized_embedding(cfg):
         return BitEmbedding(cfg.vocab_size, cfg.hidden_size)
+    if unit.kind == "block" and not cfg.bitnet.block_prenorm:
+        i = int(unit.name.split(".")[1])
+        return NoPreNormBlock(cfg, i, layer_attention(cfg, i), layer_mlp(cfg, i))
     return llama_build_unit(cfg, unit)
 
 

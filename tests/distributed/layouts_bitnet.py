@@ -7,7 +7,11 @@ Both variants on the suite's tiny model (d=64, 4 heads / 2 KV heads, ffn 128):
   embeddings, uneven loss masks);
 * ``PAPER``: the paper's BitLinear with its inner RMSNorm (on the row-parallel, sharded
   inputs of ``wo`` / ``w2``), here with the embedding and head also ternary, one KV head
-  (replicated-KV style) and no sequence parallelism.
+  (replicated-KV style) and no sequence parallelism;
+* ``FAQ``: the training-tips FAQ's block (``block_prenorm: false``: no RMSNorm before the
+  attention and the SwiGLU, BitLinear's inner norm only) under TP2 with sequence
+  parallelism, where the sequence-sharded residual goes straight into the gathering
+  attention and MLP.
 
 Under TP the absmean of a weight shard and the absmax / RMS of a row-parallel input
 shard would differ from the whole tensor's; tests/model/test_bitnet_parallel.py shows
@@ -19,6 +23,7 @@ B2B4T = {"arch": "bitnet", "attention": "gqa_subnorm", "mlp": "relu2_subnorm", "
 PAPER = {"arch": "bitnet", "linear": "bitlinear",
          "bitnet": {"linear_norm": True, "quantize": ["q", "k", "v", "o", "gate", "up", "down", "head",
                                                       "embedding"]}}
+FAQ = {"arch": "bitnet", "linear": "bitlinear", "bitnet": {"linear_norm": True, "block_prenorm": False}}
 
 LAYOUTS = [
     Layout("bitnet_tp2", 2, parallel={"tensor": 2}, model=B2B4T, data="docs"),
@@ -26,4 +31,5 @@ LAYOUTS = [
     Layout("bitnet_fsdp2_tied", 2, model={**B2B4T, "tie_embeddings": True}, data="masked"),
     Layout("bitnet_paper_tp2_kv1_no_sp", 2, parallel={"tensor": 2, "sequence_parallel": False},
            model={**PAPER, "num_kv_heads": 1}),
+    Layout("bitnet_faq_tp2", 2, parallel={"tensor": 2}, model=FAQ, data="docs"),
 ]
