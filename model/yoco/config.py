@@ -36,6 +36,15 @@ class YOCOConfig:
         "is the same up to rounding; the released code uses 256)."))
     gate_logit_normalizer: float = field(default=16.0, metadata=doc(
         "retention: tau in gamma = sigmoid(x W_gamma)^(1/tau), the per-head decay (paper: 16)."))
+    rope_pairing: Literal["rotate_half", "interleaved"] = field(default="rotate_half", metadata=doc(
+        "model.arch=yoco: head dimensions RoPE rotates together: rotate_half pairs (i, i + hd/2) "
+        "(Hugging Face Llama's, ours); interleaved pairs (2i, 2i + 1) (the released YOCO code's). "
+        "Equivalent up to a permutation of the q/k projection rows (model/yoco/rope.py "
+        "convert_pairing); set interleaved to use released weights as they are."))
+    rope_frequencies: Literal["standard", "released"] = field(default="standard", metadata=doc(
+        "model.arch=yoco: RoPE frequency of pair i: standard theta^(-2i/hd) (ours, Llama's); "
+        "released theta^(-i/(hd/2 - 1)), i.e. theta ** -linspace(0, 1, hd/2) (the released YOCO "
+        "code's, needed to load its weights). Training from scratch works with either."))
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
@@ -51,6 +60,11 @@ class YOCOConfig:
             raise bad("model.yoco.self_kv_heads", kv, f"0 or a divisor of model.num_heads={model.num_heads}")
         if model.arch == "yoco":
             self._validate_yoco(model)
+        else:
+            for key, default in (("rope_pairing", "rotate_half"), ("rope_frequencies", "standard")):
+                if getattr(self, key) != default:
+                    raise bad(f"model.yoco.{key}", getattr(self, key), f"{default!r} unless model.arch=yoco "
+                              f"(model.arch={model.arch!r} rotates with the shared table)")
         self._resolve(model)
 
     def _resolve(self, model) -> None:

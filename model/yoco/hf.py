@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from polytron.model.hf import ConvertError, require_fields
 from polytron.model.hf_remote import Family, RemoteAdapter, register_piece
+from polytron.model.yoco.rope import FREQUENCIES, PAIRINGS
 
 MODEL_TYPE = "polytron_yoco"
 MODELING_FILE = "modeling_polytron_yoco.py"
 _PIECES = "polytron.model.yoco.hf_modeling"
 _ROPE = ("none", "linear", "llama3")
 
-register_piece("attention", "swa", f"{_PIECES}:swa")
-register_piece("attention", "retention", f"{_PIECES}:retention")
-register_piece("stack", "yoco", f"{_PIECES}:yoco_stack")
+register_piece("attention", "swa", f"{_PIECES}:yoco_rope", f"{_PIECES}:swa")
+register_piece("attention", "retention", f"{_PIECES}:yoco_rope", f"{_PIECES}:retention")
+register_piece("stack", "yoco", f"{_PIECES}:yoco_rope", f"{_PIECES}:yoco_stack")
 
 
 class YOCOAdapter(RemoteAdapter):
@@ -36,6 +37,13 @@ class YOCOAdapter(RemoteAdapter):
         kinds = super().kinds(cfg)
         kinds["attention"] = [k for k in kinds["attention"] if k != "cross"]      # part of the yoco stack
         return kinds
+
+    def exportable(self, cfg) -> str:
+        """Why ``cfg`` has no export ('' when it has one)."""
+        if cfg.yoco.rope_frequencies == "released" and cfg.rope_scaling.type != "none":
+            return (f"model.yoco.rope_frequencies=released with rope_scaling.type={cfg.rope_scaling.type}: "
+                    "the exported modeling file scales only the standard frequencies")
+        return super().exportable(cfg)
 
     def attention_module(self, cfg, index: int) -> str:
         return "self_attn" if index < cfg.yoco.num_self_layers(cfg) else "cross_attn"
@@ -57,6 +65,7 @@ class YOCOAdapter(RemoteAdapter):
             "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attention_bias,
             "mlp_bias": cfg.mlp_bias, "initializer_range": cfg.init_std,
             "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "rope_pairing": y.rope_pairing, "rope_frequencies": y.rope_frequencies,
             "use_cache": False, "torch_dtype": dtype_name, "dtype": dtype_name,
         }
 
@@ -72,6 +81,9 @@ class YOCOAdapter(RemoteAdapter):
             raise ConvertError(f"{file}: field 'self_decoder'={hf['self_decoder']!r} is not supported (swa, retention)")
         if rope not in _ROPE:
             raise ConvertError(f"{file}: field 'rope_scaling_type'={rope!r} is not supported (none, linear, llama3)")
+        for key, allowed in (("rope_pairing", PAIRINGS), ("rope_frequencies", FREQUENCIES)):
+            if hf.get(key, allowed[0]) not in allowed:
+                raise ConvertError(f"{file}: field {key!r}={hf[key]!r} is not supported ({', '.join(allowed)})")
         try:
             cfg = ModelConfig(
                 arch="yoco", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -90,7 +102,9 @@ class YOCOAdapter(RemoteAdapter):
                 yoco=YOCOConfig(self_decoder=hf.get("self_decoder", "swa"), self_layers=hf["num_self_layers"],
                                 sliding_window=hf["yoco_sliding_window"], self_kv_heads=hf["self_kv_heads"],
                                 retention_chunk=int(hf.get("retention_chunk", 64)),
-                                gate_logit_normalizer=float(hf.get("gate_logit_normalizer", 16.0))),
+                                gate_logit_normalizer=float(hf.get("gate_logit_normalizer", 16.0)),
+                                rope_pairing=hf.get("rope_pairing", "rotate_half"),
+                                rope_frequencies=hf.get("rope_frequencies", "standard")),
                 **self.composition_from_hf(hf, file))
             cfg.validate()
         except (ConfigError, ValueError, TypeError) as e:

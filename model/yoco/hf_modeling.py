@@ -8,6 +8,11 @@ Copied into an export's modeling file (:mod:`model.hf_remote`) for ``model.arch=
 * ``retention``: gated retention in the chunkwise form of
   :func:`model.yoco.kernels.chunk_retention` (chunk ``retention_chunk``), so the two sides
   add the same numbers;
+* ``yoco_rope``: RoPE in the model's ``rope_pairing`` (rotate_half or interleaved pairs) and
+  ``rope_frequencies`` (standard theta^(-2i/hd), or the released code's
+  theta ** -linspace(0, 1, hd/2)), as :mod:`model.yoco.rope` computes it; a config
+  without these fields (another family's ``swa`` / ``retention`` layer) rotates halves
+  at the standard frequencies;
 * ``yoco_stack``: the decoder-decoder: the self-decoder (``self_decoder`` layers), one
   key/value projection of its output (``model.kv_layer``), the cross-decoder attending to
   it, each layer's MLP from ``layer_mlp``. Full-sequence forwards (generation recomputes
@@ -37,6 +42,30 @@ from polytron.model.hf_remote.pieces import (
     make_linear,
     rope_cos_sin,
 )
+
+
+# piece: yoco_rope
+def yoco_cos_sin(config, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, 1, hd) in the rotate-half layout [angles, angles]."""
+    if getattr(config, "rope_frequencies", "standard") != "released":
+        return rope_cos_sin(config, positions, dtype)
+    exponents = torch.linspace(0, 1, config.head_dim // 2, dtype=torch.float32, device=positions.device)
+    inv = 1.0 / (config.rope_base ** exponents)                                         # (hd/2,)
+    freqs = positions.float()[..., None] * inv                                          # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]                              # (B, T, 1, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def yoco_rope(config, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, hd) by position in the config's ``rope_pairing``."""
+    if getattr(config, "rope_pairing", "rotate_half") != "interleaved":
+        return apply_rope(x, cos, sin)
+    half = x.shape[-1] // 2
+    c = cos[..., :half].repeat_interleave(2, dim=-1)                    # (..., hd): a0 a0 a1 a1 ...
+    s = sin[..., :half].repeat_interleave(2, dim=-1)
+    pairs = x.unflatten(-1, (half, 2))                                  # (B, T, H, hd/2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x * c + rotated * s).to(x.dtype)
 
 
 # piece: swa
@@ -86,7 +115,7 @@ class SlidingWindowAttention(nn.Module):
     def __init__(self, c, layer_idx: int):
         super().__init__()
         hd, b, d = c.head_dim, c.attention_bias, c.hidden_size
-        self.head_dim, self.window = hd, c.yoco_sliding_window
+        self.head_dim, self.window, self.config = hd, c.yoco_sliding_window, c
         self.q_proj = make_linear(c, d, c.num_attention_heads * hd, b, "q")
         self.k_proj = make_linear(c, d, c.self_kv_heads * hd, b, "k")
         self.v_proj = make_linear(c, d, c.self_kv_heads * hd, b, "v")
@@ -94,8 +123,8 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        q = yoco_rope(self.config, self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = yoco_rope(self.config, self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)        # (B, H, T, hd)
         y = window_attention(q, k, v, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -140,6 +169,7 @@ class GatedRetention(nn.Module):
         hd, b, d = c.head_dim, c.attention_bias, c.hidden_size
         inner = c.num_attention_heads * hd
         self.head_dim, self.tau, self.eps, self.chunk = hd, c.gate_logit_normalizer, c.rms_norm_eps, c.retention_chunk
+        self.config = c
         self.q_proj = make_linear(c, d, inner, b, "q")
         self.k_proj = make_linear(c, d, inner, b, "k")
         self.v_proj = make_linear(c, d, inner, b, "v")
@@ -149,8 +179,8 @@ class GatedRetention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        q = yoco_rope(self.config, self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = yoco_rope(self.config, self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)        # (B, H, T, hd)
         log_decay = (F.logsigmoid(self.gt_proj(x).float()) / self.tau).transpose(1, 2)   # (B, H, T)
         o = chunk_retention(q, k * self.head_dim ** -0.5, v, log_decay, self.chunk)
@@ -176,7 +206,8 @@ class YOCOStackConfig(PretrainedConfig):
                  rope_low_freq_factor: float = 1.0, rope_high_freq_factor: float = 4.0,
                  rope_original_max_position_embeddings: int = 8192, max_position_embeddings: int = 2048,
                  attention_bias: bool = False, mlp_bias: bool = False, initializer_range: float = 0.02,
-                 tie_word_embeddings: bool = False, layer_mlp: Optional[list] = None, **kwargs):
+                 tie_word_embeddings: bool = False, layer_mlp: Optional[list] = None,
+                 rope_pairing: str = "rotate_half", rope_frequencies: str = "standard", **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_self_layers = num_hidden_layers, num_self_layers
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
@@ -189,6 +220,7 @@ class YOCOStackConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias, self.mlp_bias, self.initializer_range = attention_bias, mlp_bias, initializer_range
         self.layer_mlp = layer_mlp or ["swiglu"] * num_hidden_layers
+        self.rope_pairing, self.rope_frequencies = rope_pairing, rope_frequencies
         # transformers' stubs type PreTrainedConfig.__init__ as **kwargs-free; it takes these at runtime
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)  # type: ignore[call-arg]
 
@@ -199,13 +231,13 @@ class CrossAttention(nn.Module):
     def __init__(self, c):
         super().__init__()
         hd, b = c.head_dim, c.attention_bias
-        self.head_dim = hd
+        self.head_dim, self.config = hd, c
         self.q_proj = make_linear(c, c.hidden_size, c.num_attention_heads * hd, b, "q")
         self.o_proj = make_linear(c, c.num_attention_heads * hd, c.hidden_size, b, "o")
 
     def forward(self, x, cos, sin, key, value):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        q = yoco_rope(self.config, self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         return self.o_proj(attend(q, key, value, None).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -215,7 +247,7 @@ class KVLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
         hd, b = c.head_dim, c.attention_bias
-        self.head_dim = hd
+        self.head_dim, self.config = hd, c
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.k_proj = make_linear(c, c.hidden_size, c.num_key_value_heads * hd, b, "k")
         self.v_proj = make_linear(c, c.hidden_size, c.num_key_value_heads * hd, b, "v")
@@ -223,7 +255,7 @@ class KVLayer(nn.Module):
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
         h = self.norm(x)
-        k = apply_rope(self.k_proj(h).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = yoco_rope(self.config, self.k_proj(h).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         return k.contiguous(), self.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2).contiguous()
 
 
@@ -275,7 +307,7 @@ class YOCOStackModel(YOCOStackPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids) * math.sqrt(self.config.hidden_size)     # (B, T, d)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)               # (B, T, 1, hd)
+        cos, sin = yoco_cos_sin(self.config, position_ids, x.dtype)               # (B, T, 1, hd)
         key = value = None
         for layer in self.layers:
             if layer.is_cross and key is None:

@@ -15,6 +15,9 @@
   MLP is the ``model.mlp`` slot.
 * :class:`ScaledEmbedding`: token embedding times sqrt(d).
 
+Every query and key rotates through :func:`model.yoco.rope.rope` in the pairing of
+``model.yoco.rope_pairing`` (frequencies: ``model.yoco.rope_frequencies``, in the table).
+
 The two slot kinds work in any spec (e.g. ``model.attention=swa`` in the dense Llama).
 With an inference cache each layer talks to it through its own method:
 ``window_update`` (sliding window; a :class:`~model.generate.DenseKVCache`'s ``update``
@@ -24,7 +27,7 @@ also works), ``recurrent_state`` / ``set_recurrent_state`` (retention) and
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +40,14 @@ from polytron.model.layers import (
     Context,
     GroupedQueryAttention,
     RMSNorm,
-    apply_rope,
     attend,
     make_linear,
-    project_qkv,
     register,
 )
 from polytron.model.protocols import RecurrentCache
 from polytron.model.yoco import context_parallel
 from polytron.model.yoco.kernels import chunk_retention, recurrent_retention, segments, sliding_window_attention
+from polytron.model.yoco.rope import rope
 
 #: Carry names of the shared key and value (produced by :class:`SharedKV`).
 CARRY = ("yoco_k", "yoco_v")
@@ -76,6 +78,16 @@ def _heads_rule(cfg, tp: int) -> Optional[str]:
     return None
 
 
+def _rotate(module: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(B, T, d') projection output -> (B, T, H, hd), RoPE in the module's pairing."""
+    B, T, _ = x.shape
+    return rope(x.view(B, T, -1, module.head_dim), cos, sin, module.pairing)
+
+
+def _pairing(cfg) -> str:
+    return cfg.yoco.rope_pairing if cfg.arch == "yoco" else "rotate_half"
+
+
 # ---------------------------------------------------------------- sliding-window attention
 
 @register(ATTENTIONS, "swa")
@@ -88,6 +100,7 @@ class SlidingWindowAttention(nn.Module):
         self.head_dim, self.num_heads = cfg.head_dim, cfg.num_heads
         self.num_kv_heads = cfg.yoco.kv_heads(cfg)
         self.window = cfg.yoco.sliding_window
+        self.pairing = _pairing(cfg)
         hd, b, d = cfg.head_dim, cfg.attention_bias, cfg.hidden_size
         self.wq = make_linear(cfg, d, cfg.num_heads * hd, b, "q")
         self.wk = make_linear(cfg, d, self.num_kv_heads * hd, b, "k")
@@ -96,7 +109,9 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project_qkv(self, x, ctx)                  # (B, H, T, hd)
+        q = _rotate(self, self.wq(x), ctx.cos, ctx.sin).transpose(1, 2)        # (B, Hq, T, hd)
+        k = _rotate(self, self.wk(x), ctx.cos, ctx.sin).transpose(1, 2)        # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if ctx.seq is not None:                             # context parallel: own chunks + halo
             y = context_parallel.window_attention(q, k, v, self.window, ctx)
         else:
@@ -144,6 +159,7 @@ class GatedRetention(nn.Module):
         self.chunk = cfg.yoco.retention_chunk
         self.tau = cfg.yoco.gate_logit_normalizer
         self.eps = cfg.norm_eps
+        self.pairing = _pairing(cfg)
         inner, b, d = cfg.num_heads * cfg.head_dim, cfg.attention_bias, cfg.hidden_size
         self.wq = make_linear(cfg, d, inner, b, "q")
         self.wk = make_linear(cfg, d, inner, b, "k")
@@ -154,8 +170,8 @@ class GatedRetention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), ctx.cos, ctx.sin)   # (B, T, H, hd)
-        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), ctx.cos, ctx.sin)
+        q = _rotate(self, self.wq(x), ctx.cos, ctx.sin)                   # (B, T, H, hd)
+        k = _rotate(self, self.wk(x), ctx.cos, ctx.sin)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         log_decay = (F.logsigmoid(self.wgt(x).float()) / self.tau).transpose(1, 2)   # (B, H, T)
         q, v = q.transpose(1, 2), v.transpose(1, 2)                       # (B, H, T, hd)
@@ -229,14 +245,14 @@ class SharedKV(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.pairing = cfg.head_dim, _pairing(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.proj = KVProjection(cfg)
 
     def forward(self, x: torch.Tensor, ctx: Context):
         k, v = self.proj(self.norm(x))                                   # (B, T, Hkv*hd) each
         B, T = k.shape[:2]
-        k = apply_rope(k.view(B, T, -1, self.head_dim), ctx.cos, ctx.sin).transpose(1, 2).contiguous()
+        k = _rotate(self, k, ctx.cos, ctx.sin).transpose(1, 2).contiguous()
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2).contiguous()   # (B, Hkv, T, hd)
         cache = ctx.cache
         if cache is not None:
@@ -281,6 +297,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim, self.num_heads = cfg.head_dim, cfg.num_heads
+        self.pairing = _pairing(cfg)
         hd, b = cfg.head_dim, cfg.attention_bias
         self.wq = make_linear(cfg, cfg.hidden_size, cfg.num_heads * hd, b, "q")
         self.wo = make_linear(cfg, cfg.num_heads * hd, cfg.hidden_size, b, "o")
@@ -288,7 +305,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = (t.narrow(-3, t.shape[-3] - T, T) for t in (ctx.cos, ctx.sin))   # last T positions
-        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, hd)
+        q = _rotate(self, self.wq(x), cos, sin).transpose(1, 2)        # (B, Hq, T, hd)
         k, v = (_ContiguousGrad.apply(ctx.carry[n]) for n in CARRY)      # (B, Hkv, S, hd), S >= T
         if ctx.seq is not None:             # context parallel: the K/V shards gathered once per forward
             k, v = context_parallel.shared_kv(k, v, ctx)                 # (B, Hkv, T_full, hd)

@@ -55,7 +55,12 @@ def load_hf(path: str):
     dict(tie_embeddings=True, num_kv_heads=4, yoco=dict(self_decoder="retention", retention_chunk=8)),
     dict(num_kv_heads=1, attention_bias=True, num_layers=3,
          yoco=dict(self_decoder="retention", retention_chunk=64, self_layers=2)),
-], ids=["swa", "swa-tied-mqa-mha_window-llama3", "retention-tied-mha", "retention-mqa-bias-2self"])
+    dict(yoco=dict(self_decoder="swa", sliding_window=7, rope_pairing="interleaved", rope_frequencies="released")),
+    dict(attention_bias=True, yoco=dict(self_decoder="retention", retention_chunk=8, rope_pairing="interleaved",
+                                        rope_frequencies="released")),
+    dict(yoco=dict(self_decoder="swa", sliding_window=7, rope_frequencies="released")),
+], ids=["swa", "swa-tied-mqa-mha_window-llama3", "retention-tied-mha", "retention-mqa-bias-2self",
+        "swa-released_rope", "retention-bias-released_rope", "swa-released_freqs"])
 def test_logits_match_hf(tmp_path, over):
     ours = build_model(yoco_config(**over), seed=3).eval()
     export(ours, str(tmp_path / "hf"))
@@ -89,7 +94,8 @@ def test_long_sequence_logits_and_gradients_match_hf(tmp_path, kind):
 
 def test_from_hf_round_trip(tmp_path):
     """Export -> from-hf: the same config and bit-identical tensors."""
-    ours = build_model(yoco_config(yoco=dict(self_decoder="retention", retention_chunk=8)), seed=4)
+    ours = build_model(yoco_config(yoco=dict(self_decoder="retention", retention_chunk=8,
+                                             rope_pairing="interleaved", rope_frequencies="released")), seed=4)
     export(ours, str(tmp_path / "hf"))
     from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     back = ckpt.load_tensors(str(tmp_path / "back" / "checkpoint"))
@@ -100,11 +106,15 @@ def test_from_hf_round_trip(tmp_path):
     cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
     assert param_shapes(cfg) == param_shapes(ours.cfg)
     assert cfg.yoco.self_decoder == "retention" and cfg.yoco.num_self_layers(cfg) == 2
+    assert (cfg.yoco.rope_pairing, cfg.yoco.rope_frequencies) == ("interleaved", "released")
 
 
 def test_non_exportable_kind_is_named():
     assert "mlp=test_relu2" in ADAPTER.exportable(yoco_config(mlp="test_relu2", plugins=[
         "tests.distributed.hetero_spec"]))
+    scaled = yoco_config(yoco=dict(rope_frequencies="released"), rope_scaling=dict(type="linear", factor=2.0))
+    assert "rope_frequencies=released" in ADAPTER.exportable(scaled)
+    assert ADAPTER.exportable(yoco_config(yoco=dict(rope_frequencies="released"))) == ""
 
 
 # ---------------------------------------------------------------- trained runs -> to-hf

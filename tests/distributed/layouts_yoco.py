@@ -13,11 +13,15 @@ resets across chunks all run.
   with TP2 x PP2, where each TP rank sends its own heads.
 * FSDP2, also tied with full activation checkpointing (the carry read inside a
   recomputed block).
+* The released code's RoPE (``rope_pairing: interleaved``, ``rope_frequencies: released``)
+  under CP2 (sliding window; each rank rotates its own load-balanced chunks and the
+  halo it receives was rotated by its owner) and TP2 (retention, head-sharded q/k rows).
 """
 from tests.distributed.layout import Layout
 
 SWA = {"arch": "yoco", "yoco": {"self_decoder": "swa", "sliding_window": 5}}
 RETENTION = {"arch": "yoco", "yoco": {"self_decoder": "retention", "retention_chunk": 4}}
+RELEASED_ROPE = {"rope_pairing": "interleaved", "rope_frequencies": "released"}
 
 LAYOUTS = [
     Layout("yoco_swa_tp2_docs", 2, parallel={"tensor": 2}, model=SWA, data="docs"),
@@ -35,4 +39,8 @@ LAYOUTS = [
     Layout("yoco_retention_tp2_pp2_border_in_cross", 4,
            parallel={"tensor": 2, "pipeline": 2, "pipeline_split": [3, 1]},
            model=RETENTION),
+    Layout("yoco_swa_cp2_released_rope_docs", 2, parallel={"context": 2},
+           model={"arch": "yoco", "yoco": {**SWA["yoco"], **RELEASED_ROPE}}, data="docs"),
+    Layout("yoco_retention_tp2_released_rope", 2, parallel={"tensor": 2},
+           model={"arch": "yoco", "yoco": {**RETENTION["yoco"], **RELEASED_ROPE}}, data="docs"),
 ]
