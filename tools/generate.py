@@ -4,6 +4,7 @@
     python tools/generate.py CHECKPOINT --prompt "text" [--max-new-tokens 50] [--temperature 0.8]
                              [--top-p 0.95] [--seed 0] [--tokenizer PATH] [--no-cache] [--no-bos]
                              [--device cpu] [--plugin MODULE ...]
+    torchrun --nproc-per-node N tools/generate.py CHECKPOINT --prompt "text" --context-parallel N ...
 
 CHECKPOINT is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
 run's output directory (its newest complete checkpoint), or a packed BitNet Hugging Face
@@ -14,6 +15,12 @@ built-in corpus's) unless ``--tokenizer`` names another. The prompt is encoded w
 the tokenizer's BOS token when it has one (``--no-bos`` leaves it out); generation
 stops at the end-of-sequence token or after ``--max-new-tokens``. Greedy by default
 (``--temperature 0``). Prints the prompt followed by the decoded continuation.
+
+``--context-parallel N`` (under ``torchrun --nproc-per-node N``; gloo on CPU, NCCL on
+CUDA, each rank on ``cuda:<local rank>``) prefills the prompt under context parallelism
+over the N processes (``parallel/context_prefill.py``: every rank runs its chunks of the
+prompt and then holds the whole cache); every rank then decodes the same tokens in one
+process's form, and rank 0 prints them. The text equals the one-process run's.
 
 The checkpoint is data: ``model.plugins`` it lists are imported only when named with
 ``--plugin``, else refused; a relative ``data.tokenizer`` it stores is looked up under its
@@ -30,10 +37,11 @@ temperature or top-p that is NaN, infinite or out of range, a device that holds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from polytron.model.errors import BadInput
 from polytron.model.provenance import UntrustedCode, add_plugin_option  # light: no torch
@@ -53,6 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="prefill the prompt under context parallelism over N processes "
+                        "(run under torchrun --nproc-per-node N; rank 0 prints)")
     add_plugin_option(p)
     return p.parse_args(argv)
 
@@ -65,6 +76,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise BadInput(f"--top-p {args.top_p}: must be a number in (0, 1]")
     if args.max_new_tokens < 0:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
+    if args.context_parallel < 1:
+        raise BadInput(f"--context-parallel {args.context_parallel}: must be >= 1")
+    if args.context_parallel > 1 and args.no_cache:
+        raise BadInput("--context-parallel fills the inference cache: it cannot run with --no-cache")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.context_parallel > 1 and world != args.context_parallel:
+        raise BadInput(f"--context-parallel {args.context_parallel} runs under torchrun --nproc-per-node "
+                       f"{args.context_parallel} (this run has {world} process{'es' if world > 1 else ''})")
+
+
+@contextlib.contextmanager
+def context_parallel_group(args: argparse.Namespace) -> Iterator[Any]:
+    """The process group of ``--context-parallel N`` (None for 1): every process of the run,
+    initialized here (gloo on CPU, NCCL on CUDA) unless the caller already did."""
+    if args.context_parallel == 1:
+        yield None
+        return
+    import torch.distributed as dist
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    try:
+        yield dist.group.WORLD
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- model
@@ -141,7 +178,8 @@ def load_run_tokenizer(run_cfg: dict, override: Optional[str], ckpt_path: Option
 
 def limit_vocabulary(model, size: int) -> None:
     """Ids the tokenizer lacks (embedding rows past its ``size``, e.g. padding) are never
-    generated: their logits become -inf."""
+    generated: their logits become -inf (a hook on the head, which a context-parallel
+    prefill runs too)."""
     import torch
     if size >= model.cfg.vocab_size:
         return
@@ -149,7 +187,8 @@ def limit_vocabulary(model, size: int) -> None:
     def mask(_module, _inputs, logits):
         return logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device), float("-inf"))
 
-    model.register_forward_hook(mask)
+    head = next(module for unit, module in model.unit_modules() if unit.kind == "head")
+    head.register_forward_hook(mask)
 
 
 def bos_id(tok: Any) -> Optional[int]:
@@ -177,17 +216,20 @@ def run(args: argparse.Namespace) -> str:
     newest complete one that still exists."""
     from polytron.pretrain.checkpoint.discovery import read_newest
     check_args(args)
-    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        return continue_prompt(args, *packed_model(args.checkpoint, args.tokenizer))
-    return read_newest(args.checkpoint, lambda path: continue_prompt(
-        args, *checkpoint_model(path, args.tokenizer, tuple(args.plugins))))[1]
+    with context_parallel_group(args) as group:
+        if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+            return continue_prompt(args, *packed_model(args.checkpoint, args.tokenizer), group=group)
+        return read_newest(args.checkpoint, lambda path: continue_prompt(
+            args, *checkpoint_model(path, args.tokenizer, tuple(args.plugins)), group=group))[1]
 
 
-def continue_prompt(args: argparse.Namespace, cfg, tok, load) -> str:
-    """The prompt and its continuation by the model ``load(device)`` builds."""
+def continue_prompt(args: argparse.Namespace, cfg, tok, load, group: Any = None) -> str:
+    """The prompt and its continuation by the model ``load(device)`` builds; with a process
+    ``group`` the prompt's prefill runs under context parallelism over it."""
     import torch
 
     from polytron.model.generate import check_length, generate
+    from polytron.parallel.context_prefill import context_parallel_prefill
     if tok.vocab_size > cfg.vocab_size:
         raise BadInput(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only {cfg.vocab_size} "
                        "embeddings: not the tokenizer this model was trained with")
@@ -198,16 +240,21 @@ def continue_prompt(args: argparse.Namespace, cfg, tok, load) -> str:
         raise BadInput("the prompt encodes to no tokens and the tokenizer has no BOS token to start from")
     check_length(len(ids), args.max_new_tokens, cfg.max_seq_len)             # before loading weights
     device = _device(args.device)
+    if group is not None and device == "cuda":
+        device = _device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")      # one GPU per rank
     model = load(device)
     limit_vocabulary(model, tok.vocab_size)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)          # (1, T0)
     use_cache = not args.no_cache
+    if group is not None and model.spec.make_cache is None:
+        raise BadInput(f"architecture {cfg.arch!r} declares no inference cache: --context-parallel fills one")
     if use_cache and model.spec.make_cache is None:
         print(f"note: architecture {cfg.arch!r} declares no inference cache; recomputing every step",
               file=sys.stderr)
         use_cache = False
+    prefill = context_parallel_prefill(group) if group is not None else None
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   use_cache=use_cache, eos_id=tok.eod_id)
+                   use_cache=use_cache, eos_id=tok.eod_id, prefill=prefill)
     new = [t for t in out[0, len(ids):].tolist() if t != tok.eod_id]
     return continuation_text(tok, args.prompt, text_ids, new)
 
@@ -242,7 +289,9 @@ def _device(name: str) -> str:
 
 @command
 def main(argv: list[str]) -> int:
-    print(run(parse_args(argv)))
+    text = run(parse_args(argv))
+    if int(os.environ.get("RANK", "0")) == 0:               # --context-parallel: rank 0 prints
+        print(text)
     return 0
 
 

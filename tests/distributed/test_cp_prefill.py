@@ -156,3 +156,53 @@ def test_refusals_are_one_line(model_kw, cache_kind, kind, needle):
         check_prefill(model, cache, 2, kind)
     msg = str(err.value)
     assert needle in msg and "\n" not in msg, msg
+
+
+# ---------------------------------------------------------------- tools/generate.py --context-parallel
+
+PROMPT = "The function returns a value"
+
+
+@pytest.fixture(scope="module")
+def yoco_run(tmp_path_factory) -> str:
+    """A tiny YOCO (retention self-decoder) trained for one iteration by launch/pretrain.py."""
+    from tests.checkpoint import runs
+    out = str(tmp_path_factory.mktemp("cp_gen") / "run")
+    assert runs.run(out, 1, "model.arch=yoco", "model.yoco.self_decoder=retention") == 0, runs.output(out)[-3000:]
+    return out
+
+
+def _tool_on_rank(argv: list[str]) -> tuple[int, str, str]:
+    """tools/generate.py's main on this rank (the process group exists): (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from polytron.tools.generate import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_tool_context_parallel_prints_the_one_process_text(yoco_run, capsys):
+    from polytron.tools.generate import main
+    from tests.distributed.harness import run_distributed
+    argv = [yoco_run, "--prompt", PROMPT, "--max-new-tokens", "10"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert want.startswith(PROMPT) and len(want) > len(PROMPT) + 1
+    ranks = run_distributed(_tool_on_rank, 2, [*argv, "--context-parallel", "2"], timeout=120)
+    assert ranks == [(0, want, ""), (0, "", "")]                         # rank 0 prints
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--context-parallel", "2"], "--context-parallel 2 runs under torchrun --nproc-per-node 2"),
+    (["--context-parallel", "0"], "--context-parallel 0: must be >= 1"),
+    (["--context-parallel", "2", "--no-cache"], "cannot run with --no-cache"),
+])
+def test_tool_context_parallel_errors_are_one_line(extra, needle, capsys, tmp_path, monkeypatch):
+    from polytron.tools.generate import main
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([str(tmp_path), "--prompt", "x", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
