@@ -28,6 +28,11 @@ Packed documents: the shard holds the whole sequence's document ids (``seq.doc_i
 gathered once per forward by the shard); every mixer cuts at the document starts
 (:func:`global_segments`), as the one-device kernels do.
 
+Generation prefill (:mod:`parallel.context_prefill`): the same functions run with the
+prefill's recorder as ``ctx.cache`` (:func:`prefill_recorder`); the window records its
+local keys/values, retention zeroes the padding after the prompt (:func:`without_padding`)
+and records the state after the whole sequence, which every rank has from the scan.
+
 The registrations at the bottom declare the ``swa`` and ``retention`` attention kinds
 native under CP (their forwards in :mod:`model.yoco.layers` call the functions here when
 ``ctx.seq`` is set) and give ``swa`` its layout check.
