@@ -213,16 +213,19 @@ def _cut(buf: bytes, fmt: str, text_unit: str) -> int:
     return buf.rfind(b"\n") + 1
 
 
-def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str,
-                chunk_bytes: int = 1 << 20, json_key: str = "text") -> Iterator[Chunk]:
+def iter_chunks(path: str, file_idx: int, fmt: str, text_unit: str, chunk_bytes: int = 1 << 20,
+                json_key: str = "text", units: tuple[int, int] | None = None) -> Iterator[Chunk]:
     """Cut one input file into byte blocks of whole documents, about ``chunk_bytes`` each.
 
     The main process only moves bytes (no per-line Python objects); parsing happens in
-    the workers. Table inputs give column ``json_key``.
+    the workers. Table inputs give column ``json_key``; ``units`` = [first, end) limits
+    them to those row groups (Parquet) or data files (``datasets`` directory).
     """
+    if units is not None and not is_table_format(fmt):
+        raise DataError(f"input {path}: only Parquet files and datasets directories can be read in parts")
     if is_table_format(fmt):
         pieces = iter_parquet if fmt == "parquet" else iter_arrow
-        for p in pieces(path, json_key, chunk_bytes):
+        for p in pieces(path, json_key, chunk_bytes, units):
             yield Chunk(file_idx, fmt, p.first_row, p.data, p.disk_bytes, p.offsets, p.nulls)
         return
     try:

@@ -491,14 +491,17 @@ def _check_inputs(inputs: list[str], json_key: str, text_unit: str, workers: int
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, workers: int = 1,
                json_key: str = "text", text_unit: str = "paragraph", strict: bool = False,
                show_progress: bool = False, chunk_bytes: int = 1 << 18, shard_mb: float = 0,
-               shard_by_file: bool = False, encoder: str = "auto", allow_empty: bool = False) -> Summary:
+               shard_by_file: bool = False, encoder: str = "auto", allow_empty: bool = False,
+               units: tuple[int, int] | None = None) -> Summary:
     """Tokenize ``inputs`` into ``output_prefix`` (``.bin/.idx`` or shards, and ``.summary.json``).
 
     ``inputs`` may hold globs. Outputs are written to temporary names and renamed at the
     end (the summary last), so a failed run leaves no partial dataset behind (nor the
     directories it created). An unwritable output location, or inputs without a single
     valid document, raise :class:`DataError` -- unless ``allow_empty``, where such a run
-    writes only its summary (used for per-file shards that are merged later).
+    writes only its summary (used for per-file shards that are merged later). ``units`` =
+    [first, end) reads only those row groups / data files of a single Parquet or ``datasets``
+    input (a part of it for one plan task; rows keep their numbers in the whole input).
     """
     out = check_output_prefix(output_prefix)
     inputs = expand_inputs(inputs, out)
@@ -506,6 +509,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
     refuse_outputs_as_inputs(inputs, out)
     if not chunk_bytes >= 1:
         raise DataError(f"chunk size {chunk_bytes} bytes: must be >= 1")
+    if units is not None and len(inputs) != 1:
+        raise DataError(f"a part (units {units[0]}..{units[1] - 1}) needs exactly one input, not {len(inputs)}")
     t_start = time.time()
     tok = load_tokenizer(tokenizer_path)
     summ = Summary(output_prefix=out, input_files=[os.path.abspath(p) for p in inputs],
@@ -519,7 +524,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
         output = _Output(out, optimal_dtype(tok.vocab_size), int(shard_mb * 1e6), shard_by_file)
         _write_all(inputs, output, summ, tok, workers=workers, json_key=json_key, text_unit=text_unit,
                    strict=strict, show_progress=show_progress, chunk_bytes=chunk_bytes,
-                   encoder=encoder, allow_empty=allow_empty)
+                   encoder=encoder, allow_empty=allow_empty, units=units)
         summ.seconds = time.time() - t_start
         summ.mb_per_s = summ.input_bytes / 1e6 / max(summ.seconds, 1e-9)
         summ.docs_per_s = summ.documents / max(summ.seconds, 1e-9)
@@ -532,14 +537,14 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, wo
 
 def _write_all(inputs: list[str], output: _Output, summ: Summary, tok: Tokenizer, *, workers: int, json_key: str,
                text_unit: str, strict: bool, show_progress: bool, chunk_bytes: int, encoder: str,
-               allow_empty: bool) -> None:
+               allow_empty: bool, units: tuple[int, int] | None = None) -> None:
     """Tokenize all inputs into ``output`` (temporary files, removed again if anything fails)."""
     summ.files = [{"path": p, "documents": 0, "tokens": 0, "skipped": 0, "disk_bytes": 0, "text_bytes": 0}
                   for p in summ.input_files]
     bar = _Progress(inputs, show_progress)
     try:
         chunks = (c for i, p in enumerate(inputs)
-                  for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes, json_key))
+                  for c in iter_chunks(p, i, detect_format(p), text_unit, chunk_bytes, json_key, units))
         st = os.stat(summ.tokenizer)  # part of the key: a worker reuses a tokenizer only if unchanged
         init = (summ.tokenizer, json_key, text_unit, summ.dtype, encoder, st.st_size, st.st_mtime_ns)
         if _W.get("args") != init:

@@ -85,6 +85,25 @@ def dataset_files(path: str) -> list[str]:
     return files
 
 
+def table_units(path: str) -> list[int]:
+    """On-disk bytes of each unit a table input can be split into for separate tasks: the row
+    groups of a Parquet file, the data files of a ``datasets`` directory; ``[]`` otherwise."""
+    if os.path.isdir(path):
+        return [os.path.getsize(p) for p in dataset_files(path)]
+    if not path.endswith(PARQUET_SUFFIXES):
+        return []
+    pf = _open_parquet(_pyarrow(path), path)
+    try:
+        return [_group_bytes(pf.metadata.row_group(g)) for g in range(pf.num_row_groups)]
+    finally:
+        pf.close()
+
+
+def _group_bytes(rg: Any) -> int:
+    """On-disk (compressed) bytes of a Parquet row group, all columns."""
+    return sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))
+
+
 def table_size(path: str) -> int:
     """On-disk bytes of a table input: the file, or the data files of a ``datasets`` directory."""
     if os.path.isdir(path):
@@ -142,46 +161,54 @@ def _pieces(pa: Any, column: Any, first_row: int, chunk_bytes: int, disk_bytes: 
         first_row += n
 
 
-def iter_parquet(path: str, key: str, chunk_bytes: int) -> Iterator[TextPiece]:
-    """Text pieces of a Parquet file's column ``key``, one row group at a time."""
-    pa = _pyarrow(path)
+def _open_parquet(pa: Any, path: str) -> Any:
+    """A ``ParquetFile`` (footer read); one-line :class:`DataError` when unreadable."""
     try:
-        pf = pa.parquet.ParquetFile(path)
+        return pa.parquet.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise DataError(f"input {path}: cannot read ({os_reason(e)})") from None
         raise DataError(f"input {path}: not a readable Parquet file (truncated, or a corrupt footer?): "
                         f"{_reason(e)}") from None
+
+
+def iter_parquet(path: str, key: str, chunk_bytes: int, units: tuple[int, int] | None = None) -> Iterator[TextPiece]:
+    """Text pieces of a Parquet file's column ``key``, one row group at a time (those in
+    ``units`` = [first, end) only, numbered as in the whole file)."""
+    pa = _pyarrow(path)
+    pf = _open_parquet(pa, path)
     try:
         names = pf.schema_arrow.names
         if key not in names:
             raise _missing_column(path, key, names)
         groups, meta = pf.num_row_groups, pf.metadata
-        row, done = 1, 0
-        for g in range(groups):
+        first, end = units or (0, groups)
+        row = 1 + sum(meta.row_group(g).num_rows for g in range(first))
+        for g in range(first, end):
             try:
                 col = pf.read_row_group(g, columns=[key], use_threads=False).column(0)
             except (pa.ArrowException, OSError) as e:
                 rows = f"rows {row}-{row + meta.row_group(g).num_rows - 1}"
                 raise DataError(f"input {path}: row group {g} of {groups} ({rows}) cannot be read "
                                 f"(corrupt or truncated Parquet file?): {_reason(e)}") from None
-            rg = meta.row_group(g)
-            disk = sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))
+            disk = _group_bytes(meta.row_group(g))
             yield from _pieces(pa, _string_array(pa, col, path, key), row, chunk_bytes, disk)
-            row, done = row + len(col), done + disk
-        yield TextPiece(row, b"", np.zeros(1, np.int64), None, max(0, os.path.getsize(path) - done))
+            row += len(col)
+        if end == groups:  # the footer and headers outside the row groups
+            rest = os.path.getsize(path) - sum(_group_bytes(meta.row_group(g)) for g in range(groups))
+            yield TextPiece(row, b"", np.zeros(1, np.int64), None, max(0, rest))
     finally:
         pf.close()
 
 
 def _arrow_batches(pa: Any, path: str, key: str) -> Iterator[tuple[Any, int]]:
     """(record batch, on-disk bytes it advanced) of an Arrow IPC file, stream or file format;
-    the last item is (None, bytes after the last batch)."""
+    the last item is (None, bytes after the last batch). ``key``: a column it must have."""
     size = os.path.getsize(path)
     with pa.memory_map(path) as source:
         if source.read(len(_ARROW_FILE_MAGIC)) == _ARROW_FILE_MAGIC:
             reader = pa.ipc.open_file(source)
-            if key not in reader.schema.names:
+            if key and key not in reader.schema.names:
                 raise _missing_column(path, key, reader.schema.names)
             n = reader.num_record_batches
             for i in range(n):
@@ -190,7 +217,7 @@ def _arrow_batches(pa: Any, path: str, key: str) -> Iterator[tuple[Any, int]]:
             return
         source.seek(0)
         reader, pos = pa.ipc.open_stream(source), 0
-        if key not in reader.schema.names:
+        if key and key not in reader.schema.names:
             raise _missing_column(path, key, reader.schema.names)
         for batch in reader:
             yield batch, source.tell() - pos
@@ -198,11 +225,22 @@ def _arrow_batches(pa: Any, path: str, key: str) -> Iterator[tuple[Any, int]]:
         yield None, size - pos
 
 
-def iter_arrow(path: str, key: str, chunk_bytes: int) -> Iterator[TextPiece]:
-    """Text pieces of column ``key`` of an Arrow IPC file or of every data file of a ``datasets`` directory."""
+def _arrow_rows(pa: Any, path: str) -> int:
+    """Rows of an Arrow IPC file (batch headers only: the memory-mapped data is not read)."""
+    try:
+        return sum(batch.num_rows for batch, _ in _arrow_batches(pa, path, "") if batch is not None)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"input {path}: cannot read (corrupt or truncated Arrow file?): {_reason(e)}") from None
+
+
+def iter_arrow(path: str, key: str, chunk_bytes: int, units: tuple[int, int] | None = None) -> Iterator[TextPiece]:
+    """Text pieces of column ``key`` of an Arrow IPC file or of the data files of a ``datasets``
+    directory (those in ``units`` = [first, end) only, rows numbered as in the whole directory)."""
     pa = _pyarrow(path)
-    row = 1
-    for f in dataset_files(path) if os.path.isdir(path) else [path]:
+    files = dataset_files(path) if os.path.isdir(path) else [path]
+    first, end = units or (0, len(files))
+    row = 1 + sum(_arrow_rows(pa, f) for f in files[:first])
+    for f in files[first:end]:
         batches = _arrow_batches(pa, f, key)
         while True:
             try:

@@ -19,6 +19,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
 
+from polytron.data.errors import DataError
 from polytron.data.inputs import expand_inputs, input_size
 from polytron.data.preprocess import preprocess
 from polytron.data.shard_plan import make_plan, merge_plan, run_plan_task, write_plan
@@ -232,3 +233,29 @@ def test_shards_merge_and_plan_tasks_give_the_jsonl_bytes(tmp_path, corpus, docs
     os.utime(data_file, ns=(os.stat(data_file).st_atime_ns, os.stat(data_file).st_mtime_ns + 10**9))
     assert run_plan_task(path, owner)["processed"] == [2]
 
+
+
+def test_plan_splits_big_tables_into_row_group_and_data_file_parts(tmp_path, corpus, docs, reference):
+    texts = [*docs[:44], "", *docs[44:60]]  # row 45: an empty document, in a later part
+    inputs = [write_parquet(tmp_path / "a.parquet", texts, 6), write_jsonl(str(tmp_path / "b.jsonl"), docs[60:64]),
+              write_dataset_dir(tmp_path / "c", docs[64:], files=4, batch=3)]
+    one = preprocess(inputs, str(tmp_path / "one"), corpus.tokenizer)
+    plan = make_plan(inputs, str(tmp_path / "out"), corpus.tokenizer, tasks=4)
+    by_input = {i: [(a, b) for j, a, b in plan.parts if j == i] for i in range(3)}
+    assert len(by_input[0]) >= 2 and len(by_input[2]) >= 2 and by_input[1] == [(0, -1)]
+    for i, units in ((0, 11), (2, 4)):  # consecutive parts covering every row group / data file once
+        assert by_input[i][0][0] == 0 and by_input[i][-1][1] == units
+        assert all(x[1] == y[0] for x, y in zip(by_input[i], by_input[i][1:]))
+    assert sorted(s for a in plan.assignment for s in a) == list(range(len(plan.parts))) and plan.tasks == 4
+    path = write_plan(plan)
+    run_plan_task(path, 0)
+    with pytest.raises(DataError, match=r"shards are not finished: .*(row groups|data files) \d+\.\.\d+\) \(task "):
+        merge_plan(path)
+    for task in range(1, plan.tasks):
+        run_plan_task(path, task)
+    assert run_plan_task(path, 1)["processed"] == []  # a requeued task finds its parts done
+    summ = merge_plan(path)
+    assert _bytes(tmp_path / "out") == _bytes(reference) == _bytes(tmp_path / "one")
+    assert summ["input_files"] == one.input_files and summ["skipped_lines"] == one.skipped_lines
+    assert [(f["path"], f["documents"], f["skipped"], f["disk_bytes"]) for f in summ["files"]] == \
+        [(f["path"], f["documents"], f["skipped"], f["disk_bytes"]) for f in one.files]
