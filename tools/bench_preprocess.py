@@ -13,6 +13,13 @@ a one-document copy of the input. Medians go into a Markdown table; ``--json`` k
 every run. Without ``--megatron`` only our tool is measured. Both tools write
 document-level datasets with an end-of-document token (Megatron: ``--append-eod``,
 ``GPTSentencePieceTokenizer``); their ``.bin/.idx`` are compared byte for byte.
+
+``--formats jsonl parquet arrow`` also times our tool on the same documents converted
+(before timing) to a Parquet file (``--row-group-rows`` rows per row group, snappy, with
+an ``id`` column beside ``text``) and to a ``datasets`` ``save_to_disk`` directory (Arrow
+stream file of 1,000-row batches), adds MB/s of document text (UTF-8 bytes of the ``text``
+fields, the same for every format) and its ratio to JSONL, and checks every output equals
+the JSONL one byte for byte.
 """
 from __future__ import annotations
 
@@ -34,7 +41,10 @@ from polytron.model.errors import BadInput
 from polytron.tools import cli
 
 OURS = Path(__file__).resolve().parent / "preprocess_data.py"
-TOOLS = ("ours", "megatron")
+TOOLS = ("ours", "ours-parquet", "ours-arrow", "megatron")
+FORMATS = ("jsonl", "parquet", "arrow")
+LABELS = {"ours": "polytron JSONL", "ours-parquet": "polytron Parquet", "ours-arrow": "polytron datasets dir",
+          "megatron": "Megatron-LM"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--megatron-pythonpath", default="", help="PYTHONPATH for Megatron-LM's tool")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=["jsonl"],
+                   help="input formats for our tool: the JSONL input, and it converted to Parquet / a "
+                        "datasets directory (jsonl is always run)")
+    p.add_argument("--row-group-rows", type=int, default=10_000, help="rows per Parquet row group")
     p.add_argument("--ours-args", default="", help="extra arguments for our tool, e.g. '--encoder plain'")
     p.add_argument("--work-dir", default="/tmp/bench_preprocess", help="outputs (removed between runs)")
     p.add_argument("--json", default="", help="write every run here")
@@ -146,7 +160,7 @@ def run_once(cmd: list[str], env: dict) -> dict:
 
 def command(tool: str, a: argparse.Namespace, src: str, prefix: str, workers: int) -> list[str]:
     """Command line of one run."""
-    if tool == "ours":
+    if tool.startswith("ours"):
         return [sys.executable, str(OURS), "--input", src, "--output-prefix", prefix, "--tokenizer",
                 a.tokenizer, "--workers", str(workers), "--no-progress", *a.ours_args.split()]
     return [sys.executable, a.megatron, "--input", src, "--output-prefix", prefix, "--tokenizer-type",
@@ -156,7 +170,7 @@ def command(tool: str, a: argparse.Namespace, src: str, prefix: str, workers: in
 
 def outputs(tool: str, prefix: str) -> tuple[Path, Path]:
     """The ``.bin``/``.idx`` a run writes (Megatron appends ``_text_document``)."""
-    base = prefix if tool == "ours" else f"{prefix}_text_document"
+    base = f"{prefix}_text_document" if tool == "megatron" else prefix
     return Path(base + ".bin"), Path(base + ".idx")
 
 
@@ -175,6 +189,41 @@ def one_document(src: str, work: Path) -> str:
     return str(path)
 
 
+def read_texts(src: str) -> list[str]:
+    """The ``text`` field of every JSONL line."""
+    with open(src, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def convert(texts: list[str], fmt: str, path: Path, row_group_rows: int) -> str:
+    """Write ``texts`` as a Parquet file or a ``datasets`` save_to_disk directory; its path."""
+    import pyarrow as pa
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    if fmt == "parquet":
+        pq.write_table(table, str(path) + ".parquet", row_group_size=row_group_rows)
+        return str(path) + ".parquet"
+    path.mkdir()
+    with pa.ipc.new_stream(str(path / "data-00000-of-00001.arrow"), table.schema) as w:
+        for batch in table.to_batches(max_chunksize=1000):
+            w.write_batch(batch)
+    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (path / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    return str(path)
+
+
+def sources(a: argparse.Namespace, work: Path, single: str) -> dict[str, tuple[str, str]]:
+    """(full input, one-document input) of each of our formats, converted from the JSONL input."""
+    out = {"ours": (a.input, single)}
+    for fmt in a.formats:
+        if fmt != "jsonl":
+            out[f"ours-{fmt}"] = (convert(read_texts(a.input), fmt, work / f"input_{fmt}", a.row_group_rows),
+                                  convert(read_texts(single), fmt, work / f"one_{fmt}", a.row_group_rows))
+    return out
+
+
 def machine() -> dict:
     """Where the numbers come from."""
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -189,8 +238,11 @@ def bench(a: argparse.Namespace) -> dict:
     work = Path(a.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    tools = TOOLS if a.megatron else TOOLS[:1]
     single = one_document(a.input, work)
+    inputs = sources(a, work, single)
+    tools = [t for t in TOOLS if t in inputs or (t == "megatron" and a.megatron)]
+    if a.megatron:
+        inputs["megatron"] = (a.input, single)
     runs: list[dict] = []
     identical: dict[str, bool] = {}
     for r in range(a.repeats):
@@ -199,7 +251,7 @@ def bench(a: argparse.Namespace) -> dict:
             made = {}
             for tool in order:
                 prefix = str(work / f"{tool}_w{workers}")
-                src, w = (single, 1) if workers == 0 else (a.input, workers)
+                src, w = (inputs[tool][1], 1) if workers == 0 else (inputs[tool][0], workers)
                 waited = wait_quiet(a.wait_quiet) if a.wait_quiet else 0.0
                 res = run_once(command(tool, a, src, prefix, w), environment(tool, a))
                 res.update(tool=tool, workers=workers, repeat=r, load1=os.getloadavg()[0], waited_s=waited)
@@ -207,13 +259,15 @@ def bench(a: argparse.Namespace) -> dict:
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}),
                       file=sys.stderr, flush=True)
                 made[tool] = outputs(tool, prefix)
-            if workers and len(made) == 2:
-                same = all(x.is_file() and x.read_bytes() == y.read_bytes() for x, y in zip(*made.values()))
-                identical[f"w{workers}"] = identical.get(f"w{workers}", True) and same
+            for tool in (t for t in tools if t != "ours" and workers):  # each against our JSONL output
+                same = all(x.is_file() and x.read_bytes() == y.read_bytes() for x, y in zip(made["ours"], made[tool]))
+                key = f"w{workers}" if len(tools) == 2 and tool == "megatron" else f"{LABELS[tool]} w{workers}"
+                identical[key] = identical.get(key, True) and same
             for paths in made.values():
                 for p in paths:
                     p.unlink(missing_ok=True)
-    return {"runs": runs, "identical": identical, "input_mb": os.path.getsize(a.input) / 1e6,
+    text_mb = sum(len(t.encode("utf-8")) for t in read_texts(a.input)) / 1e6 if len(a.formats) > 1 else 0.0
+    return {"runs": runs, "identical": identical, "input_mb": os.path.getsize(a.input) / 1e6, "text_mb": text_mb,
             "machine": machine(), "args": vars(a)}
 
 
@@ -224,7 +278,7 @@ def _median(runs: list[dict], tool: str, workers: int, key: str) -> float:
 
 def table(result: dict) -> str:
     """Markdown table of medians: start-up, MB/s, CPU-s/MB, peak memory per worker count."""
-    runs, mb = result["runs"], result["input_mb"]
+    runs, mb, text_mb = result["runs"], result["input_mb"], result.get("text_mb", 0.0)
     tools = sorted({r["tool"] for r in runs}, key=TOOLS.index)
     workers = sorted({r["workers"] for r in runs} - {0})
     # (row label, the row's value for a tool name, its format). Called with the tool name only; typed
@@ -234,6 +288,11 @@ def table(result: dict) -> str:
     for w in workers:
         rows += [(f"MB/s end to end, {w} worker{'s' if w > 1 else ''}",
                   lambda t, w=w: mb / _median(runs, t, w, "wall_s"), "{:.2f}"),
+                 *([(f"MB/s of text, {w} worker{'s' if w > 1 else ''}",
+                     lambda t, w=w: text_mb / _median(runs, t, w, "wall_s"), "{:.2f}"),
+                    (f"text MB/s vs JSONL, {w} worker{'s' if w > 1 else ''}",
+                     lambda t, w=w: _median(runs, "ours", w, "wall_s") / _median(runs, t, w, "wall_s"), "{:.2f}x")]
+                   if text_mb else []),
                  (f"CPU-s per MB, {w} worker{'s' if w > 1 else ''}",
                   lambda t, w=w: _median(runs, t, w, "cpu_s") / mb, "{:.3f}"),
                  (f"peak memory (PSS), MB, {w} worker{'s' if w > 1 else ''}",
@@ -244,7 +303,8 @@ def table(result: dict) -> str:
                      lambda t: _median(runs, t, lo, "wall_s") / _median(runs, t, hi, "wall_s"), "{:.2f}x"))
     rows.append(("other processes' CPU-s per run (median)",
                  lambda t: statistics.median(r["foreign_cpu_s"] for r in runs if r["tool"] == t), "{:.1f}"))
-    head = "| | " + " | ".join({"ours": "polytron", "megatron": "Megatron-LM"}[t] for t in tools)
+    names = {"ours": "polytron", "megatron": "Megatron-LM"} if set(tools) <= {"ours", "megatron"} else LABELS
+    head = "| | " + " | ".join(names[t] for t in tools)
     head += " | ratio |" if len(tools) == 2 else " |"
     lines = [head, "|---" * (len(tools) + 1 + (len(tools) == 2)) + "|"]
     for name, fn, fmt in rows:
@@ -267,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, what in ((a.input, "--input"), (a.tokenizer, "--tokenizer"), (a.megatron or a.input, "--megatron")):
         if not os.path.isfile(path):
             raise BadInput(f"{what} {path}: no such file")
+    if a.row_group_rows < 1:
+        raise BadInput(f"--row-group-rows {a.row_group_rows}: must be >= 1")
     result = bench(a)
     failed = [r for r in result["runs"] if r["rc"] != 0]
     if a.json:

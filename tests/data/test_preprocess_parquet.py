@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -259,3 +261,22 @@ def test_plan_splits_big_tables_into_row_group_and_data_file_parts(tmp_path, cor
     assert summ["input_files"] == one.input_files and summ["skipped_lines"] == one.skipped_lines
     assert [(f["path"], f["documents"], f["skipped"], f["disk_bytes"]) for f in summ["files"]] == \
         [(f["path"], f["documents"], f["skipped"], f["disk_bytes"]) for f in one.files]
+
+
+@pytest.mark.timeout(180)
+def test_benchmark_compares_formats_on_the_same_documents(tmp_path, corpus, docs):
+    src = write_jsonl(str(tmp_path / "d.jsonl"), docs[:40])
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "tools" / "bench_preprocess.py"), "--input", src, "--tokenizer",
+                        corpus.tokenizer, "--workers", "1", "--repeats", "1", "--formats", "jsonl", "parquet", "arrow",
+                        "--row-group-rows", "7", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr
+    assert "| | polytron JSONL | polytron Parquet | polytron datasets dir |" in r.stdout
+    assert "| MB/s of text, 1 worker |" in r.stdout and "| text MB/s vs JSONL, 1 worker | 1.00x |" in r.stdout
+    assert "Identical `.bin/.idx`: polytron Parquet w1: yes, polytron datasets dir w1: yes" in r.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["text_mb"] == sum(len(t.encode()) for t in docs[:40]) / 1e6
+    assert pq.ParquetFile(str(tmp_path / "w" / "input_parquet.parquet")).num_row_groups == 6
+    assert sorted((x["tool"], x["workers"], x["rc"]) for x in result["runs"]) == [
+        (t, w, 0) for t in ("ours", "ours-arrow", "ours-parquet") for w in (0, 1)]
