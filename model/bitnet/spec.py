@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytron.model.bitnet import layers  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
+from polytron.model.bitnet import (
+    layers,  # noqa: F401  (registers bitlinear, gqa_subnorm, relu2_subnorm)
+    schedule,  # noqa: F401  (registers schedule.kind two_stage_linear)
+)
 from polytron.model.bitnet.config import BitNetConfig
 from polytron.model.bitnet.hf import BitNetAdapter
 from polytron.model.bitnet.layers import NoPreNormBlock
