@@ -169,11 +169,15 @@ def run_layout(layout: Layout) -> dict:
 
 def _inject(fault: str) -> None:
     """``raise``: the last rank raises while the others go on into training (and block in its
-    first collective); ``hang``: the last rank waits for a message nobody sends while the
-    others block in an all-reduce it never joins."""
+    first collective); ``abort``: the last rank prints a line to stderr and dies of SIGABRT (as a
+    C++ ``std::terminate`` would) while the others go on into training; ``hang``: the last rank
+    waits for a message nobody sends while the others block in an all-reduce it never joins."""
     rank, last = dist.get_rank(), dist.get_world_size() - 1
     if fault == "raise" and rank == last:
         raise LayoutFault(f"deliberate test fault on rank {rank}")
+    if fault == "abort" and rank == last:
+        os.write(2, f"deliberate abort on rank {rank}\n".encode())
+        os.abort()
     if fault == "hang":
         if rank == last:
             dist.recv(torch.zeros(1), src=0, tag=7)   # never sent

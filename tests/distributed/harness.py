@@ -15,10 +15,17 @@ dominates on a 2-core CI machine). Failures are loud, fast and the failing call'
 
 * an exception on any rank fails that call with the traceback of the rank that raised
   first (peers that fail later, e.g. on a closed connection, are not the cause);
-* a rank that dies without a result fails the call it was running;
+* a rank that dies without a result (a C++ abort, a signal) fails the call it was running,
+  and is named as the cause even when a peer then raised on the closed connection; the
+  failure shows the exit code (and signal) and the tail of the dead rank's stderr (each
+  rank's stderr goes to a file of the batch);
 * a call that runs past its ``budget_s`` (counted from the end of the previous call; the
   first call also gets ``base_s`` for process start and rendezvous) fails as timed out
   with the ranks still running, so a hung collective fails its test instead of stalling CI.
+
+Process groups a call creates (its device meshes) are destroyed when it returns, so a
+long batch does not accumulate gloo groups: each holds threads and sockets, and a few
+hundred of them exhaust a 1024-descriptor limit.
 
 After a failure every rank is killed (peers are likely blocked in a collective) and a
 fresh spawn runs only the calls after the failed one: calls that passed are neither
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import tempfile
 import time
 import traceback
@@ -161,24 +169,51 @@ def _await_call(procs: list, out_dir: str, i: int, deadline: float, limit: float
         status = [s or _status(out_dir, r, i) for r, s in enumerate(status)]   # results are final
         raised = [r for r, s in enumerate(status) if s == "error"]
         if raised:
+            time.sleep(0.5)           # a peer that died first is the cause: let its exit show
+            dead = _dead(procs, out_dir, i)
             first = min(raised, key=lambda r: (os.stat(_path(out_dir, r, i)).st_mtime_ns, r))
-            return f"rank {first} raised:\n{_payload(out_dir, first, i)}"
+            raised_text = f"rank {first} raised:\n{_payload(out_dir, first, i)}"
+            return f"{dead}\nthen {raised_text}" if dead else raised_text
         if all(s == "ok" for s in status):
             return None
-        for r, p in enumerate(procs):   # re-read: a rank writes its result before it exits
-            if p.exitcode is not None and status[r] is None and _status(out_dir, r, i) is None:
-                return f"rank {r} exited with code {p.exitcode} without a result"
+        dead = _dead(procs, out_dir, i)
+        if dead:
+            return dead
         if time.monotonic() > deadline:
             pending = [r for r, s in enumerate(status) if s is None]
             return f"timed out after {limit:.0f}s; ranks still running: {pending}"
         time.sleep(POLL_S)
 
 
+def _dead(procs: list, out_dir: str, i: int) -> Optional[str]:
+    """The first rank that exited without a result for call ``i`` (exit code, signal and the
+    tail of its stderr), or None."""
+    for r, p in enumerate(procs):   # re-read: a rank writes its result before it exits
+        if p.exitcode is not None and _status(out_dir, r, i) is None:
+            code = p.exitcode
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+            return f"rank {r} exited with {how} without a result; its stderr ends:\n{_stderr_tail(out_dir, r)}"
+    return None
+
+
+def _stderr_tail(out_dir: str, rank: int, lines: int = 30) -> str:
+    try:
+        with open(os.path.join(out_dir, f"rank{rank}.stderr"), errors="replace") as f:
+            return "".join(f.readlines()[-lines:]) or "(empty)"
+    except OSError:
+        return "(no stderr file)"
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, out_dir: str,
             calls: list[Call], pg_timeout_s: float) -> None:
     """Body of one rank: init the process group, run the calls in order, pickle each result
     or traceback; stop at the first error (the parent then ends this spawn)."""
+    import resource
+
     import torch.distributed as dist
+    _stderr_to_file(out_dir, rank)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # gloo: a socket per peer per group
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
@@ -193,8 +228,11 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, o
         return
     try:
         for i, call in enumerate(calls):
+            before = _groups()
             result = _run(call)
             _write(out_dir, rank, i, result)
+            if result[0] == "ok":
+                _destroy_new_groups(before)
             if result[0] == "error":
                 break
     finally:
@@ -202,6 +240,29 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, o
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _stderr_to_file(out_dir: str, rank: int) -> None:
+    """Send this rank's stderr (Python and C++ alike: file descriptor 2) to a file of the
+    batch, so the parent can show what a rank printed before it died."""
+    fd = os.open(os.path.join(out_dir, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _groups() -> set:
+    import torch.distributed.distributed_c10d as c10d
+    return set(c10d._world.pg_map)
+
+
+def _destroy_new_groups(before: set) -> None:
+    """Destroy the process groups the call created (its meshes), after every rank finished it."""
+    import torch.distributed as dist
+    new = [g for g in _groups() - before if g is not dist.GroupMember.WORLD]
+    if new:
+        dist.barrier()        # no rank still uses them
+    for g in new:
+        dist.destroy_process_group(g)
 
 
 def _run(call: Call) -> tuple[str, Any]:

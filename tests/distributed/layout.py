@@ -36,6 +36,6 @@ class Layout:
     budget_s: float = field(default=BUDGET_S, metadata=doc(
         "Seconds this layout may take inside its batch before it fails as hung; the batch's "
         "timeout is a base plus the sum of its layouts' budgets."))
-    fault: Optional[Literal["raise", "hang"]] = field(default=None, metadata=doc(
+    fault: Optional[Literal["raise", "abort", "hang"]] = field(default=None, metadata=doc(
         "Test-only (tests/distributed/test_harness.py): the last rank raises before training, or "
         "blocks in a receive nobody sends while the other ranks block in an all-reduce."))
