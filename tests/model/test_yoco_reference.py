@@ -224,3 +224,22 @@ def test_released_rope_decodes_like_its_full_forward(kind):
     with torch.no_grad():
         full = model(torch.cat([prompt, new], 1))
     close(logits, full[:, prompt.shape[1] - 1:-1])
+
+
+@pytest.mark.parametrize("kind", ["retention", "swa"])
+def test_convert_pairing_keeps_the_logits(kind):
+    """Released-convention weights, permuted by convert_pairing, run as rotate_half with the
+    same logits; converting back gives the original tensors; unconverted weights do not."""
+    from polytron.model.yoco.rope import convert_pairing
+    released = yoco_cfg(kind, **RELEASED)
+    ours = yoco_cfg(kind, rope_frequencies="released")
+    src = build_model(released, seed=7)
+    dst = build_model(ours, seed=0)
+    dst.load_state_dict(convert_pairing(src.state_dict(), released, "rotate_half"))
+    x = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        close(dst(x), src(x))
+        back = convert_pairing(dst.state_dict(), ours, "interleaved")
+        assert all(torch.equal(back[k], v) for k, v in src.state_dict().items())
+        dst.load_state_dict(src.state_dict())
+        assert (dst(x) - src(x)).abs().max() > 1e-3
