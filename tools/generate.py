@@ -218,15 +218,17 @@ def run(args: argparse.Namespace) -> str:
     check_args(args)
     with context_parallel_group(args) as group:
         if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-            return continue_prompt(args, *packed_model(args.checkpoint, args.tokenizer), group=group)
+            return continue_prompt(args, packed_model(args.checkpoint, args.tokenizer), group)
         return read_newest(args.checkpoint, lambda path: continue_prompt(
-            args, *checkpoint_model(path, args.tokenizer, tuple(args.plugins)), group=group))[1]
+            args, checkpoint_model(path, args.tokenizer, tuple(args.plugins)), group))[1]
 
 
-def continue_prompt(args: argparse.Namespace, cfg, tok, load, group: Any = None) -> str:
-    """The prompt and its continuation by the model ``load(device)`` builds; with a process
-    ``group`` the prompt's prefill runs under context parallelism over it."""
+def continue_prompt(args: argparse.Namespace, source: tuple, group: Any = None) -> str:
+    """The prompt and its continuation by the model ``load(device)`` of ``source`` = (config,
+    tokenizer, load) builds; with a process ``group`` the prompt's prefill runs under context
+    parallelism over it."""
     import torch
+    cfg, tok, load = source
 
     from polytron.model.generate import check_length, generate
     from polytron.parallel.context_prefill import context_parallel_prefill
