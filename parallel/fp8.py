@@ -32,6 +32,13 @@ Backends (``precision.fp8.backend``):
     with the chosen recipe; delayed-scaling amaxes are reduced over the
     data x tensor-parallel group. Needs a CUDA GPU and ``pip install .[te]``.
 
+Context parallelism (each cp rank holds part of every sequence): the scales of
+token-indexed tensors must be the whole sequence's. torchao tensor-wise projections become
+``CPFloat8Linear`` (:func:`cp_float8_linear_class`: input and output gradient cast with
+their amax all-reduced over the cp ranks); rowwise_gw_hp scales per token and TE's
+delayed scaling reduces over a group with the cp ranks, so both apply unchanged; the
+rest is refused in one line (:func:`cp_refusal`).
+
 Scaling state: the torchao recipes are stateless (scales are recomputed from the
 tensors each step), so a resumed run continues exactly. TE's delayed scaling keeps
 amax histories and scales; :meth:`FP8.state_dict` / :meth:`FP8.load_state_dict`
@@ -301,14 +308,79 @@ def _with(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
-def to_float8_linear(module: nn.Linear, config, fp8_collectives: bool) -> nn.Module:
+def to_float8_linear(module: nn.Linear, config, fp8_collectives: bool, cp_mesh=None) -> nn.Module:
     """torchao's ``Float8Linear`` over the same parameters, keeping the role;
-    ``fp8_collectives``: its tensor-parallel all-gathers may move FP8 (NCCL)."""
+    ``fp8_collectives``: its tensor-parallel all-gathers may move FP8 (NCCL). With a
+    ``cp_mesh`` (tensor-wise recipe under context parallelism) the module is a
+    :func:`cp_float8_linear_class`, whose token-indexed casts take cp-global amaxes."""
     from torchao.float8.float8_linear import Float8Linear  # type: ignore[import-untyped]
-    new = Float8Linear.from_float(module, config=config)
+    cls = Float8Linear if cp_mesh is None else cp_float8_linear_class()
+    new = cls.from_float(module, config=config)
     new.role = module.role
     new.fp8_collectives = fp8_collectives
+    if cp_mesh is not None:
+        new.cp_mesh = cp_mesh
     return new
+
+
+def cast_over_mesh(x: torch.Tensor, dtype: torch.dtype, mm_config, role, pow2: bool, mesh) -> torch.Tensor:
+    """``x`` as a tensor-wise FP8 ``Float8TrainingTensor`` whose amax is all-reduced (MAX)
+    over ``mesh`` (the cp ranks, each holding part of the sequence): the scale of the
+    whole sequence, as one process computes it."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic  # type: ignore[import-untyped]
+    return hp_tensor_to_float8_dynamic(x, dtype, mm_config, reduce_amax=True, gemm_input_role=role,
+                                       device_mesh=mesh, round_scales_to_power_of_2=pow2)
+
+
+class GradToFloat8OverMesh(torch.autograd.Function):
+    """Forward: identity. Backward: the gradient cast to FP8 with :func:`cast_over_mesh`
+    (torchao's ``NoopFwToFloat8BwDynamic`` with a mesh-global amax and pow2 scales)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, dtype: torch.dtype, mm_config, pow2: bool, mesh) -> torch.Tensor:
+        ctx.cast = (dtype, mm_config, pow2, mesh)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from torchao.float8.distributed_utils import tensor_already_casted_to_fp8  # type: ignore[import-untyped]
+        from torchao.float8.float8_training_tensor import GemmInputRole  # type: ignore[import-untyped]
+        if tensor_already_casted_to_fp8(grad):
+            return grad, None, None, None, None
+        dtype, mm_config, pow2, mesh = ctx.cast
+        return cast_over_mesh(grad, dtype, mm_config, GemmInputRole.GRAD_OUTPUT, pow2, mesh), None, None, None, None
+
+
+@functools.lru_cache(maxsize=None)
+def cp_float8_linear_class() -> Any:
+    """``CPFloat8Linear``: torchao's tensor-wise ``Float8Linear`` under context parallelism.
+
+    Same parameters (``weight``, ``bias``: names and checkpoints unchanged) and GEMMs; only
+    the two token-indexed operands are cast before torchao sees them, with their amax
+    all-reduced over ``cp_mesh``: the input in forward, the GEMM's output gradient in
+    backward (before the bias, whose gradient stays high precision). torchao uses an
+    already-cast operand as is, for its grad-weight GEMM too, so every scale equals the
+    single-process one. The weight is whole on every cp rank and casts as usual."""
+    from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    class CPFloat8Linear(Float8Linear):
+        cp_mesh: Any = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled("cuda"):        # as Float8Linear: cast in autocast's dtype
+                x = x.to(torch.get_autocast_dtype("cuda"))
+            c, mm = self.config, self.linear_mm_config
+            pow2 = c.round_scales_to_power_of_2
+            x8 = cast_over_mesh(x, c.cast_config_input.target_dtype, mm, GemmInputRole.INPUT, pow2, self.cp_mesh)
+            y = matmul_with_hp_or_float8_args.apply(x8, self.weight.t(), mm, c)      # (..., out)
+            y = GradToFloat8OverMesh.apply(y, c.cast_config_grad_output.target_dtype, mm, pow2, self.cp_mesh)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+
+        def extra_repr(self) -> str:
+            return f"{super().extra_repr()}, cp-global amax"
+
+    return CPFloat8Linear
 
 
 def float8_config(module: nn.Module) -> Any:
@@ -489,7 +561,9 @@ class FP8:
         except ImportError as e:
             raise ConfigError(f"precision.fp8.backend='torchao' cannot import torchao ({e}): "
                               f"{INSTALL['torchao']}") from None
-        return functools.partial(to_float8_linear, config=config, fp8_collectives=self.fp8_collectives)
+        cp_mesh = self.mesh["cp"] if self.dims.cp > 1 and self.cfg.recipe == "tensorwise" else None
+        return functools.partial(to_float8_linear, config=config, fp8_collectives=self.fp8_collectives,
+                                 cp_mesh=cp_mesh)
 
     def _te_maker(self):
         try:
@@ -566,23 +640,45 @@ class FP8:
         gather = ", FP8 FSDP all-gather" if self.fsdp_all_gather else ""
         if self.cfg.backend == "torchao" and not self.fp8_collectives and (self.dims.tp > 1 or self.dims.dp_shard > 1):
             gather += ", all-gathers in high precision (gloo has no float8)"
+        if self.cfg.backend == "torchao" and self.cfg.recipe == "tensorwise" and self.dims.cp > 1:
+            gather += ", input/grad amaxes all-reduced over cp"
         return (f"fp8: {self.cfg.backend} {self.cfg.recipe} {self.cfg.resolved_format()}{mode}{gather}: "
                 f"{self.converted} projections in FP8; kept in high precision: {kept}")
 
 
-#: FP8 x context parallelism is refused (RunConfig.validate, before any process group): the
-#: tensorwise scales come from each rank's own tokens' amax, not the whole sequence's, so a
-#: CP2 run drifts from one process by ~2e-5 at step 2 (above the FP8 layouts' 1e-5).
-FP8_CP_REFUSAL = ("precision.fp8.enabled=true with parallel.context={cp} is not supported yet "
-                  "(FP8 scales would come from each cp rank's part of the sequence)")
+def cp_refusal(cfg: FP8Config, cp: int, tp: int, seq_len: Optional[int] = None) -> Optional[str]:
+    """Why FP8 with context parallelism ``cp`` cannot train like one process (one line),
+    or None. The torchao tensor-wise recipe all-reduces its token-indexed amaxes over the
+    cp ranks (:func:`cp_float8_linear_class`); rowwise_gw_hp scales per token only and TE's
+    delayed scaling reduces amaxes over a group that includes cp. Refused: row-wise (its
+    grad-weight operands are scaled per feature over all tokens), torchao tensor-wise with
+    tensor parallelism, TE's current scaling (each rank's own amax), and MXFP8 unless every
+    cp chunk is whole 32-token blocks (``seq_len`` known: RunConfig.validate)."""
+    if not cfg.enabled or cp == 1:
+        return None
+    head = f"precision.fp8.recipe={cfg.recipe!r} (backend {cfg.backend!r}) with parallel.context={cp}"
+    if cfg.recipe == "rowwise":
+        return (f"{head} is not supported: its grad-weight GEMM scales each feature over all tokens, which "
+                "the cp ranks split (use recipe 'tensorwise' or 'rowwise_gw_hp')")
+    if cfg.backend == "torchao" and cfg.recipe == "tensorwise" and tp > 1:
+        return (f"{head} and parallel.tensor={tp} is not supported (the cp amax all-reduce does not cover "
+                "tensor-parallel DTensor operands): set parallel.tensor=1 or parallel.context=1")
+    if cfg.backend == "te" and cfg.recipe == "tensorwise":
+        return (f"{head} is not supported: Transformer Engine's current scaling takes each cp rank's own "
+                "amax (use recipe 'delayed', or backend 'torchao')")
+    if cfg.recipe == "mxfp8" and seq_len is not None and seq_len % (64 * cp):
+        return (f"{head} needs data.seq_len divisible by 64 x parallel.context = {64 * cp} (each cp chunk "
+                f"whole 32-token MXFP8 blocks), got {seq_len}")
+    return None
 
 
 def build_fp8(cfg: Optional[FP8Config], dims, mesh, device: torch.device) -> Optional[FP8]:
     """The FP8 plan for an engine, or None when ``precision.fp8`` is off."""
     if cfg is None or not cfg.enabled:
         return None
-    if dims.cp > 1:
-        raise ConfigError(FP8_CP_REFUSAL.format(cp=dims.cp))
+    refusal = cp_refusal(cfg, dims.cp, dims.tp)
+    if refusal:
+        raise ConfigError(refusal)
     plan = FP8(cfg, dims, mesh, device)
     plan.prepare_groups()
     return plan

@@ -20,7 +20,7 @@ from polytron.model.layers import LINEARS
 from polytron.model.transformer import param_shapes
 from polytron.parallel.config import ParallelConfig
 from polytron.parallel.engine import build_engine
-from polytron.parallel.fp8 import FP8Config
+from polytron.parallel.fp8 import FP8Config, cp_refusal
 from polytron.parallel.mesh import ParallelDims
 from polytron.pretrain.config import load_config
 from tests.distributed.equivalence import model_config
@@ -60,6 +60,48 @@ def test_missing_transformer_engine_is_one_error_line():
     assert "Traceback" not in text, text
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "pip install .[te]" in errors[0], text
+
+
+# ---------------------------------------------------------------- with context parallelism
+
+@pytest.mark.parametrize("overrides,words", [
+    (["precision.fp8.recipe=rowwise"], "recipe='rowwise' (backend 'torchao') with parallel.context=2 is not "
+     "supported: its grad-weight GEMM scales each feature over all tokens"),
+    (["parallel.tensor=2"], "with parallel.context=2 and parallel.tensor=2 is not supported"),
+])
+def test_fp8_with_cp_refusals_are_one_line(overrides, words):
+    """Refused at config validation, before any process group (the layouts that train are
+    in tests/pretrain/test_fp8_layouts.py)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["precision.fp8.enabled=true", "parallel.context=2", *overrides])
+    assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_engine_refuses_fp8_with_cp_as_the_config_does():
+    from polytron.parallel.fp8 import build_fp8
+    dims = ParallelDims.resolve(ParallelConfig(context=2), model_config(), 2, 16)
+    with pytest.raises(ConfigError, match="recipe='rowwise' .* with parallel.context=2 is not supported"):
+        build_fp8(FP8Config(enabled=True, recipe="rowwise"), dims, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_gw_hp"])
+def test_fp8_with_cp_is_accepted_for_global_scales(recipe):
+    cfg = load_config(TINY, ["precision.fp8.enabled=true", "parallel.context=2", f"precision.fp8.recipe={recipe}"])
+    assert cfg.parallel.context == 2 and cfg.precision.fp8.enabled
+
+
+@pytest.mark.parametrize("fp8,seq_len,words", [
+    ({"recipe": "tensorwise"}, 256, "current scaling takes each cp rank's own amax"),
+    ({"recipe": "mxfp8"}, 192, "data.seq_len divisible by 64 x parallel.context = 128"),
+    ({"recipe": "mxfp8"}, 256, None),
+    ({"recipe": "delayed"}, 192, None),
+])
+def test_transformer_engine_with_cp(fp8, seq_len, words):
+    """TE needs a GPU, so its rules are checked on :func:`cp_refusal` itself: delayed scaling
+    reduces amaxes over a group with the cp ranks; MXFP8 blocks of 32 tokens must not
+    straddle two cp chunks."""
+    got = cp_refusal(FP8Config(enabled=True, backend="te", **fp8), 2, 1, seq_len)
+    assert got is None if words is None else (got is not None and words in got and "\n" not in got), got
 
 
 # ---------------------------------------------------------------- selection
