@@ -9,7 +9,8 @@ tensor and the last position's logits with one process's prefill of the same pro
 * CP2 (one spawn): dense GQA (4 query / 2 KV heads, ring attention); YOCO sliding window
   (W = 5 over 13 tokens: the window [9, 13) crosses the border of chunks 2 and 3, held by
   different ranks); YOCO gated retention (retention chunk 3, the state scanned over 4
-  chunks, 2 padding positions); DHA (per-layer key/value heads, all-gather attention).
+  chunks, 2 padding positions); DHA (per-layer key/value heads, all-gather attention);
+  dropless MoE (the suite's sigmoid router with a shared expert).
 * CP4: YOCO retention (19 tokens in 8 chunks of 3, 7 scanned states, 5 padding positions).
 * Faults: with the second chunk of every gathered key/value dropped (``TEST_FAULTS``) the
   dense and YOCO caches differ; with the retention state scan skipped (``SCAN_STATES``)
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from tests.distributed.equivalence import model_config
 from tests.distributed.harness import Call, run_batch
 from tests.distributed.layouts_dha import DHA
+from tests.distributed.layouts_moe_cp import MOE_CP
 
 NEW_TOKENS = 8
 TOL = 1e-5
@@ -39,6 +41,7 @@ CP2_CASES: dict[str, tuple[dict, int, str]] = {
     "yoco_swa": (SWA5, 13, "ring"),
     "yoco_retention": (RETENTION3, 14, "ring"),
     "dha": (DHA, 11, "allgather"),
+    "moe": (MOE_CP, 10, "ring"),
 }
 
 
