@@ -43,6 +43,13 @@ CP2_CASES: dict[str, tuple[dict, int, str]] = {
     "dha": (DHA, 11, "allgather"),
     "moe": (MOE_CP, 10, "ring"),
 }
+#: prompts at the ends of the range (one new token): a one-token prompt (7 padding positions,
+#: the window holds one key); 29 of max_seq_len=30 (padded to 32: positions past the RoPE
+#: table reuse its last angle)
+EDGE_CASES: dict[str, tuple[dict, int, str]] = {
+    "swa_one_token": (SWA5, 1, "ring"),
+    "dense_past_rope_table": ({"max_seq_len": 30}, 29, "allgather"),
+}
 
 
 def cache_tensors(cache) -> dict[str, torch.Tensor]:
@@ -55,8 +62,8 @@ def cache_tensors(cache) -> dict[str, torch.Tensor]:
     return {f"{kind}{i}": t for kind, d in (("k", cache.keys), ("v", cache.values)) for i, t in d.items()}
 
 
-def _prefill_against_one_process(model_kw: dict, prompt_len: int, kind: str,
-                                 fault: Optional[str] = None) -> dict[str, Any]:
+def _prefill_against_one_process(model_kw: dict, prompt_len: int, kind: str, fault: Optional[str] = None,
+                                 new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     """Every rank: one process's prefill and the CP prefill of the same prompt (B=2); the
     largest difference per cache tensor and of the logits, and both greedy continuations."""
     from polytron.model.generate import generate
@@ -66,7 +73,7 @@ def _prefill_against_one_process(model_kw: dict, prompt_len: int, kind: str,
     cfg = model_config(**model_kw)
     model = build_model(cfg, seed=11).eval()
     prompt = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(5))
-    max_len = prompt_len + NEW_TOKENS
+    max_len = prompt_len + new_tokens
     one = model.spec.make_cache(cfg, 2, max_len, None, torch.float32)
     with torch.no_grad():
         want = model(prompt, cache=one, start=0)[:, -1]                  # (B, V)
@@ -78,11 +85,11 @@ def _prefill_against_one_process(model_kw: dict, prompt_len: int, kind: str,
         mine = model.spec.make_cache(cfg, 2, max_len, None, torch.float32)
         got = cpp.cp_prefill(model, prompt, mine, dist.group.WORLD, kind)
         mine.advance(prompt_len)
-        tokens = generate(model, prompt, NEW_TOKENS, prefill=cpp.context_parallel_prefill(dist.group.WORLD, kind))
+        tokens = generate(model, prompt, new_tokens, prefill=cpp.context_parallel_prefill(dist.group.WORLD, kind))
     finally:
         cpp.TEST_FAULTS.discard("drop_chunk")
         cpm.SCAN_STATES = True
-    ref = generate(model, prompt, NEW_TOKENS)
+    ref = generate(model, prompt, new_tokens)
     theirs = cache_tensors(one)
     diffs = {name: float((t - theirs[name]).abs().max()) for name, t in cache_tensors(mine).items()}
     return {"logits": float((got - want).abs().max()), "cache": diffs, "length": mine.length,
@@ -95,22 +102,28 @@ def cp2():
     calls += [Call("dense_drop_chunk", _prefill_against_one_process, (*CP2_CASES["dense_gqa"], "drop_chunk"), 90),
               Call("swa_drop_chunk", _prefill_against_one_process, (*CP2_CASES["yoco_swa"], "drop_chunk"), 90),
               Call("retention_no_scan", _prefill_against_one_process, (*CP2_CASES["yoco_retention"], "no_scan"), 90)]
+    calls += [Call(name, _prefill_against_one_process, (*case, None, 1), 90) for name, case in EDGE_CASES.items()]
     return run_batch(calls, 2, base_s=60)
 
 
-def assert_equal_prefill(ranks: list[dict], prompt_len: int) -> None:
+def assert_equal_prefill(ranks: list[dict], prompt_len: int, new_tokens: int = NEW_TOKENS) -> None:
     for res in ranks:
         assert res["logits"] <= TOL, res
         assert max(res["cache"].values()) <= TOL, res["cache"]
         assert res["length"] == prompt_len
         assert res["tokens"] == res["ref_tokens"], res
-        assert len(res["tokens"][0]) == prompt_len + NEW_TOKENS
+        assert len(res["tokens"][0]) == prompt_len + new_tokens
     assert all(r["tokens"] == ranks[0]["tokens"] for r in ranks), "every rank decodes the same tokens"
 
 
 @pytest.mark.parametrize("name", list(CP2_CASES))
 def test_cp2_prefill_equals_one_process(cp2, name):
     assert_equal_prefill(cp2.get(name), CP2_CASES[name][1])
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_cp2_prefill_edge_lengths(cp2, name):
+    assert_equal_prefill(cp2.get(name), EDGE_CASES[name][1], new_tokens=1)
 
 
 def test_cp4_retention_prefill_equals_one_process():
