@@ -239,3 +239,17 @@ def test_bitnet_tiny_trains_under_tp2_and_exports(tmp_path, capsys):
     text = capsys.readouterr().out
     assert generate([str(tmp_path / "packed"), "--prompt", "The", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == text
+
+
+def test_faq_block_export_is_refused_in_one_line(tmp_path, capsys):
+    """bitnet.block_prenorm=false has no export (every exported block normalizes its input):
+    to-hf, latent or packed, is one error line naming the key, and writes nothing."""
+    from polytron.pretrain.config import RunConfig
+    cfg = bitnet_config(attention="gqa", mlp="swiglu", bitnet={"linear_norm": True, "block_prenorm": False})
+    model = build_model(cfg, seed=1)
+    state = {"iteration": 1, "consumed_samples": 0, "consumed_tokens": 0, "config": RunConfig(model=cfg).to_dict()}
+    ckpt.save_tensors(str(tmp_path / "checkpoint"), dict(model.state_dict()), state)
+    for extra in ([], ["--packed", "autobitlinear"]):
+        status, err = run_tool(capsys, "to-hf", str(tmp_path / "checkpoint"), str(tmp_path / "out"), *extra)
+        assert status == 2 and err.startswith("error:") and "block_prenorm=false" in err, err
+        assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "out")
