@@ -159,6 +159,8 @@ def _pieces(pa: Any, column: Any, first_row: int, chunk_bytes: int, disk_bytes: 
             disk_bytes = 0
             pos = end
         first_row += n
+    if disk_bytes:  # no values at all: the progress still advances
+        yield TextPiece(first_row, b"", np.zeros(1, np.int64), None, disk_bytes)
 
 
 def _open_parquet(pa: Any, path: str) -> Any:
@@ -247,9 +249,9 @@ def iter_arrow(path: str, key: str, chunk_bytes: int, units: tuple[int, int] | N
                 batch, disk = next(batches)
             except StopIteration:
                 break
-            except OSError as e:
-                raise DataError(f"input {f}: cannot read ({os_reason(e) if e.errno else _reason(e)})") from None
-            except pa.ArrowException as e:
+            except (OSError, pa.ArrowException) as e:
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise DataError(f"input {f}: cannot read ({os_reason(e)})") from None
                 raise DataError(f"input {f}: cannot read record batches after row {row - 1} (corrupt or "
                                 f"truncated Arrow file?): {_reason(e)}") from None
             if batch is None:

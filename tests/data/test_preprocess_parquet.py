@@ -198,13 +198,19 @@ def test_datasets_dict_and_bad_state_are_one_line(tmp_path, corpus, docs, capsys
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     ds = write_dataset_dir(tmp_path / "ds", docs[:10])
     os.remove(os.path.join(ds, "data-00001-of-00002.arrow"))
-    cases = [(str(tmp_path / "dd"), f"is a datasets DatasetDict (splits: train); give one split's directory, "
-                                    f"e.g. {tmp_path / 'dd' / 'train'}"),
-             (ds, f"data file {ds}/data-00001-of-00002.arrow named in state.json: no such file")]
+    cut = write_dataset_dir(tmp_path / "cut", docs[:10], batch=2)
+    data = Path(cut) / "data-00001-of-00002.arrow"
+    data.write_bytes(data.read_bytes()[:-300])  # the stream ends inside a record batch
+    cases = [(str(tmp_path / "dd"), f"{tmp_path / 'dd'}: is a datasets DatasetDict (splits: train); give one "
+                                    f"split's directory, e.g. {tmp_path / 'dd' / 'train'}"),
+             (ds, f"{ds}: data file {ds}/data-00001-of-00002.arrow named in state.json: no such file"),
+             (cut, f"{data}: cannot read record batches after row ")]
     for src, message in cases:
         rc = preprocess_data.main(["--input", src, "--output-prefix", str(tmp_path / "o"), "--tokenizer",
                                    corpus.tokenizer, "--no-progress"])
-        assert rc == 2 and _one_error_line(capsys.readouterr().err) == f"error: input {src}: {message}"
+        line = _one_error_line(capsys.readouterr().err)
+        assert rc == 2 and line.startswith(f"error: input {message}"), line
+        assert src != cut or "(corrupt or truncated Arrow file?): " in line, line
     assert not list(tmp_path.glob("o.*"))
 
 
