@@ -239,7 +239,7 @@ def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: i
     mine = plan.assignment[task]
     done = [i for i in mine if shard_done(plan, i)]
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    _log(task, f"restart {restart}: {len(mine)} shards, {len(done)} already finished")
+    _log(task, f"restart {restart}: {len(mine)} files, {len(done)} already finished")  # files or parts
     t0 = time.time()
     report = TaskReport(task=task, files=mine, skipped_finished=done, processed=[], documents=0,
                         tokens=0, skipped=0, seconds=0.0)
@@ -263,7 +263,7 @@ def run_plan_task(plan_path: str, task: int, *, workers: int = 1, chunk_bytes: i
     report["seconds"] = round(time.time() - t0, 3)
     _write_json(os.path.join(plan.work_dir, "tasks", f"{task:05d}.summary.json"), report,
                 f"task summary in {plan.work_dir}")
-    _log(task, f"done: {len(report['processed'])} shards tokenized, {len(done)} skipped as finished")
+    _log(task, f"done: {len(report['processed'])} files tokenized, {len(done)} skipped as finished")
     return report
 
 
