@@ -133,7 +133,8 @@ def shard_batch(mb: dict[str, torch.Tensor], size: int, rank: int) -> dict[str, 
 # ---------------------------------------------------------------- differentiable collectives
 
 class _AllGather(torch.autograd.Function):
-    """x -> (P, *x.shape) of every rank's x; backward: the gradient summed over ranks, own slot."""
+    """x -> (P, *x.shape) of every rank's x; backward: reduce-scatter (each rank receives the
+    sum over ranks of its own slot: 1/P of an all-reduce's traffic)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
@@ -144,9 +145,10 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        grad = grad.contiguous()                                  # (P, *x.shape)
+        out = torch.empty((1, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out[0], None
 
 
 def all_gather_stack(x: torch.Tensor, group) -> torch.Tensor:
