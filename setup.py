@@ -36,6 +36,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "zstandard>=0.19",  # .zst inputs of tools/preprocess_data.py
+        "pyarrow>=14",  # Parquet, Arrow and datasets-directory inputs of tools/preprocess_data.py
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],
