@@ -51,9 +51,10 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from polytron.model.configlib import ConfigError, bad, doc
@@ -326,10 +327,22 @@ def to_float8_linear(module: nn.Linear, config, fp8_collectives: bool, cp_mesh=N
 def cast_over_mesh(x: torch.Tensor, dtype: torch.dtype, mm_config, role, pow2: bool, mesh) -> torch.Tensor:
     """``x`` as a tensor-wise FP8 ``Float8TrainingTensor`` whose amax is all-reduced (MAX)
     over ``mesh`` (the cp ranks, each holding part of the sequence): the scale of the
-    whole sequence, as one process computes it."""
-    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic  # type: ignore[import-untyped]
-    return hp_tensor_to_float8_dynamic(x, dtype, mm_config, reduce_amax=True, gemm_input_role=role,
-                                       device_mesh=mesh, round_scales_to_power_of_2=pow2)
+    whole sequence, as one process computes it. A tensor-parallel DTensor's amax is first
+    taken over the whole DTensor (over tp), as torchao does for one."""
+    from torch.distributed.tensor import DTensor, Replicate
+    if not isinstance(x, DTensor):
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic  # type: ignore[import-untyped]
+        return hp_tensor_to_float8_dynamic(x, dtype, mm_config, reduce_amax=True, gemm_input_role=role,
+                                           device_mesh=mesh, round_scales_to_power_of_2=pow2)
+    from torchao.float8.float8_training_tensor import hp_tensor_and_scale_to_float8  # type: ignore[import-untyped]
+    from torchao.float8.float8_utils import amax_to_scale  # type: ignore[import-untyped]
+    with torch.no_grad():
+        amax = cast(DTensor, torch.max(torch.abs(x))).full_tensor()      # () over tp
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        scale = amax_to_scale(amax, dtype, pow2)
+    tp_mesh = x.device_mesh
+    scale = DTensor.from_local(scale, tp_mesh, [Replicate()] * tp_mesh.ndim, run_check=False)
+    return hp_tensor_and_scale_to_float8(x, scale, dtype, mm_config, role)
 
 
 class GradToFloat8OverMesh(torch.autograd.Function):
@@ -344,7 +357,7 @@ class GradToFloat8OverMesh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         from torchao.float8.distributed_utils import tensor_already_casted_to_fp8  # type: ignore[import-untyped]
-        from torchao.float8.float8_training_tensor import GemmInputRole  # type: ignore[import-untyped]
+        from torchao.float8.float8_training_tensor import GemmInputRole
         if tensor_already_casted_to_fp8(grad):
             return grad, None, None, None, None
         dtype, mm_config, pow2, mesh = ctx.cast
@@ -360,7 +373,9 @@ def cp_float8_linear_class() -> Any:
     all-reduced over ``cp_mesh``: the input in forward, the GEMM's output gradient in
     backward (before the bias, whose gradient stays high precision). torchao uses an
     already-cast operand as is, for its grad-weight GEMM too, so every scale equals the
-    single-process one. The weight is whole on every cp rank and casts as usual."""
+    single-process one. The weight is whole on every cp rank and casts as usual. Under
+    tensor parallelism the plain styles hand it DTensors (:func:`is_float8_tensorwise` is
+    false for it), whose amaxes cover tp and then cp."""
     from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
     from torchao.float8.float8_training_tensor import GemmInputRole
 
@@ -391,7 +406,8 @@ def float8_config(module: nn.Module) -> Any:
 def is_float8_tensorwise(module: nn.Module) -> bool:
     """A torchao Float8Linear whose casts are dynamic and tensor-wise (torchao's float8
     tensor-parallel styles support exactly these) and whose collectives may move FP8.
-    Elsewhere (gloo, row-wise) the plain styles apply: the module still casts its
+    Elsewhere (gloo, row-wise, and ``CPFloat8Linear`` under context parallelism, whose
+    casts must also reduce over cp) the plain styles apply: the module still casts its
     DTensor operands with global scales, only the all-gathers stay in high precision."""
     if type(module).__name__ != "Float8Linear" or not getattr(module, "fp8_collectives", False):
         return False
@@ -651,8 +667,8 @@ def cp_refusal(cfg: FP8Config, cp: int, tp: int, seq_len: Optional[int] = None) 
     or None. The torchao tensor-wise recipe all-reduces its token-indexed amaxes over the
     cp ranks (:func:`cp_float8_linear_class`); rowwise_gw_hp scales per token only and TE's
     delayed scaling reduces amaxes over a group that includes cp. Refused: row-wise (its
-    grad-weight operands are scaled per feature over all tokens), torchao tensor-wise with
-    tensor parallelism, TE's current scaling (each rank's own amax), and MXFP8 unless every
+    grad-weight operands are scaled per feature over all tokens), TE's current scaling
+    (each rank's own amax), and MXFP8 unless every
     cp chunk is whole 32-token blocks (``seq_len`` known: RunConfig.validate)."""
     if not cfg.enabled or cp == 1:
         return None
@@ -660,9 +676,6 @@ def cp_refusal(cfg: FP8Config, cp: int, tp: int, seq_len: Optional[int] = None) 
     if cfg.recipe == "rowwise":
         return (f"{head} is not supported: its grad-weight GEMM scales each feature over all tokens, which "
                 "the cp ranks split (use recipe 'tensorwise' or 'rowwise_gw_hp')")
-    if cfg.backend == "torchao" and cfg.recipe == "tensorwise" and tp > 1:
-        return (f"{head} and parallel.tensor={tp} is not supported (the cp amax all-reduce does not cover "
-                "tensor-parallel DTensor operands): set parallel.tensor=1 or parallel.context=1")
     if cfg.backend == "te" and cfg.recipe == "tensorwise":
         return (f"{head} is not supported: Transformer Engine's current scaling takes each cp rank's own "
                 "amax (use recipe 'delayed', or backend 'torchao')")

@@ -62,9 +62,10 @@ LAYOUTS = {
     "cp2_rowwise_gw_hp": ({"context": 2}, {}, {"enabled": True, "recipe": "rowwise_gw_hp"}),
     "cp2_fsdp2": ({"context": 2}, {}, POW2),
     "cp2_pp2": ({"context": 2, "pipeline": 2}, {}, POW2),
+    "cp2_tp2_sp": ({"context": 2, "tensor": 2}, {}, POW2),
 }
 #: processes of a layout's spawn (default 2)
-WORLD = {"cp2_fsdp2": 4, "cp2_pp2": 4}
+WORLD = {"cp2_fsdp2": 4, "cp2_pp2": 4, "cp2_tp2_sp": 4}
 
 
 def train(par: dict, model: dict, fp8: dict, world: int) -> dict:
