@@ -662,7 +662,7 @@ class FP8:
                 f"{self.converted} projections in FP8; kept in high precision: {kept}")
 
 
-def cp_refusal(cfg: FP8Config, cp: int, tp: int, seq_len: Optional[int] = None) -> Optional[str]:
+def cp_refusal(cfg: FP8Config, cp: int, seq_len: Optional[int] = None) -> Optional[str]:
     """Why FP8 with context parallelism ``cp`` cannot train like one process (one line),
     or None. The torchao tensor-wise recipe all-reduces its token-indexed amaxes over the
     cp ranks (:func:`cp_float8_linear_class`); rowwise_gw_hp scales per token only and TE's
@@ -689,7 +689,7 @@ def build_fp8(cfg: Optional[FP8Config], dims, mesh, device: torch.device) -> Opt
     """The FP8 plan for an engine, or None when ``precision.fp8`` is off."""
     if cfg is None or not cfg.enabled:
         return None
-    refusal = cp_refusal(cfg, dims.cp, dims.tp)
+    refusal = cp_refusal(cfg, dims.cp)
     if refusal:
         raise ConfigError(refusal)
     plan = FP8(cfg, dims, mesh, device)
