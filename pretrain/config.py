@@ -26,7 +26,7 @@ from polytron.model.configlib import (
     to_dict,
 )
 from polytron.parallel.config import ParallelConfig
-from polytron.parallel.fp8 import FP8_CP_REFUSAL, FP8Config
+from polytron.parallel.fp8 import FP8Config, cp_refusal
 
 
 @dataclass
@@ -240,8 +240,9 @@ class RunConfig:
                      "checkpoint", "logging", "precision"):
             getattr(self, name).validate()
         self.precision.fp8.check_run(self.model, self.training.device)
-        if self.precision.fp8.enabled and self.parallel.context > 1:
-            raise ConfigError(FP8_CP_REFUSAL.format(cp=self.parallel.context))
+        refusal = cp_refusal(self.precision.fp8, self.parallel.context, self.data.seq_len)
+        if refusal:
+            raise ConfigError(refusal)
         if self.data.seq_len > self.model.max_seq_len:
             raise bad("data.seq_len", self.data.seq_len,
                       f"at most model.max_seq_len={self.model.max_seq_len}")

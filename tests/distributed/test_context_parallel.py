@@ -20,7 +20,7 @@ from tests.distributed.test_equivalence import assert_matches
     ({"context": 2}, {}, 10, "data.seq_len=10 must be divisible by 2 x parallel.context = 4"),
     ({"context": 2, "compile": True}, {}, 16, "parallel.compile=true"),
     ({"context": 2}, {"arch": "moe", "moe": {"capacity_factor": 1.0}}, 16, "model.moe.capacity_factor=1.0"),
-    ({"context": 2, "expert": 2}, {"arch": "moe"}, 16, "parallel.expert=2 must divide the data-parallel shard"),
+    ({"context": 2, "expert": 4}, {"arch": "moe"}, 16, "parallel.expert=4 must divide the data-parallel shard"),
 ])
 def test_bad_cp_layout_is_one_line(parallel: dict, model: dict, seq_len: int, needle: str) -> None:
     with pytest.raises(LayoutError) as err:
@@ -28,16 +28,18 @@ def test_bad_cp_layout_is_one_line(parallel: dict, model: dict, seq_len: int, ne
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_fp8_with_cp_is_one_line() -> None:
-    """FP8 x CP is refused at config validation (before any process group): per-rank scales."""
+def test_fp8_rowwise_with_cp_is_one_line() -> None:
+    """FP8 row-wise x CP is refused at config validation (before any process group): its
+    grad-weight scales span the sequence (the other refusals: tests/pretrain/test_fp8.py)."""
     from polytron.model.configlib import ConfigError
     from polytron.parallel.fp8 import FP8Config
     from polytron.pretrain.config import RunConfig
     cfg = RunConfig()
-    cfg.parallel.context, cfg.precision.fp8, cfg.data.builtin_corpus = 2, FP8Config(enabled=True), True
+    cfg.parallel.context, cfg.data.builtin_corpus = 2, True
+    cfg.precision.fp8 = FP8Config(enabled=True, recipe="rowwise")
     with pytest.raises(ConfigError) as err:
         cfg.validate()
-    assert "precision.fp8.enabled=true with parallel.context=2" in str(err.value) and "\n" not in str(err.value)
+    assert "with parallel.context=2 is not supported" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cp_layout_accepted() -> None:
