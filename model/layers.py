@@ -86,13 +86,24 @@ class RMSNorm(nn.Module):
     def init_rule(self, name: str) -> str:
         return "ones"
 
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Saved for backward per token: the input and the normalized input (``d`` each) and the
+        fp32 reciprocal RMS (1); the residual stream is sequence-sharded under SP."""
+        return (2 * self.weight.shape[0] + 1) / (tp if sp else 1)
+
 
 # ---------------------------------------------------------------- RoPE
+
+#: arch -> fn(cfg) -> unscaled inverse frequencies (hd/2,) float64, where an architecture's RoPE
+#: frequencies are not theta^(-2i/hd) (model.yoco: the released code's theta^(-linspace(0, 1, hd/2))).
+ROPE_FREQUENCIES: dict[str, Callable[[Any], torch.Tensor]] = {}
+
 
 def rope_inv_freq(cfg) -> torch.Tensor:
     """Inverse frequencies (hd/2,), with Llama-3 / linear scaling applied."""
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    base = ROPE_FREQUENCIES.get(cfg.arch)
+    inv = base(cfg) if base else 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     sc = cfg.rope_scaling
     if sc.type == "linear":
         inv = inv / sc.factor
@@ -225,6 +236,15 @@ class GroupedQueryAttention(nn.Module):
         """Attention-score and weighted-sum FLOPs per token, training (PaLM convention)."""
         return 12.0 * self.num_heads * self.head_dim * seq_len
 
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Saved for backward per token (docs/scaling.md): the gathered input ``d`` (the q, k, v
+        projections share it), RoPE'd queries, keys and values, the attention output (also
+        ``wo``'s input) and one log-sum-exp per query head; heads split over ``tp`` (KV heads
+        replicated when ``tp`` exceeds their count)."""
+        kv = self.num_kv_heads / tp if self.num_kv_heads % tp == 0 else self.num_kv_heads
+        q = self.num_heads * self.head_dim / tp
+        return self.wq.in_features + 2 * q + 2 * kv * self.head_dim + self.num_heads / tp
+
 
 # ---------------------------------------------------------------- MLPs
 
@@ -241,6 +261,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Saved for backward per token: the gathered input ``d``; w1 x, silu(w1 x), w3 x and
+        their product (``w2``'s input), ``4 f / tp``."""
+        return self.w1.in_features + 4 * self.w1.out_features / tp
 
     def tp_roles(self) -> dict:
         return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
