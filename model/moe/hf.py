@@ -4,14 +4,15 @@ A config is exported to the transformers class that computes exactly what it com
 else to a self-contained ``trust_remote_code`` model (``modeling_polytron_moe.py``):
 
 * ``MixtralForCausalLM``: softmax scores, normalized top-k, every layer MoE, no shared
-  experts, no balancing bias, no biases, ``route_scale`` 1;
+  experts, no balancing bias, no biases, ``route_scale`` 1, dropless outside training;
 * ``Glm4MoeForCausalLM`` (GLM-4.5's class, DeepSeek-V3's MoE on GQA attention): sigmoid
   scores with the balancing bias (``e_score_correction_bias``; zeros without
   ``bias_update_rate``), one or more shared experts, dense first layers, any
   ``normalize_top_k`` / ``route_scale``; one group (``n_group = topk_group = 1``), no
-  q/k norm, full rotary, no attention bias;
+  q/k norm, full rotary, no attention bias, dropless outside training;
 * otherwise ``polytron_moe`` remote code: MH-MoE, softmax with shared experts,
-  MoE every N layers, biases, BitLinear (or any other linear kind with a piece). The
+  MoE every N layers (any ``offset``), biases, an evaluation capacity (``eval_capacity``
+  that drops), BitLinear (or any other linear kind with a piece). The
   modeling file is assembled (:mod:`model.hf_remote`) from the MoE piece
   (:mod:`model.moe.modeling_polytron_moe`) and the pieces of the other kinds used.
 
@@ -46,11 +47,13 @@ from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 REMOTE_FILE = "modeling_polytron_moe.py"
 REMOTE_TYPE = "polytron_moe"
 #: MoE settings that only matter for training, carried in config.json["polytron_moe"].
-TRAINING_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "capacity_factor", "gemm",
-                   "log_expert_load")
-#: MoE settings the remote-code model reads (config.json["moe"]).
+TRAINING_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "balance_choices", "gemm",
+                   "log_expert_load", "reference")
+#: MoE settings the remote-code model reads (config.json["moe"]); the capacity keys decide
+#: its (evaluation) capacity, as ``MoE.capacity`` does outside training.
 ROUTING_FIELDS = ("num_experts", "top_k", "expert_ffn_hidden_size", "shared_experts", "score",
-                  "normalize_top_k", "route_scale", "every", "first_dense", "heads")
+                  "normalize_top_k", "route_scale", "every", "offset", "first_dense", "heads",
+                  "capacity_factor", "capacity_rounding", "eval_capacity", "eval_capacity_fraction")
 
 _ATTN = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
          "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -72,7 +75,8 @@ def target(cfg) -> str:
     """The export target of ``cfg``: ``mixtral``, ``glm4_moe`` or the remote-code ``polytron_moe``."""
     m = cfg.moe
     plain = (cfg.linear == "linear" and cfg.attention == "gqa" and not cfg.attention_bias
-             and not cfg.mlp_bias and (cfg.mlp == "moe" or m.heads == 1) and m.every == 1)
+             and not cfg.mlp_bias and (cfg.mlp == "moe" or m.heads == 1) and m.every == 1 and m.offset == 0
+             and not m.eval_drops())
     if plain and m.score == "softmax" and m.normalize_top_k and m.route_scale == 1.0 and m.shared_experts == 0 \
             and m.bias_update_rate == 0 and m.first_dense == 0:
         return "mixtral"

@@ -7,9 +7,11 @@ sub-tokens: ``w = d / h``). Per micro-batch of N rows:
 2. the N*k assignments are ordered *slot-major* (every row's first choice, then every
    second choice) and stably sorted by expert, so each expert's rows are contiguous and,
    within an expert, first choices come first, then earlier rows. With capacity-factor
-   routing (training only) an expert keeps its first ``C = ceil(cf * N * k / E)`` rows in
-   that order (GShard / Switch priority); the rest move behind the kept rows and get a
-   zero output;
+   routing an expert keeps its first ``C`` rows in that order (GShard / Switch priority;
+   the released MH-MoE gate's order too); the rest move behind the kept rows and get a
+   zero output. Training: ``C = ceil(cf * N * k / E)``, or ``k * ceil(cf * N / E)`` with
+   ``capacity_rounding: per_choice``; outside training ``eval_capacity`` decides (dropless,
+   the training C, or ``ceil(fraction * N)``);
 3. ``self.dispatch(rows, groups, experts)`` runs the experts: on one device it calls them
    directly; expert parallelism (parallel/expert_parallel.py) replaces it with the
    all-to-all exchange;
@@ -109,6 +111,8 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
         self.ffn = moe.ffn(cfg)
         self.capacity_factor = moe.capacity_factor
+        self.capacity_rounding, self.eval_capacity = moe.capacity_rounding, moe.eval_capacity
+        self.eval_capacity_fraction = moe.eval_capacity_fraction
         self.log_expert_load = moe.log_expert_load
         self.router = Router(cfg, self.width)
         self.experts = Experts(cfg, moe.num_experts, self.width, self.ffn)
@@ -127,8 +131,13 @@ class MoE(nn.Module):
         return self.mix(x.reshape(-1, self.width)).view_as(x)
 
     def capacity(self, rows: int) -> Optional[int]:
-        if self.capacity_factor == 0 or not self.training:
+        """Most rows an expert keeps of a micro-batch of ``rows`` (None: dropless)."""
+        if not self.training and self.eval_capacity != "train":
+            return math.ceil(self.eval_capacity_fraction * rows) if self.eval_capacity == "fraction" else None
+        if self.capacity_factor == 0:
             return None
+        if self.capacity_rounding == "per_choice":                              # released: k * ceil(N / E)
+            return self.top_k * math.ceil(self.capacity_factor * rows / self.num_experts)
         return math.ceil(self.capacity_factor * rows * self.top_k / self.num_experts)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,11 +182,15 @@ class MoE(nn.Module):
     def cp_requirements(cls, cfg, cp: int) -> Optional[str]:
         """Routing is token-local and the router's statistics are summed over cp
         (``Router.seq_reducer``); capacity dropping ranks a token against the whole sequence's
-        assignments, which no rank sees, so it is refused."""
+        assignments, which no rank sees, so it is refused (in training and evaluation)."""
         if cfg.moe.capacity_factor > 0:
             return (f"parallel.context={cp} with model.moe.capacity_factor={cfg.moe.capacity_factor}: "
                     f"capacity dropping ranks tokens over the whole sequence; use capacity_factor=0 "
                     f"(dropless) under context parallelism")
+        if cfg.moe.eval_drops():
+            return (f"parallel.context={cp} with model.moe.eval_capacity={cfg.moe.eval_capacity}: "
+                    f"capacity dropping ranks tokens over the whole sequence; use eval_capacity=dropless "
+                    f"under context parallelism")
         return None
 
     @classmethod
@@ -243,7 +256,7 @@ register(MLPS, "mh_moe")(MHMoE)
 
 
 def moe_placement(cfg, layer_idx: int) -> str:
-    """MoE layers per model.moe.every / first_dense; the others keep the dense SwiGLU."""
+    """MoE layers per model.moe.every / offset / first_dense; the others keep the dense SwiGLU."""
     return cfg.mlp if is_moe_layer(cfg.moe, layer_idx) else "swiglu"
 
 

@@ -2,7 +2,8 @@
 
 Copied into an export's modeling file (:mod:`model.hf_remote`) when a layer uses
 ``mlp: moe`` or ``mh_moe``; it computes what :mod:`model.moe.layer` computes at inference
-(dropless), in the same order of operations:
+(dropless, or with the evaluation capacity of ``moe.eval_capacity``), in the same order
+of operations:
 
 * MH-MoE (``mh_moe`` with ``moe.heads = h > 1``; Wu et al. 2024): a d x d ``split``
   projection, each token reshaped into h sub-tokens of width d/h routed on their own,
@@ -13,11 +14,17 @@ Copied into an export's modeling file (:mod:`model.hf_remote`) when a layer uses
   ``moe.route_scale``;
 * routed experts: SwiGLU with stacked weights ``experts.{gate,up,down}_proj`` (E, out, in)
   run through the config's linear kind (BitLinear experts quantize per expert); the k
-  slots are summed in slot order; shared experts (always on) add one SwiGLU.
+  slots are summed in slot order; shared experts (always on) add one SwiGLU;
+* capacity (``moe.eval_capacity`` ``train`` with ``capacity_factor > 0``, or ``fraction``):
+  each expert keeps its first C assignments of the forward's N rows, first choices
+  first, then by row; a dropped assignment adds nothing.
 
 The imports above the piece are for reading this file as a module.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +79,33 @@ class Experts(nn.Module):
         return self._proj("down", e, F.silu(self._proj("gate", e, x)) * self._proj("up", e, x))
 
 
+def capacity(m: dict, rows: int) -> Optional[int]:
+    """Most rows an expert keeps of ``rows`` outside training (None: dropless)."""
+    mode, cf, k, E = m.get("eval_capacity", "dropless"), m.get("capacity_factor", 0.0), m["top_k"], m["num_experts"]
+    if mode == "fraction":
+        return math.ceil(m["eval_capacity_fraction"] * rows)
+    if mode != "train" or cf == 0:
+        return None
+    if m.get("capacity_rounding") == "per_choice":
+        return k * math.ceil(cf * rows / E)
+    return math.ceil(cf * rows * k / E)
+
+
+def kept(experts: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+    """(N, k) chosen experts -> (N, k) bool: within the first ``cap`` of its expert, counting
+    every row's first choice, then every second choice, ..."""
+    N, k = experts.shape
+    ids = experts.t().reshape(-1)                                              # (k*N,) slot-major
+    onehot = F.one_hot(ids, num_experts)                                       # (k*N, E)
+    pos = (onehot.cumsum(0) - 1).gather(1, ids[:, None])[:, 0]                 # place in its expert
+    return (pos < cap).view(k, N).t()
+
+
 class MoE(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         m, d = config.moe, config.hidden_size
+        self.moe = m
         self.heads = m["heads"] if config.layer_mlp[layer_idx] == "mh_moe" else 1
         self.width, self.top_k = d // self.heads, m["top_k"]
         self.gate = Router(config, self.width)
@@ -89,6 +119,9 @@ class MoE(nn.Module):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """(N, w) rows -> (N, w): the k slots summed in order, plus the shared experts."""
         experts, weights = self.gate(x)                                        # (N, k) each
+        cap = capacity(self.moe, x.shape[0])
+        if cap is not None:                                                    # dropped: weight 0
+            weights = weights * kept(experts, self.moe["num_experts"], cap)
         slots = x.new_zeros(self.top_k, *x.shape)                              # (k, N, w)
         for e in torch.unique(experts).tolist():
             rows, slot = torch.nonzero(experts == e, as_tuple=True)

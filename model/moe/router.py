@@ -14,18 +14,21 @@ Losses (attached to the layer output with :func:`model.hooks.add_aux_loss`):
 
 * load balancing (Switch / GShard, in Megatron's top-k form):
   ``coeff * E * sum_i f_i * P_i`` with ``f_i`` the fraction of the N*k assignments that
-  chose expert i (before capacity dropping; no gradient) and ``P_i`` the mean over the
-  N tokens of expert i's normalized score (softmax probability, or the sigmoid scores
-  divided by their sum over experts as in DeepSeek-V3). 1 x coeff when balanced.
+  chose expert i (``balance_choices: all``; with ``first``, of the N first choices, as
+  GShard and the released MH-MoE gate count; before capacity dropping; no gradient) and
+  ``P_i`` the mean over the N tokens of expert i's normalized score (softmax probability,
+  or the sigmoid scores divided by their sum over experts as in DeepSeek-V3). 1 x coeff
+  when balanced.
 * z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
 
 Context parallelism (``seq_reducer`` set by parallel/context.py): each rank holds part of
 every sequence, and routing stays token-local, but ``f_i``, ``P_i``, the z-loss mean and the
 reported load are those of the whole sequence: one all-reduce per layer and micro-batch
-sums the detached per-expert counts, score sums, the z-loss sum and the row count over the
-cp ranks. A rank's loss is its own tokens' share of the whole-sequence loss (gradient:
-its tokens' terms with the global ``f`` and row count; the cp ranks' gradients are summed),
-carrying the whole-sequence value so the reported ``aux/*`` statistic is one process's.
+sums the detached per-expert counts (and first-choice counts with ``balance_choices:
+first``), score sums, the z-loss sum and the row count over the cp ranks. A rank's loss is
+its own tokens' share of the whole-sequence loss (gradient: its tokens' terms with the
+global ``f`` and row count; the cp ranks' gradients are summed), carrying the
+whole-sequence value so the reported ``aux/*`` statistic is one process's.
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
         self.score, self.normalize, self.scale = moe.score, moe.normalize_top_k, moe.route_scale
         self.aux_coeff, self.z_coeff, self.rate = moe.aux_loss_coeff, moe.z_loss_coeff, moe.bias_update_rate
+        self.first_only = moe.balance_choices == "first"
         self.weight = nn.Parameter(torch.empty(moe.num_experts, width, dtype=torch.float32))   # (E, w)
         self.role = "router"
         self.load_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -96,15 +100,21 @@ class Router(nn.Module):
                 self.expert_load.add_(counts.to(self.expert_load.dtype))
             if self.seq_reducer is not None and torch.is_grad_enabled():
                 return self._sequence_routing(experts, weights, counts, probs, logits)
-            return Routing(experts, weights, counts, self._balance_loss(probs, counts),
+            return Routing(experts, weights, counts, self._balance_loss(probs, experts, counts),
                            self._z_loss(logits))
 
-    def _balance_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> Optional[torch.Tensor]:
+    def _balance_counts(self, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(E,) the assignments the balancing loss counts: all k choices, or first choices only."""
+        return torch.bincount(experts[:, 0], minlength=self.num_experts) if self.first_only else counts
+
+    def _balance_loss(self, probs: torch.Tensor, experts: torch.Tensor,
+                      counts: torch.Tensor) -> Optional[torch.Tensor]:
         if self.aux_coeff == 0 or not torch.is_grad_enabled():
             return None
         if self.score == "sigmoid":
             probs = probs / probs.sum(-1, keepdim=True)                       # (N, E) normalized scores
-        f = counts.float() / counts.sum().clamp_min(1)                        # (E,) assignment fractions
+        counted = self._balance_counts(experts, counts)                       # (E,)
+        f = counted.float() / counted.sum().clamp_min(1)                      # (E,) counted fractions
         return self.aux_coeff * self.num_experts * (f * probs.mean(0)).sum()
 
     def _z_loss(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -121,10 +131,13 @@ class Router(nn.Module):
             probs = probs / probs.sum(-1, keepdim=True)                       # (N, E) normalized scores
         psum = probs.sum(0)                                                   # (E,) this rank's score sums
         zsum = torch.logsumexp(logits, -1).square().sum()                     # this rank's z terms
-        local = torch.cat([counts.float(), psum.detach(), zsum.detach()[None], probs.new_tensor([N])])
-        total = self.seq_reducer(local)                                       # (2E+2,) over the cp ranks
+        parts = [counts.float(), psum.detach(), zsum.detach()[None], probs.new_tensor([N])]
+        if self.first_only:
+            parts.append(self._balance_counts(experts, counts).float())       # (E,) first choices
+        total = self.seq_reducer(torch.cat(parts))                            # (2E+2 [+E],) over the cp ranks
         all_counts, all_psum, all_z, rows = total[:E], total[E:2 * E], total[2 * E], total[2 * E + 1]
-        f = all_counts / all_counts.sum().clamp_min(1)                        # (E,) whole-sequence fractions
+        counted = total[2 * E + 2:] if self.first_only else all_counts        # (E,) what the loss counts
+        f = counted / counted.sum().clamp_min(1)                              # (E,) whole-sequence fractions
         aux = z = None
         if self.aux_coeff != 0:
             scale = self.aux_coeff * E / rows
