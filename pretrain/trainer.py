@@ -128,6 +128,7 @@ class Trainer:
         self._maybe_resume()
         self.log = MetricsLogger(cfg, self.run_dir.path, self.rank == 0, t.iterations, self.state.iteration)
         self.run_dir.say = self.log.print
+        self.downstream = self._downstream_evaluator()
         self._describe()
 
     def _build_data(self) -> None:
@@ -145,6 +146,16 @@ class Trainer:
                                global_batch_size=self.global_batch, micro_batch_size=mb,
                                dp_rank=dp_rank, dp_size=dp_size, train_iterations=t.iterations,
                                eval_iterations=t.eval_iters, eval_interval=t.eval_interval)
+
+    def _downstream_evaluator(self):
+        """The in-loop task evaluator of ``evaluation.tasks`` (None without tasks); the harness
+        is imported only here."""
+        if not self.cfg.evaluation.tasks:
+            return None
+        from polytron.pretrain.evaluation import InLoopEvaluator
+        dp_rank, dp_size = self._dp_coords()
+        return InLoopEvaluator(self.cfg.evaluation, self.engine, self.dims, self.mesh, self.data.tokenizer,
+                               self.cfg.data.seq_len, self.cfg.training.micro_batch_size, dp_rank, dp_size)
 
     def _loss(self) -> TokenLoss:
         """The training loss: per-source statistics when the data tags sources."""
@@ -227,6 +238,8 @@ class Trainer:
                     interval_start, interval_tokens, step_times = time.perf_counter(), 0, []
                 if t.eval_interval and (it % t.eval_interval == 0 or it == t.iterations):
                     self._evaluate()
+                if self.downstream is not None and self.cfg.evaluation.due(it, t.iterations):
+                    self._evaluate_downstream()
                 stop, saved = self._control_flags()
                 if saved:
                     self.run_dir.finish_pending_save()
@@ -303,6 +316,12 @@ class Trainer:
             loss = float(self.engine.eval_loss(batches))
         rec = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": perplexity(loss)}
         self.log.log(rec, f"eval at iter {self.state.iteration} | loss {loss:.4f} | ppl {perplexity(loss):.2f}")
+
+    def _evaluate_downstream(self) -> None:
+        """The in-loop tasks under this layout (collective); a failing task is one line."""
+        with host_sync("downstream evaluation"):
+            rec, line = self.downstream.run(self.state.iteration, self.log.print)
+        self.log.log(rec, line)
 
     def _save(self, background: bool = False) -> None:
         """Checkpoint the state after ``self.state.iteration`` steps (collective).

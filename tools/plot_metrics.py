@@ -12,6 +12,10 @@ fraction (``moe/dropped_l<i>``) when capacity routing drops, and a layer x exper
 of each expert's share of the assignments (``moe_load.l<i>.e<j>``), averaged over the
 logged intervals.
 
+Runs with in-loop downstream evaluation (``evaluation.tasks``, docs/evaluation.md) add a panel
+of each task's accuracy (``downstream/<task>/acc``, ``acc_norm``) and one of its bits per byte
+(``downstream/<task>/bits_per_byte``).
+
 Usage::
 
     python tools/plot_metrics.py runs/my-run                # -> runs/my-run/metrics.png
@@ -104,7 +108,8 @@ def plot(records: list[dict], png: str, title: str = "") -> list[str]:
 
     panels = [("loss", "Loss", "loss")] + [p for p in PANELS if series(records, p[0])[0]]
     moe = expert_load(records)
-    extra = int(bool(moe[0])) + int(moe[2] is not None)
+    tasks = downstream_keys(records)
+    extra = int(bool(moe[0])) + int(moe[2] is not None) + sum(1 for keys in tasks if keys)
     fig, axes = plt.subplots(len(panels) + extra, 1, figsize=(8, 2.6 * (len(panels) + extra)),
                              squeeze=False)
     plotted = []
@@ -129,6 +134,7 @@ def plot(records: list[dict], png: str, title: str = "") -> list[str]:
         ax.sharex(axes[0, 0])
     axes[len(panels) - 1, 0].set_xlabel("iteration")
     plotted += plot_expert_load(records, moe, axes[len(panels):, 0])
+    plotted += plot_downstream(records, tasks, axes[len(panels) + extra - sum(1 for k in tasks if k):, 0])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -191,6 +197,34 @@ def plot_expert_load(records: list[dict], moe, axes) -> list[str]:
         ax.set_yticks(range(len(layers)), [str(lay) for lay in layers])
         ax.figure.colorbar(im, ax=ax)
         plotted.append("moe_load")
+    return plotted
+
+
+def downstream_keys(records: list[dict]) -> tuple[list[str], list[str]]:
+    """(accuracy keys, bits-per-byte keys) of in-loop downstream evaluation."""
+    keys = sorted({k for r in records for k in r if k.startswith("downstream/")})
+    return ([k for k in keys if k.endswith(("/acc", "/acc_norm"))],
+            [k for k in keys if k.endswith("/bits_per_byte")])
+
+
+def plot_downstream(records: list[dict], tasks: tuple[list[str], list[str]], axes) -> list[str]:
+    """Draw the downstream accuracy and bits-per-byte panels present; returns the keys plotted."""
+    plotted, i = [], 0
+    for keys, title, ylabel in zip(tasks, ("Downstream accuracy", "Downstream bits per byte"),
+                                   ("accuracy", "bits/byte")):
+        if not keys:
+            continue
+        ax = axes[i]
+        for key in keys:
+            x, y = series(records, key)
+            ax.plot(x, y, "o-", ms=3, lw=1.2, label=key[len("downstream/"):])
+            plotted.append(key)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="best", fontsize=7)
+        ax.grid(alpha=0.3)
+        i += 1
     return plotted
 
 

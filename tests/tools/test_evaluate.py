@@ -1,0 +1,145 @@
+"""tools/evaluate.py: local lm-evaluation-harness tasks (multiple choice, perplexity) on the tiny
+run's checkpoint and on YOCO and MoE checkpoints give the numbers of the harness's Hugging Face
+backend on the same model exported with to-hf (1e-4 on every log-likelihood), offline."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from polytron.model.config import ModelConfig  # noqa: E402
+from polytron.model.configlib import from_dict  # noqa: E402
+from polytron.pretrain import checkpoint as ckpt  # noqa: E402
+from polytron.tools import evaluate as ev  # noqa: E402
+from polytron.tools.convert_checkpoint import to_hf  # noqa: E402
+from tests.checkpoint import runs  # noqa: E402
+from tests.checkpoint.helpers import build_model, train_spm  # noqa: E402
+
+WORDS = ["river", "stone", "light", "paper", "music", "garden", "window", "silver", "winter", "market"]
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3,
+         "Python is a programming language that lets you work quickly and integrate systems.",
+         "A list is a mutable sequence; a tuple is not. " * 12]   # longer than max_seq_len: windows
+
+
+def write_tasks(root: str) -> str:
+    """A multiple-choice task and a perplexity task over local JSONL files (absolute paths)."""
+    os.makedirs(root, exist_ok=True)
+    rng = random.Random(0)
+    with open(os.path.join(root, "mc.jsonl"), "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"question": f"The {rng.choice(WORDS)} is next to the",
+                                "choices": [f" {w}" for w in rng.sample(WORDS, 4)], "answer": i % 4}) + "\n")
+    with open(os.path.join(root, "ppl.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    with open(os.path.join(root, "local_mc.yaml"), "w") as f:
+        f.write(f"task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {os.path.join(root, 'mc.jsonl')}\ntest_split: test\noutput_type: multiple_choice\n"
+                "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+                "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    with open(os.path.join(root, "local_ppl.yaml"), "w") as f:
+        f.write(f"task: local_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {os.path.join(root, 'ppl.jsonl')}\ntest_split: test\n"
+                "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+                "  - metric: bits_per_byte\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> str:
+    os.environ["HF_DATASETS_OFFLINE"] = "1"          # local files only, as in a training job
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return write_tasks(str(tmp_path_factory.mktemp("tasks")))
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> str:
+    return train_spm(str(tmp_path_factory.mktemp("spm")))
+
+
+def saved_checkpoint(tmp, spm_model: str, cfg: ModelConfig) -> str:
+    """A model trained three AdamW steps (so no weight is at its initial value), saved."""
+    from polytron.pretrain.config import RunConfig
+    cfg.validate()
+    model = build_model(cfg, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=gen)
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    run = RunConfig(model=cfg)
+    run.data.tokenizer = spm_model
+    state = {"iteration": 3, "consumed_samples": 6, "consumed_tokens": 96, "config": run.to_dict()}
+    ckpt.save(os.path.join(tmp, "run", "checkpoints"), 3, [model], opt, state, keep_last=2).finalize()
+    return os.path.join(tmp, "run")
+
+
+def ours(run_dir: str, tasks: str, out: str, capsys) -> dict:
+    """tools/evaluate.py on the run's checkpoint: the results JSON it writes (with samples)."""
+    assert ev.main([run_dir, "--tasks", f"{tasks}/local_mc.yaml,{tasks}/local_ppl.yaml", "--batch-size", "3",
+                    "--output", out, "--log-samples"]) == 0
+    printed = capsys.readouterr().out
+    assert "|local_mc |" in printed and "bits_per_byte" in printed and f"wrote {out}" in printed, printed
+    return json.load(open(out))
+
+
+def harness_hf(hf_dir: str, tasks: str, remote: bool) -> dict:
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=hf_dir, device="cpu", dtype="float32", batch_size=3, trust_remote_code=remote)
+    return evaluate(lm=lm, task_dict=ev.load_tasks([f"{tasks}/local_mc.yaml", f"{tasks}/local_ppl.yaml"], []),
+                    bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+
+
+def loglikelihoods(results: dict, task: str) -> list[float]:
+    """Every log-likelihood the task's requests got, in document order."""
+    out = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            value = resp[0]
+            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+    return out
+
+
+def assert_same_as_hf(run_dir: str, tasks: str, tmp, remote: bool, capsys) -> None:
+    mine = ours(run_dir, tasks, os.path.join(tmp, "results.json"), capsys)
+    to_hf(run_dir, os.path.join(tmp, "hf"))
+    ref = harness_hf(os.path.join(tmp, "hf"), tasks, remote)
+    for task in ("local_mc", "local_ppl"):
+        a, b = loglikelihoods(mine, task), loglikelihoods(ref, task)
+        assert len(a) == len(b) == (32 if task == "local_mc" else 3)
+        worst = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(a, b))
+        print(f"{task}: {len(a)} log-likelihoods, largest difference to the HF backend {worst:.2e}")
+        assert worst < 1e-4, (task, a, b)
+        for metric, value in ref["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert mine["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric
+
+
+def test_tiny_run_checkpoint_equals_hf_backend(tmp_path, tasks, capsys):
+    out = str(tmp_path / "run")
+    assert runs.run(out, 2, "checkpoint.interval=0") == 0, runs.output(out)
+    assert_same_as_hf(out, tasks, str(tmp_path), False, capsys)
+
+
+def test_yoco_checkpoint_equals_hf_backend(tmp_path, tasks, spm_model, capsys):
+    cfg = from_dict(ModelConfig, dict(arch="yoco", vocab_size=384, hidden_size=64, num_layers=4, num_heads=4,
+                                      num_kv_heads=2, ffn_hidden_size=96, max_seq_len=64, rope_theta=500.0,
+                                      yoco=dict(self_decoder="swa", sliding_window=7)), prefix="model.")
+    assert_same_as_hf(saved_checkpoint(str(tmp_path), spm_model, cfg), tasks, str(tmp_path), True, capsys)
+
+
+def test_moe_checkpoint_equals_hf_backend(tmp_path, tasks, spm_model, capsys):
+    from polytron.model.moe.config import MoEConfig
+    cfg = ModelConfig(arch="moe", vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=96, max_seq_len=64, rope_theta=500.0, mlp="moe",
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=48))
+    assert_same_as_hf(saved_checkpoint(str(tmp_path), spm_model, cfg), tasks, str(tmp_path), False, capsys)
