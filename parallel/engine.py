@@ -225,18 +225,22 @@ class TrainEngine:
 
     def sync_cp_grads(self) -> None:
         """Sum the gradients over the cp ranks (each computed them from its own tokens; the
-        loss is already normalized by the whole sequence's token count). One flat all-reduce."""
+        loss is already normalized by the whole sequence's token count). One flat all-reduce
+        per group (expert groups spanning cp ranks: parallel/expert_parallel.cp_grad_groups)."""
         if self.dims.cp == 1:
             return
         from torch.distributed.tensor import DTensor
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                 for m in self.model_parts for p in m.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.mesh["cp"].get_group())
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
+
+        from polytron.parallel.expert_parallel import cp_grad_groups
+        for params, group in cp_grad_groups(self.model_parts, self.mesh, self.dims):
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                     for p in params if p.grad is not None]
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(new.view_as(g))
 
     def _pp_group(self):
         return None
@@ -483,7 +487,7 @@ def parallelize(part: Transformer, model_cfg: ModelConfig, pcfg: ParallelConfig,
     apply_activation_checkpointing(part, pcfg.activation_checkpoint)
     if pcfg.compile:
         apply_compile(part)
-    if dims.dp > 1:
+    if dims.dp > 1 or dims.ep > 1:     # ep > 1 at dp = 1: expert groups of cp ranks
         from polytron.parallel.fsdp import apply_fsdp
         reduce_dtype = torch.float32 if pcfg.fsdp_reduce_dtype == "fp32" else dtype
         reshard = {"auto": dims.pp == 1, "always": True, "never": False}[pcfg.fsdp_reshard_after_forward]

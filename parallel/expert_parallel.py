@@ -30,6 +30,12 @@ group. The exchange therefore scales the gradient reaching the experts by ``1 / 
 (and back by ``ep`` on its way to the inputs), so expert gradients are the same mean
 over all data-parallel ranks as the rest, whatever the FSDP mesh size.
 
+Under context parallelism an expert group may span cp ranks (parallel/mesh.py: ``ep_dp``
+data-parallel x ``ep_cp`` cp ranks). Its cp ranks hold different tokens of the same
+sequences, whose gradients are summed, not averaged, so the scale is ``1 / ep_dp``;
+:func:`cp_grad_groups` then sums every other gradient over ``"cp"`` as before and the
+expert shards over the cp ranks outside their group only (``"ecp"``).
+
 The same code path runs on gloo (CPU) and NCCL.
 """
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from polytron.model.protocols import ExpertGroups, ExpertLayer, LoadReducing
+from polytron.parallel.mesh import ParallelDims
 
 
 class _AllToAll(torch.autograd.Function):
@@ -81,8 +88,9 @@ class _ScaleGrad(torch.autograd.Function):
 class ExpertDispatch:
     """Runs a layer's experts across its expert-parallel group (see the module docstring)."""
 
-    def __init__(self, group, ep: int):
-        self.group, self.ep = group, ep
+    def __init__(self, group, ep: int, data_ranks: int):
+        # data_ranks: the group's ranks that see different samples (the expert gradient scale)
+        self.group, self.ep, self.data_ranks = group, ep, data_ranks
 
     def splits(self, counts: torch.Tensor) -> tuple[list[int], list[int], list[int], torch.Tensor]:
         """(send per rank, receive per rank, rows per local expert, received counts (ep*El,))."""
@@ -108,8 +116,8 @@ class ExpertDispatch:
         perm = torch.argsort(row_expert, stable=True)                            # by local expert
         mine = groups.regrouped(torch.tensor(per_expert, device=rows.device), row_expert[perm],
                                 max(per_expert, default=0))
-        y = experts(_ScaleGrad.apply(inbound[perm], float(self.ep)), mine)       # (R, w)
-        y = _ScaleGrad.apply(y, 1.0 / self.ep)
+        y = experts(_ScaleGrad.apply(inbound[perm], float(self.data_ranks)), mine)   # (R, w)
+        y = _ScaleGrad.apply(y, 1.0 / self.data_ranks)
         inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=rows.device))
         back = _AllToAll.apply(y.index_select(0, inverse), send, recv, self.group)   # (kept, w)
         if kept < rows.shape[0]:
@@ -130,12 +138,13 @@ def expert_layers(part: nn.Module) -> list[ExpertLayer]:
     return [m for m in part.modules() if isinstance(m, ExpertLayer)]
 
 
-def apply_expert_parallel(part: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Module]:
+def apply_expert_parallel(part: nn.Module, ep_mesh: DeviceMesh, cp_ranks: int = 1) -> list[nn.Module]:
     """Shard every MoE layer's experts over ``ep_mesh`` (dim 0 of each stacked parameter) and
-    give the layer the all-to-all dispatch; returns the expert modules (for FSDP)."""
+    give the layer the all-to-all dispatch; returns the expert modules (for FSDP).
+    ``cp_ranks``: how many of the group's ranks are context-parallel peers (``ep_cp``)."""
     from torch.distributed.tensor import Shard, distribute_tensor
     ep = ep_mesh.size()
-    dispatch = ExpertDispatch(ep_mesh.get_group(), ep)
+    dispatch = ExpertDispatch(ep_mesh.get_group(), ep, ep // cp_ranks)
     out = []
     for layer in expert_layers(part):
         experts = layer.routed_experts()
@@ -162,3 +171,20 @@ def attach_load_reduction(part: nn.Module, dp_group) -> None:
     for m in part.modules():
         if isinstance(m, LoadReducing):
             m.load_reducer = reducer
+
+
+def cp_grad_groups(parts: list[nn.Module], mesh: DeviceMesh, dims: ParallelDims,
+                   ) -> list[tuple[list[nn.Parameter], object]]:
+    """The parameters whose gradients are summed over each context-parallel group (``cp > 1``):
+    all of them over ``"cp"``, except, when expert groups span cp ranks (``ep_cp > 1``), the
+    expert shards, which sum over the cp ranks outside their group (``"ecp"``; none if there
+    are none: the dispatch already summed the group's tokens)."""
+    params = [p for m in parts for p in m.parameters()]
+    if dims.ep_cp == 1:
+        return [(params, mesh["cp"].get_group())]
+    expert = {id(p) for m in parts for layer in expert_layers(m) for p in layer.routed_experts().parameters()}
+    out: list[tuple[list[nn.Parameter], object]] = [
+        ([p for p in params if id(p) not in expert], mesh["cp"].get_group())]
+    if dims.cp > dims.ep_cp:
+        out.append(([p for p in params if id(p) in expert], mesh["ecp"].get_group()))
+    return out

@@ -87,7 +87,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, mp,
     from torch.distributed.fsdp import fully_shard
 
     from polytron.parallel.expert_parallel import apply_expert_parallel
-    experts = apply_expert_parallel(model, mesh["ep"])
+    experts = apply_expert_parallel(model, mesh["ep"], dims.ep_cp)
     emesh = expert_mesh(mesh, dims)
     for module in experts:
         fully_shard(module, mesh=emesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -17,9 +17,21 @@ an expert group is ``ep`` neighbouring data-parallel ranks) and flattened back t
 ``"dp_shard"``, so data sharding, ``"dp"`` and everything that is not an expert see the
 same ranks as without it. Experts are sharded over ``"ep"`` and FSDP-sharded over
 ``"efsdp"`` (with ``dp_replicate``: HSDP over ``("dp_replicate", "efsdp")``).
+
+With context parallelism an expert group may also span cp ranks (as Megatron carves its
+expert groups from dp x cp): ``ep`` must divide ``dp_shard x cp``; it takes
+``ep_dp = gcd(ep, dp_shard)`` data-parallel ranks and ``ep_cp = ep / ep_dp`` cp ranks. When
+``ep_cp > 1`` the mesh is ``(pp, dp_replicate, efsdp, ep_dp, ecp, ep_cp, tp)`` with
+``"dp_shard"`` = efsdp x ep_dp, ``"cp"`` = ecp x ep_cp and ``"ep"`` = ep_dp x ep_cp all
+flattened, so every dimension that is not about experts holds the same ranks in the same
+order as without expert parallelism. Experts are still FSDP-sharded over ``"efsdp"``; the
+cp ranks outside the group, ``"ecp"``, hold the same expert shard for other tokens of the
+same sequences and sum its gradients (parallel/expert_parallel.py ``cp_grad_groups``).
+When ``ep`` divides ``dp_shard`` the mesh is the one above (``ep_cp = 1``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -31,6 +43,8 @@ from polytron.parallel.config import ParallelConfig
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: The mesh with expert parallelism: dp_shard = efsdp x ep (flattened back to "dp_shard").
 EP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
+#: Expert groups spanning cp ranks: dp_shard = efsdp x ep_dp, cp = ecp x ep_cp, ep = ep_dp x ep_cp.
+EP_CP_MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep_dp", "ecp", "ep_cp", "tp")
 
 
 class LayoutError(ConfigError):
@@ -53,6 +67,16 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel size: ranks that see different samples."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def ep_dp(self) -> int:
+        """Expert-parallel ranks taken from the data-parallel shard ranks."""
+        return math.gcd(self.ep, self.dp_shard)
+
+    @property
+    def ep_cp(self) -> int:
+        """Expert-parallel ranks taken from the context-parallel ranks (1: none)."""
+        return self.ep // self.ep_dp
 
     @property
     def num_stages(self) -> int:
@@ -124,7 +148,7 @@ class ParallelDims:
             raise LayoutError(err)
 
     def _check_experts(self, m: ModelConfig) -> None:
-        """Expert parallelism needs routed experts that ep divides, carved from dp_shard."""
+        """Expert parallelism needs routed experts that ep divides, carved from dp_shard x cp."""
         from polytron.model.layers import MLPS
         experts = getattr(MLPS.get(m.mlp), "num_experts_of", None)
         if experts is None:
@@ -132,30 +156,39 @@ class ParallelDims:
                               f"(model.mlp=moe or mh_moe); model.mlp={m.mlp} has no experts")
         if experts(m) % self.ep:
             raise LayoutError(f"parallel.expert={self.ep} must divide model.moe.num_experts={experts(m)}")
-        if self.dp_shard % self.ep:
+        if (self.dp_shard * self.cp) % self.ep:
             raise LayoutError(f"parallel.expert={self.ep} must divide the data-parallel shard degree "
-                              f"{self.dp_shard} (experts are sharded over data-parallel ranks: "
-                              f"parallel.data_parallel_shard)")
+                              f"{self.dp_shard} x parallel.context={self.cp} = {self.dp_shard * self.cp} "
+                              f"(experts are sharded over data-parallel and context-parallel ranks)")
 
     def build_mesh(self, device_type: str):
         """DeviceMesh over all ranks with named dims and a flattened 'dp' dim."""
         from torch.distributed.device_mesh import init_device_mesh
         shape: tuple[int, ...]
-        if self.ep > 1:
+        if self.ep_cp > 1:    # expert groups span cp ranks: ep_dp data-parallel x ep_cp cp ranks
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep_dp, self.ep_dp,
+                     self.cp // self.ep_cp, self.ep_cp, self.tp)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_CP_MESH_DIMS)
+            mesh["efsdp", "ep_dp"]._flatten("dp_shard")
+            mesh["ecp", "ep_cp"]._flatten("cp")
+            mesh["ep_dp", "ep_cp"]._flatten("ep")
+            shard: tuple[str, ...] = ("efsdp", "ep_dp")
+            cp: tuple[str, ...] = ("ecp", "ep_cp")
+        elif self.ep > 1:
             shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_MESH_DIMS)
             mesh["efsdp", "ep"]._flatten("dp_shard")
-            shard: tuple[str, ...] = ("efsdp", "ep")
+            shard, cp = ("efsdp", "ep"), ("cp",)
         else:
             shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-            shard = ("dp_shard",)
+            shard, cp = ("dp_shard",), ("cp",)
         dp_dims, pp_dp_dims = ("dp_replicate", *shard), ("pp", "dp_replicate", *shard)
         mesh[dp_dims]._flatten("dp")
         mesh[pp_dp_dims]._flatten("pp_dp")        # step statistics
         if self.cp > 1:       # loss, token counts and statistics are summed over cp as well
-            mesh[dp_dims + ("cp",)]._flatten("dp_cp")
-            mesh[pp_dp_dims + ("cp",)]._flatten("pp_dp_cp")
+            mesh[dp_dims + cp]._flatten("dp_cp")
+            mesh[pp_dp_dims + cp]._flatten("pp_dp_cp")
         # torch 2.11+ warns that slicing the flattened "dp" from the root mesh will be
         # deprecated; it still works in 2.13 and is the documented way to reach the
         # group. Silence only that message (moving to the bookkept flattened mesh is
@@ -167,4 +200,5 @@ class ParallelDims:
         """One line for the run log."""
         return (f"world={self.world_size} pp={self.pp}(x{self.virtual_stages} virtual) "
                 f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} tp={self.tp}"
-                + (f" ep={self.ep}" if self.ep > 1 else ""))
+                + (f" ep={self.ep}" if self.ep > 1 else "")
+                + (f" (expert groups: {self.ep_dp} dp x {self.ep_cp} cp ranks)" if self.ep_cp > 1 else ""))

@@ -41,6 +41,10 @@ def _model(**kw) -> ModelConfig:
     ({"pipeline": 2, "pipeline_split": [3, 2]}, {}, 2, "pipeline_split=[3, 2]"),
     ({"virtual_stages": 2}, {}, 1, "needs parallel.pipeline > 1"),
     ({"pipeline": 2, "virtual_stages": 2, "pipeline_schedule": "gpipe"}, {}, 2, "gpipe"),
+    ({"context": 2, "expert": 4}, {"arch": "moe", "mlp": "moe"}, 2,
+     "parallel.expert=4 must divide the data-parallel shard degree 1 x parallel.context=2 = 2"),
+    ({"context": 4, "expert": 8}, {"arch": "moe", "mlp": "moe"}, 12,
+     "parallel.expert=8 must divide the data-parallel shard degree 3 x parallel.context=4 = 12"),
 ])
 def test_resolve_rejects(par: dict, model: dict, world: int, needle: str) -> None:
     with pytest.raises(LayoutError) as e:
@@ -59,6 +63,18 @@ def test_resolve_accepts_tied_embeddings_under_pipelining() -> None:
     dims = ParallelDims.resolve(ParallelConfig(pipeline=2, virtual_stages=2, tensor=2),
                                 _model(tie_embeddings=True), 4)
     assert (dims.pp, dims.tp) == (2, 2)
+
+
+@pytest.mark.parametrize("par,world,ep_dp,ep_cp", [
+    ({"context": 2, "expert": 2}, 2, 1, 2),       # the two cp ranks are one expert group
+    ({"context": 2, "expert": 2}, 4, 2, 1),       # ep divides dp_shard: carved from dp only, as before
+    ({"context": 2, "expert": 4}, 4, 2, 2),
+    ({"context": 4, "expert": 2}, 4, 1, 2),
+    ({"context": 4, "expert": 8}, 8, 2, 4),
+])
+def test_resolve_accepts_expert_groups_across_context(par: dict, world: int, ep_dp: int, ep_cp: int) -> None:
+    dims = ParallelDims.resolve(ParallelConfig(**par), _model(arch="moe", mlp="moe"), world)
+    assert (dims.ep_dp, dims.ep_cp) == (ep_dp, ep_cp)
 
 
 def test_split_layers_even_uneven_and_placement() -> None:
