@@ -46,9 +46,11 @@ from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
 REMOTE_FILE = "modeling_polytron_moe.py"
 REMOTE_TYPE = "polytron_moe"
-#: MoE settings that only matter for training, carried in config.json["polytron_moe"].
+#: MoE settings that only matter for training, carried in config.json["polytron_moe"] (the
+#: capacity keys too: a native class computes without them, so they travel here for from-hf).
 TRAINING_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "balance_choices", "gemm",
-                   "log_expert_load", "reference")
+                   "log_expert_load", "reference", "capacity_factor", "capacity_rounding", "eval_capacity",
+                   "eval_capacity_fraction")
 #: MoE settings the remote-code model reads (config.json["moe"]); the capacity keys decide
 #: its (evaluation) capacity, as ``MoE.capacity`` does outside training.
 ROUTING_FIELDS = ("num_experts", "top_k", "expert_ffn_hidden_size", "shared_experts", "score",
