@@ -38,7 +38,8 @@ class EvaluationConfig:
         "At most this many documents per task (0: all); a small-compute set keeps it small."))
     num_fewshot: int = field(default=-1, metadata=doc(
         "Few-shot examples per prompt; -1 keeps each task file's own setting."))
-    seed: int = field(default=1234, metadata=doc("Seed of the harness (few-shot sampling, shuffles)."))
+    seed: int = field(default=1234, metadata=doc(
+        "Seed of the tasks' few-shot sampling (the training RNG is not touched)."))
 
     def validate(self) -> None:
         for k in ("interval", "limit"):
@@ -178,10 +179,10 @@ class InLoopEvaluator:
                     self.tasks.update(load_tasks([entry], self.cfg.include_path, builtin=False))
                 except TaskError as e:
                     say(f"evaluation: skipped: {e}")
-            if self.cfg.num_fewshot >= 0:
-                for task in self.tasks.values():
-                    if hasattr(task, "set_config"):
-                        task.set_config(key="num_fewshot", value=self.cfg.num_fewshot)
+            for task in self.tasks.values():
+                if self.cfg.num_fewshot >= 0:
+                    task.set_config(key="num_fewshot", value=self.cfg.num_fewshot)
+                task.set_fewshot_seed(seed=self.cfg.seed)       # the task's sampler only: no global RNG
         return self.tasks
 
     def run(self, iteration: int, say: Callable[[str], None]) -> tuple[dict, str]:

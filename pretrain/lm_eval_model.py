@@ -90,7 +90,8 @@ class PolytronLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context tokens, continuation tokens) each."""
-        rows = [((ctx + cont)[-(self.max_length + 1):], len(cont)) for _, ctx, cont in requests]
+        rows = [((ctx + cont)[-(self.max_length + 1):], min(len(cont), self.max_length))
+                for _, ctx, cont in requests]
         bar = self._progress(len(rows), "loglikelihood", disable_tqdm)
         try:
             out = self.scorer.loglikelihoods(rows, bar)

@@ -97,9 +97,10 @@ def evaluate(args: argparse.Namespace) -> tuple[str, dict]:
         path, lm = read_newest(args.checkpoint, lambda p: build_lm(
             args, checkpoint_model(p, args.tokenizer, tuple(args.plugins))))
     from lm_eval.evaluator import evaluate as run_tasks
-    if args.num_fewshot is not None:
-        for task in _leaves(tasks):
+    for task in _leaves(tasks):
+        if args.num_fewshot is not None:
             task.set_config(key="num_fewshot", value=args.num_fewshot)
+        task.set_fewshot_seed(seed=args.seed)
     results = run_tasks(lm=lm, task_dict=tasks, limit=args.limit or None, bootstrap_iters=0,
                         log_samples=args.log_samples, verbosity="ERROR")
     results["config"] = {"model": "polytron", "model_args": os.path.abspath(path), "limit": args.limit or None,

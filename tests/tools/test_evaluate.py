@@ -15,6 +15,7 @@ pytest.importorskip("lm_eval")
 from polytron.model.config import ModelConfig  # noqa: E402
 from polytron.model.configlib import from_dict  # noqa: E402
 from polytron.pretrain import checkpoint as ckpt  # noqa: E402
+from polytron.pretrain.evaluation import load_tasks  # noqa: E402
 from polytron.tools import evaluate as ev  # noqa: E402
 from polytron.tools.convert_checkpoint import to_hf  # noqa: E402
 from tests.checkpoint import runs  # noqa: E402
@@ -91,12 +92,27 @@ def ours(run_dir: str, tasks: str, out: str, capsys) -> dict:
     return json.load(open(out))
 
 
-def harness_hf(hf_dir: str, tasks: str, remote: bool) -> dict:
+def harness_hf(hf_dir: str, tasks: str, remote: bool, files=("local_mc.yaml", "local_ppl.yaml")) -> dict:
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     lm = HFLM(pretrained=hf_dir, device="cpu", dtype="float32", batch_size=3, trust_remote_code=remote)
-    return evaluate(lm=lm, task_dict=ev.load_tasks([f"{tasks}/local_mc.yaml", f"{tasks}/local_ppl.yaml"], []),
+    return evaluate(lm=lm, task_dict=load_tasks([os.path.join(tasks, f) for f in files], []),
                     bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+
+
+def write_generation_task(root: str) -> str:
+    """A greedy generate_until task (stop at a newline, at most 8 tokens) over prompts of
+    different lengths."""
+    prompts = ["The list", "A tuple is", "The quick brown fox jumps over", "Python is a programming"]
+    with open(os.path.join(root, "gen.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"prompt": p, "target": " is"}) + "\n" for p in prompts))
+    with open(os.path.join(root, "local_gen.yaml"), "w") as f:
+        f.write(f"task: local_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {os.path.join(root, 'gen.jsonl')}\ntest_split: test\noutput_type: generate_until\n"
+                "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+                "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n"
+                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return root
 
 
 def loglikelihoods(results: dict, task: str) -> list[float]:
@@ -128,6 +144,16 @@ def test_tiny_run_checkpoint_equals_hf_backend(tmp_path, tasks, capsys):
     out = str(tmp_path / "run")
     assert runs.run(out, 2, "checkpoint.interval=0") == 0, runs.output(out)
     assert_same_as_hf(out, tasks, str(tmp_path), False, capsys)
+    # generate_until: greedy through our KV cache, the same text as HF's generate on the export
+    gen = write_generation_task(str(tmp_path))
+    assert ev.main([out, "--tasks", f"{gen}/local_gen.yaml", "--output", str(tmp_path / "gen.json"),
+                    "--log-samples"]) == 0
+    mine = json.load(open(tmp_path / "gen.json"))
+    ref = harness_hf(str(tmp_path / "hf"), gen, False, files=("local_gen.yaml",))
+    texts = [[s["resps"][0][0] for s in sorted(r["samples"]["local_gen"], key=lambda s: s["doc_id"])]
+             for r in (mine, ref)]
+    print("generated:", texts[0])
+    assert texts[0] == texts[1] and any(texts[0]), texts
 
 
 def test_yoco_checkpoint_equals_hf_backend(tmp_path, tasks, spm_model, capsys):
