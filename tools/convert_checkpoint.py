@@ -9,6 +9,12 @@ tokenizer, staging, refusals) and dispatches on ``model.arch`` (to-hf) or on
     python tools/convert_checkpoint.py to-hf   SRC DST [--tokenizer PATH] [--dtype bf16] [--max-shard-size 5GB]
                                                [--overwrite] [--packed [CLASS]] [--plugin MODULE ...]
     python tools/convert_checkpoint.py from-hf SRC DST [--overwrite]
+    python tools/convert_checkpoint.py from-megatron SRC DST [--overwrite]
+    python tools/convert_checkpoint.py to-megatron   SRC DST [--overwrite] [--plugin MODULE ...]
+
+``from-megatron`` / ``to-megatron``: Megatron-LM / megatron-core GPT checkpoints (torch_dist
+or legacy ``mp_rank_*`` files in; torch_dist out), see tools/megatron_ckpt.py and
+docs/checkpoints.md ("Megatron-LM checkpoints").
 
 ``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
 run's output directory (its newest complete checkpoint). DST becomes a Hugging Face
@@ -593,6 +599,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                             "(default min(2048, max_position_embeddings))")
     b.add_argument("--overwrite", action="store_true",
                    help="replace checkpoint/, config.yaml and weight files in a non-empty DST")
+    c = sub.add_parser("from-megatron", help="Megatron-LM / megatron-core checkpoint (torch_dist or legacy "
+                                             "mp_rank_*) -> polytron checkpoint + config.yaml")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace checkpoint/, config.yaml and the report in a non-empty DST")
+    d = sub.add_parser("to-megatron", help="polytron checkpoint or run directory -> megatron-core torch_dist")
+    d.add_argument("src")
+    d.add_argument("dst")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty DST")
+    add_plugin_option(d)
     return p.parse_args(argv)
 
 
@@ -603,6 +620,15 @@ def main(argv: list[str]) -> int:
         used = to_hf(args.src, args.dst, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite,
                      args.packed, tuple(args.plugins))
         print(f"wrote Hugging Face model {args.dst} from checkpoint {used}")
+    elif args.cmd == "from-megatron":
+        from polytron.tools.megatron_ckpt import from_megatron
+        out = from_megatron(args.src, args.dst, args.overwrite)
+        print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
+    elif args.cmd == "to-megatron":
+        from polytron.tools.megatron_ckpt import MEGATRON_CONFIG, to_megatron
+        used = to_megatron(args.src, args.dst, args.overwrite, tuple(args.plugins))
+        print(f"wrote megatron-core torch_dist checkpoint {args.dst} from checkpoint {used} "
+              f"(model arguments: {os.path.join(args.dst, MEGATRON_CONFIG)})")
     else:
         out = from_hf(args.src, args.dst, args.seq_len, args.overwrite)
         print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
