@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -243,7 +243,7 @@ class GroupedQueryAttention(nn.Module):
         replicated when ``tp`` exceeds their count)."""
         kv = self.num_kv_heads / tp if self.num_kv_heads % tp == 0 else self.num_kv_heads
         q = self.num_heads * self.head_dim / tp
-        return self.wq.in_features + 2 * q + 2 * kv * self.head_dim + self.num_heads / tp
+        return cast(nn.Linear, self.wq).in_features + 2 * q + 2 * kv * self.head_dim + self.num_heads / tp
 
 
 # ---------------------------------------------------------------- MLPs
@@ -265,7 +265,8 @@ class SwiGLU(nn.Module):
     def saved_elements(self, tp: int, sp: bool) -> float:
         """Saved for backward per token: the gathered input ``d``; w1 x, silu(w1 x), w3 x and
         their product (``w2``'s input), ``4 f / tp``."""
-        return self.w1.in_features + 4 * self.w1.out_features / tp
+        w1 = cast(nn.Linear, self.w1)
+        return w1.in_features + 4 * w1.out_features / tp
 
     def tp_roles(self) -> dict:
         return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
