@@ -16,7 +16,7 @@ Formats read (``SRC`` is a checkpoint root with ``latest_checkpointed_iteration.
   ranks' ``local_experts`` offset by their expert count.
 
 Pickles (``model_optim_rng.pt``, ``common.pt``) are loaded with ``torch.load(weights_only=True)``
-and only :data:`SAFE_GLOBALS` allowed beyond tensors and plain containers, so a file that would
+and only :func:`safe_globals` allowed beyond tensors and plain containers, so a file that would
 run code on unpickling is refused with one line before anything in it runs.
 
 The GPT family of megatron-core's local and Transformer Engine layer specs maps onto ours
@@ -42,10 +42,12 @@ import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
 
 from polytron.model.hf import ConvertError
+from polytron.pretrain.checkpoint.common import dcp_one_process
 
-#: Classes (beyond tensors, dtypes and containers) a Megatron pickle may construct.
-SAFE_GLOBAL_NAMES = ("argparse:Namespace", "megatron.core.transformer.enums:AttnBackend",
-                     "megatron.core.enums:ModelType", "megatron.core.transformer.enums:AttnMaskType")
+#: Megatron enums a stored ``args`` may hold: read as the text ``Name(value)`` by a stand-in,
+#: so reading a checkpoint neither imports megatron-core nor constructs its classes.
+MEGATRON_ENUMS = ("megatron.core.transformer.enums.AttnBackend", "megatron.core.enums.ModelType",
+                  "megatron.core.transformer.enums.AttnMaskType")
 CHECKPOINT_VERSION = 3.0
 REPORT = "megatron_conversion.json"
 MEGATRON_CONFIG = "megatron_config.json"
@@ -55,17 +57,20 @@ _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _GATED = re.compile(r"linear_fc1\.(weight|bias)$")
 
 
+class _EnumText:
+    """Stand-in for a Megatron enum class in a pickle: ``Name(value)`` -> the text ``Name(value)``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, value: Any) -> str:
+        return f"{self.name}({value!r})"
+
+
 def safe_globals() -> list:
-    """The allow-listed classes that are importable here."""
-    import importlib
-    out = []
-    for name in SAFE_GLOBAL_NAMES:
-        module, attr = name.split(":")
-        try:
-            out.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):
-            continue
-    return out
+    """What a Megatron pickle may construct beyond tensors, dtypes and containers:
+    ``argparse.Namespace`` and the :data:`MEGATRON_ENUMS` (as text)."""
+    return [argparse.Namespace, *((_EnumText(n.rsplit(".", 1)[1]), n) for n in MEGATRON_ENUMS)]
 
 
 def load_pickle(file: str) -> Any:
@@ -148,8 +153,9 @@ def _read_torch_dist(path: str) -> MegatronCheckpoint:
     if any(k.startswith("optimizer.") for k in md.state_dict_metadata):
         notes.append("optimizer state not carried (Megatron's optimizer state is keyed by its parameter "
                      "layout); weights converted, the optimizer starts fresh")
-    dcp.load(want, storage_reader=reader,
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    with dcp_one_process(True):
+        dcp.load(want, storage_reader=reader,
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, t in want.items():
         tensors.update(_unstack(key, t))
@@ -571,7 +577,8 @@ def write_torch_dist(path: str, meg: dict[str, torch.Tensor], cfg, args: dict) -
                     shard = f"shard_{i}.{j}_{L}.{cfg.moe.num_experts}" if nested else f"shard_{i}_{L}"
                     state[f"{linear.group(1)}._extra_state/{shard}"] = io.BytesIO(empty.getvalue())
     os.makedirs(path, exist_ok=True)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=_RawBytesPlanner(), no_dist=True)
+    with dcp_one_process(True):
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=_RawBytesPlanner(), no_dist=True)
     torch.save({"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
                os.path.join(path, "common.pt"))
     with open(os.path.join(path, "metadata.json"), "w") as f:
@@ -637,7 +644,9 @@ def to_megatron(src: str, dst: str, overwrite: bool = False, plugins: tuple[str,
     from polytron.model.provenance import UntrustedCode, trusted_model_config
     from polytron.pretrain import checkpoint as ckpt
     from polytron.tools.convert_checkpoint import check_destination, staged
-    path = ckpt.resolve_checkpoint(src)
+    converted = os.path.join(src, "checkpoint")              # a from-megatron / from-hf output directory
+    path = ckpt.resolve_checkpoint(converted if os.path.isfile(os.path.join(src, "config.yaml"))
+                                   and os.path.isdir(converted) else src)
     check_destination(dst, overwrite, [src, path])
     state = ckpt.read_trainer_state(path)
     run_cfg = state.get("config") if isinstance(state, dict) else None
