@@ -190,7 +190,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = {"tp1_dense": (DENSE, 1, 1), "tp2_dense": (DENSE, 2, 1), "tp1_moe": (MOE, 1, 1), "tp2_moe": (MOE, 2, 1),
-         "pp2_dense": (DENSE, 1, 2), "pp2_moe": (MOE, 1, 2)}
+         "pp2_dense": (DENSE, 1, 2), "pp2_moe": (MOE, 1, 2), "tp2_tied": (dict(DENSE, tied=True), 2, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,39 @@ def test_config_continues_pretraining(saved, tmp_path):
     assert run.model.num_kv_heads == 2 and run.model.rope_theta == 500000 and not run.model.tie_embeddings
     assert run.optimizer.lr == 2e-4 and run.training.micro_batch_size == 2 and run.data.seq_len == 16
     assert run.checkpoint.load == os.path.join(str(tmp_path / "ours"), "checkpoint")
+
+
+def _edited_legacy(root, tmp_path, **changes) -> str:
+    """A copy of the TP1 dense legacy checkpoint with ``changes`` to its stored state / args."""
+    state = load_pickle(str(root / "tp1_dense" / "legacy" / "mp_rank_00" / "model_optim_rng.pt"))
+    for key, value in changes.items():
+        if key == "optimizer":
+            state["optimizer"] = value
+        else:
+            setattr(state["args"], key, value)
+    out = tmp_path / "edited" / "mp_rank_00"
+    out.mkdir(parents=True)
+    torch.save(state, out / "model_optim_rng.pt")
+    return str(tmp_path / "edited")
+
+
+def test_optimizer_state_noted_and_weights_converted(saved, tmp_path, capsys):
+    root, ref, _ = saved
+    src = _edited_legacy(root, tmp_path, optimizer={"state": {0: {"exp_avg": torch.zeros(3)}}})
+    from_megatron(src, str(tmp_path / "ours"))
+    assert "note: optimizer state not carried" in capsys.readouterr().err
+    assert max_diff(our_logits(str(tmp_path / "ours")), ref["tp1_dense"]) < TOL
+
+
+@pytest.mark.parametrize("key,value,named", [("normalization", "LayerNorm", "RMSNorm only"),
+                                             ("add_bias_linear", True, "no biases"),
+                                             ("rotary_interleaved", True, "rotate-half")])
+def test_unsupported_settings_refused_in_one_line(saved, tmp_path, key, value, named):
+    root, _, _ = saved
+    with pytest.raises(ConvertError) as e:
+        from_megatron(_edited_legacy(root, tmp_path, **{key: value}), str(tmp_path / "ours"))
+    assert f"args.{key}={value!r}" in str(e.value) and named in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ours").exists()
 
 
 def test_to_megatron_loads_into_megatron_core(saved, tmp_path):
