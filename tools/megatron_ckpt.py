@@ -340,10 +340,10 @@ def _moe_from_args(a: dict, where: str, ffn: int):
         raise ConvertError(f"{where}: args.moe_router_load_balancing_type={balance!r} is not supported "
                            "(aux_loss or none)")
     every, first_dense = _moe_layers(a, where)
-    return MoEConfig(
-        num_experts=experts, top_k=int(_get(a, "moe_router_topk", default=2)), expert_ffn_hidden_size=f,
-        shared_experts=shared // f, score=score,
-        normalize_top_k=not a.get("moe_router_pre_softmax", False) if score == "softmax" else True,
+    top_k = int(_get(a, "moe_router_topk", default=2))
+    return MoEConfig(                  # sigmoid scores are renormalized over the top k when k > 1
+        num_experts=experts, top_k=top_k, expert_ffn_hidden_size=f, shared_experts=shared // f, score=score,
+        normalize_top_k=not a.get("moe_router_pre_softmax", False) if score == "softmax" else top_k > 1,
         route_scale=float(_get(a, "moe_router_topk_scaling_factor", default=1.0)),
         aux_loss_coeff=0.0 if balance == "none" else float(_get(a, "moe_aux_loss_coeff", default=0.0)),
         z_loss_coeff=float(_get(a, "moe_z_loss_coeff", default=0.0)),

@@ -68,7 +68,9 @@ def _megatron_model(spec: dict, tp: int, pp: int = 1):
     if "num_experts" in spec:
         moe = dict(num_moe_experts=spec["num_experts"], moe_router_topk=spec["topk"],
                    moe_ffn_hidden_size=spec["moe_ffn"], moe_shared_expert_intermediate_size=spec["shared"],
-                   moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0)
+                   moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
+                   moe_router_score_function=spec.get("score", "softmax"),
+                   moe_router_topk_scaling_factor=spec.get("scale"))
     cfg = TransformerConfig(
         num_layers=spec["num_layers"], hidden_size=spec["hidden_size"], num_attention_heads=spec["num_attention_heads"],
         num_query_groups=spec["num_query_groups"], ffn_hidden_size=spec["ffn_hidden_size"], normalization="RMSNorm",
@@ -111,7 +113,8 @@ def _args(spec: dict, tp: int) -> argparse.Namespace:
     if "num_experts" in spec:
         a.update(moe_router_topk=spec["topk"], moe_ffn_hidden_size=spec["moe_ffn"],
                  moe_shared_expert_intermediate_size=spec["shared"], moe_router_load_balancing_type="aux_loss",
-                 moe_aux_loss_coeff=0.0, moe_layer_freq=1)
+                 moe_aux_loss_coeff=0.0, moe_layer_freq=1, moe_router_score_function=spec.get("score", "softmax"),
+                 moe_router_topk_scaling_factor=spec.get("scale"))
     return argparse.Namespace(**a)
 
 
@@ -190,7 +193,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = {"tp1_dense": (DENSE, 1, 1), "tp2_dense": (DENSE, 2, 1), "tp1_moe": (MOE, 1, 1), "tp2_moe": (MOE, 2, 1),
-         "pp2_dense": (DENSE, 1, 2), "pp2_moe": (MOE, 1, 2), "tp2_tied": (dict(DENSE, tied=True), 2, 1)}
+         "pp2_dense": (DENSE, 1, 2), "pp2_moe": (MOE, 1, 2), "tp2_tied": (dict(DENSE, tied=True), 2, 1),
+         "tp1_moe_sigmoid": (dict(MOE, score="sigmoid", scale=2.0), 1, 1)}
 
 
 @pytest.fixture(scope="module")
