@@ -313,7 +313,10 @@ def test_megatron_enums_in_args_read_as_text(tmp_path):
     from megatron.core.transformer.enums import AttnBackend
     file = tmp_path / "model_optim_rng.pt"
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(attention_backend=AttnBackend.auto)}, file)
-    assert load_pickle(str(file))["args"].attention_backend == f"AttnBackend({AttnBackend.auto.value!r})"
+    got = load_pickle(str(file))["args"].attention_backend
+    # the stand-in's text; megatron-core allow-lists its own enums globally once some of its
+    # modules are imported (megatron/core/safe_globals.py), and then the enum itself comes back
+    assert got in (f"AttnBackend({AttnBackend.auto.value!r})", AttnBackend.auto), got
 
 
 class _Payload:
