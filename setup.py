@@ -42,6 +42,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.56", "accelerate>=1.0", "torchao>=0.18",
+                "lm-eval>=0.4.9",
                 # lint and types (tests/test_lint.py; configured in ruff.toml and mypy.ini)
                 "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
         # Hugging Face tokenizer directories and checkpoint conversion
@@ -51,5 +52,7 @@ setup(
         "fp8": ["torchao>=0.18"],
         # ... or NVIDIA Transformer Engine (CUDA machines only)
         "te": ["transformer-engine[pytorch]>=2.0"],
+        # downstream evaluation: tools/evaluate.py and in-loop evaluation.tasks (docs/evaluation.md)
+        "eval": ["lm-eval>=0.4.9"],
     },
 )

@@ -27,6 +27,7 @@ from polytron.model.configlib import (
 )
 from polytron.parallel.config import ParallelConfig
 from polytron.parallel.fp8 import FP8Config, cp_refusal
+from polytron.pretrain.evaluation import EvaluationConfig, resolve_evaluation_paths
 
 
 @dataclass
@@ -233,11 +234,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> None:
         """Each section's ranges, then rules spanning sections."""
         for name in ("model", "parallel", "data", "optimizer", "schedule", "training",
-                     "checkpoint", "logging", "precision"):
+                     "checkpoint", "logging", "precision", "evaluation"):
             getattr(self, name).validate()
         self.precision.fp8.check_run(self.model, self.training.device)
         refusal = cp_refusal(self.precision.fp8, self.parallel.context, self.data.seq_len)
@@ -283,6 +285,7 @@ def resolve_paths(cfg: RunConfig, base: str) -> RunConfig:
     if t.resume not in ("auto", "none"):
         t.resume = _absolute(t.resume, base)
     c.dir, c.load = _absolute(c.dir, base), _absolute(c.load, base)
+    resolve_evaluation_paths(cfg.evaluation, base)
     return cfg
 
 
