@@ -67,7 +67,8 @@ class Assumptions:
     """What the step-time estimate assumes (stated in every report, never fitted)."""
     matmul_efficiency: float = 0.75     # achieved / peak tensor-core rate of the model's GEMMs
     overlap_fsdp: bool = True           # FSDP gathers and reduce-scatters hidden behind compute
-    overlap_ring: bool = True           # ring attention's K/V passes hidden behind attention
+    overlap_ring: bool = True           # ring attention's K/V passes hidden behind the attention
+    #                                     score work (only as much of it as that work lasts)
 
 
 # ---------------------------------------------------------------- activations
@@ -411,14 +412,20 @@ def step_time(cfg, dims: ParallelDims, hw: Hardware, a: Assumptions, m: int,
     recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[p.activation_checkpoint]
     compute = flops_rank * (1 + recompute) / (peak * a.matmul_efficiency)
     bubble = (dims.pp - 1) / (m * dims.virtual_stages)          # the same for GPipe and 1F1B
+    from polytron.model.accounting import counts
+    # the attention score work a ring pass can hide behind (the rest of a step cannot: the
+    # next block needs the attention output)
+    attention_s = counts(cfg.model).attention_flops_per_pos * cfg.data.seq_len * tokens_step \
+        / dims.world_size / (peak * a.matmul_efficiency)
     exposed = hidden = 0.0
     for (kind, dim), payload in comm.items():
         n = _group(dims, dim)
         wire = payload * (1.0 if kind == "send" else (n - 1) / n * (2 if kind == "all_reduce" else 1))
         t = wire / _bandwidth(dims, dim, hw)
-        if (dim in ("dp_shard", "efsdp", "dp_replicate") and a.overlap_fsdp) or \
-                (dim == "cp" and kind == "send" and a.overlap_ring):
+        if dim in ("dp_shard", "efsdp", "dp_replicate") and a.overlap_fsdp:
             hidden += t
+        elif dim == "cp" and kind == "send" and a.overlap_ring:
+            exposed += max(0.0, t - attention_s)
         else:
             exposed += t
     step = (compute + exposed) * (1 + bubble)
