@@ -130,6 +130,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x.reshape(-1, self.width)).view_as(x)
 
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Saved for backward per token at uniform routing (docs/scaling.md): per row the input
+        ``w``, router logits and scores ``2 E``, its ``k`` gathered rows with their expert's
+        SwiGLU terms and output ``k (2 w + 4 f_e)``, the combine weights ``2 k``, and the shared
+        experts' SwiGLU terms; replicated over ``tp``."""
+        w, k, f = self.width, self.top_k, self.ffn
+        shared = 4 * next(self.shared.parameters()).shape[0] if self.shared is not None else 0  # w1: (inner, w)
+        return self.rows_per_token * (w + 2 * self.num_experts + k * (2 * w + 4 * f) + 2 * k + shared)
+
     def capacity(self, rows: int) -> Optional[int]:
         """Most rows an expert keeps of a micro-batch of ``rows`` (None: dropless)."""
         if not self.training and self.eval_capacity != "train":
