@@ -501,21 +501,29 @@ def to_hf(src: str, dst: str, tokenizer: Optional[str] = None, dtype: Optional[s
     return path
 
 
-def _read_for_export(path: str, tokenizer: Optional[str], dtype: Optional[str], packed: Optional[str],
-                     plugins: tuple[str, ...]):
-    """(model config, adapter, HF tensors, dtype, tokenizer) of checkpoint ``path``."""
+def checkpoint_model_config(path: str, plugins: tuple[str, ...]):
+    """The model config stored in checkpoint ``path``'s trainer state (plugins only as the
+    user allowed them: model/provenance.py); a missing or broken one is a ConvertError."""
     from polytron.model.configlib import ConfigError
-    from polytron.model.spec import get_spec
     from polytron.pretrain import checkpoint as ckpt
     state = ckpt.read_trainer_state(path)
     run_cfg = state.get("config") if isinstance(state, dict) else None
     try:
-        mcfg = trusted_model_config(run_cfg.get("model") if isinstance(run_cfg, dict) else None, plugins,
+        return trusted_model_config(run_cfg.get("model") if isinstance(run_cfg, dict) else None, plugins,
                                     f"checkpoint {path}")
     except UntrustedCode as e:
         raise ConvertError(str(e)) from None
     except (TypeError, ConfigError) as e:
         raise ConvertError(f"{os.path.join(path, ckpt.STATE_FILE)}: no usable model config ({e})") from None
+
+
+def _read_for_export(path: str, tokenizer: Optional[str], dtype: Optional[str], packed: Optional[str],
+                     plugins: tuple[str, ...]):
+    """(model config, adapter, HF tensors, dtype, tokenizer) of checkpoint ``path``."""
+    from polytron.model.spec import get_spec
+    from polytron.pretrain import checkpoint as ckpt
+    mcfg = checkpoint_model_config(path, plugins)
+    state = ckpt.read_trainer_state(path)
     adapter = get_spec(mcfg.arch).hf
     if packed and adapter is not None:
         if not hasattr(adapter, "packed"):

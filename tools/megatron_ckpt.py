@@ -481,6 +481,18 @@ def ours_to_megatron(cfg, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _moe_arguments(cfg) -> dict:
+    """The router and expert settings Megatron-LM's arguments and megatron-core's
+    TransformerConfig name alike."""
+    m = cfg.moe
+    return dict(moe_router_topk=m.top_k, moe_ffn_hidden_size=m.ffn(cfg),
+                moe_shared_expert_intermediate_size=m.shared_experts * m.ffn(cfg) or None,
+                moe_router_score_function=m.score,
+                moe_router_pre_softmax=m.score == "softmax" and not m.normalize_top_k,
+                moe_router_topk_scaling_factor=m.route_scale if m.route_scale != 1.0 else None,
+                moe_router_enable_expert_bias=m.bias_update_rate > 0)
+
+
 def args_for(cfg, seq_len: int) -> dict:
     """Megatron-LM arguments describing ``cfg`` (stored as the checkpoint's ``args``)."""
     a: dict[str, Any] = dict(
@@ -494,13 +506,8 @@ def args_for(cfg, seq_len: int) -> dict:
         use_rope_scaling=cfg.rope_scaling.type == "llama3", rope_scaling_factor=cfg.rope_scaling.factor)
     if cfg.arch == "moe":
         m = cfg.moe
-        a.update(num_experts=m.num_experts, moe_router_topk=m.top_k, moe_ffn_hidden_size=m.ffn(cfg),
-                 moe_shared_expert_intermediate_size=m.shared_experts * m.ffn(cfg) or None,
-                 moe_router_score_function=m.score,
-                 moe_router_pre_softmax=m.score == "softmax" and not m.normalize_top_k,
-                 moe_router_topk_scaling_factor=m.route_scale if m.route_scale != 1.0 else None,
+        a.update(num_experts=m.num_experts, **_moe_arguments(cfg),
                  moe_aux_loss_coeff=m.aux_loss_coeff, moe_z_loss_coeff=m.z_loss_coeff or None,
-                 moe_router_enable_expert_bias=m.bias_update_rate > 0,
                  moe_router_bias_update_rate=m.bias_update_rate,
                  moe_expert_capacity_factor=m.capacity_factor or None,
                  moe_layer_freq=[0] * m.first_dense + [int((i - m.offset) % m.every == 0 and i >= m.offset)
@@ -518,12 +525,7 @@ def transformer_config_kwargs(cfg) -> dict:
         activation_func="silu", add_bias_linear=False, init_method_std=cfg.init_std)
     if cfg.arch == "moe":
         m = cfg.moe
-        tc.update(num_moe_experts=m.num_experts, moe_router_topk=m.top_k, moe_ffn_hidden_size=m.ffn(cfg),
-                  moe_shared_expert_intermediate_size=m.shared_experts * m.ffn(cfg) or None,
-                  moe_router_score_function=m.score,
-                  moe_router_pre_softmax=m.score == "softmax" and not m.normalize_top_k,
-                  moe_router_topk_scaling_factor=m.route_scale if m.route_scale != 1.0 else None,
-                  moe_router_enable_expert_bias=m.bias_update_rate > 0,
+        tc.update(num_moe_experts=m.num_experts, **_moe_arguments(cfg),
                   moe_layer_freq=args_for(cfg, 0)["moe_layer_freq"])
     gpt = dict(vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_seq_len, position_embedding_type="rope",
                rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
@@ -640,23 +642,15 @@ def _run_settings(run, a: dict, cfg) -> None:
 def to_megatron(src: str, dst: str, overwrite: bool = False, plugins: tuple[str, ...] = ()) -> str:
     """Our checkpoint (or run directory) -> DST/iter_0000000 torch_dist (+ tracker and
     ``megatron_config.json``); returns the checkpoint used."""
-    from polytron.model.configlib import ConfigError
-    from polytron.model.provenance import UntrustedCode, trusted_model_config
     from polytron.pretrain import checkpoint as ckpt
-    from polytron.tools.convert_checkpoint import check_destination, staged
+    from polytron.tools.convert_checkpoint import check_destination, checkpoint_model_config, staged
     converted = os.path.join(src, "checkpoint")              # a from-megatron / from-hf output directory
     path = ckpt.resolve_checkpoint(converted if os.path.isfile(os.path.join(src, "config.yaml"))
                                    and os.path.isdir(converted) else src)
     check_destination(dst, overwrite, [src, path])
+    cfg = checkpoint_model_config(path, plugins)
     state = ckpt.read_trainer_state(path)
     run_cfg = state.get("config") if isinstance(state, dict) else None
-    try:
-        cfg = trusted_model_config(run_cfg.get("model") if isinstance(run_cfg, dict) else None, plugins,
-                                   f"checkpoint {path}")
-    except UntrustedCode as e:
-        raise ConvertError(str(e)) from None
-    except (TypeError, ConfigError) as e:
-        raise ConvertError(f"{path}: no usable model config ({e})") from None
     if cfg.arch not in ("llama", "moe") or cfg.attention != "gqa" or cfg.linear != "linear" \
             or cfg.mlp not in ("swiglu", "moe") or cfg.attention_bias or cfg.mlp_bias \
             or cfg.rope_scaling.type == "linear" or (cfg.arch == "moe" and cfg.moe.heads > 1):
