@@ -11,10 +11,17 @@ tokenizer, staging, refusals) and dispatches on ``model.arch`` (to-hf) or on
     python tools/convert_checkpoint.py from-hf SRC DST [--overwrite]
     python tools/convert_checkpoint.py from-megatron SRC DST [--overwrite]
     python tools/convert_checkpoint.py to-megatron   SRC DST [--overwrite] [--plugin MODULE ...]
+    python tools/convert_checkpoint.py from-yoco-released SRC DST [--params FILE] [--rope-pairing P]
+                                                       [--seq-len N] [--overwrite]
 
 ``from-megatron`` / ``to-megatron``: Megatron-LM / megatron-core GPT checkpoints (torch_dist
 or legacy ``mp_rank_*`` files in; torch_dist out), see tools/megatron_ckpt.py and
 docs/checkpoints.md ("Megatron-LM checkpoints").
+
+``from-yoco-released``: a checkpoint of the released YOCO code (``microsoft/unilm`` ``YOCO/``:
+``params.json`` + ``checkpoint.pth``, or safetensors) -> our ``model.arch=yoco`` checkpoint +
+``config.yaml`` (names and refusals: model/yoco/released.py; docs/checkpoints.md). Pickles are
+read with ``torch.load(weights_only=True)`` only.
 
 ``to-hf``: SRC is a checkpoint directory (``.../iter_0000300``), a checkpoint root or a
 run's output directory (its newest complete checkpoint). DST becomes a Hugging Face
@@ -583,6 +590,94 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     return out
 
 
+# ====================================================================== from-yoco-released
+
+YOCO_REPORT = "yoco_conversion.json"
+YOCO_WEIGHT_FILES = ("checkpoint.pth", "consolidated.00.pth", "model.pth", "model.pt")
+
+
+def _released_files(src: str, params: Optional[str]) -> tuple[str, str]:
+    """(weights, params.json) of a released YOCO checkpoint: SRC a directory (safetensors or
+    one of :data:`YOCO_WEIGHT_FILES`, its params.json) or a weights file (params.json beside it)."""
+    if os.path.isdir(src):
+        names = [n for n in YOCO_WEIGHT_FILES if os.path.isfile(os.path.join(src, n))]
+        safetensors = any(os.path.isfile(os.path.join(src, n))
+                          for n in ("model.safetensors", "model.safetensors.index.json"))
+        if not names and not safetensors:
+            raise ConvertError(f"{src}: no {', '.join(YOCO_WEIGHT_FILES)} or model.safetensors "
+                               f"(or pass the weights file as SRC)")
+        weights = src if safetensors else os.path.join(src, names[0])
+        folder = src
+    elif os.path.isfile(src):
+        weights, folder = src, os.path.dirname(os.path.abspath(src))
+    else:
+        raise ConvertError(f"{src}: no such file or directory")
+    params = params or os.path.join(folder, "params.json")
+    if not os.path.isfile(params):
+        raise ConvertError(f"{params}: no such file (the released YOCOArgs; pass --params FILE)")
+    return weights, params
+
+
+def _read_released_weights(weights: str) -> dict:
+    """Tensors of a safetensors directory/file, or a torch.save file read as data only."""
+    if os.path.isdir(weights):
+        return read_safetensors(weights)
+    if weights.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConvertError(f"{weights}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    import pickle
+    try:
+        loaded = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{weights}: not loadable as data only (torch.load weights_only=True: {text}); "
+                           f"save the YOCO module's state_dict() alone, or as safetensors") from None
+    if not isinstance(loaded, dict):
+        raise ConvertError(f"{weights}: holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def from_yoco_released(src: str, dst: str, params: Optional[str] = None, pairing: str = "interleaved",
+                       seq_len: int = 0, overwrite: bool = False) -> str:
+    """Released YOCO checkpoint -> DST/checkpoint + DST/config.yaml (+ report); returns the config path.
+
+    ``pairing``: ``interleaved`` keeps the weights as saved (``model.yoco.rope_pairing:
+    interleaved``); ``rotate_half`` permutes the query/key rows into our default pairing.
+    Both take ``rope_frequencies: released``; the logits are the released model's."""
+    from polytron.model.yoco import released
+    from polytron.pretrain.config import RunConfig
+    weights, params_file = _released_files(src, params)
+    check_destination(dst, overwrite, [src, weights, params_file])
+    try:
+        with open(params_file) as f:
+            args = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{params_file}: unreadable JSON ({str(e).splitlines()[0]})") from None
+    cfg = released.model_config(args, params_file, pairing)
+    tensors = released.from_released(cfg, released.unwrap(_read_released_weights(weights), weights), weights)
+    notes = []
+    if args["n_layers"] % 2:
+        notes.append(f"n_layers={args['n_layers']} is odd: the released code builds n_layers // 2 layers per "
+                     f"decoder, so model.num_layers={cfg.num_layers}")
+    notes.append("data.tokenizer is not set: the released models use tiktoken cl100k_base; set a tokenizer "
+                 "with the same ids before training")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    run = RunConfig(model=cfg)
+    run.data.seq_len = seq_len or min(2048, cfg.max_seq_len)
+    run.training.name = os.path.basename(os.path.abspath(src).rstrip("/"))
+    report = {"source": os.path.abspath(weights), "params": os.path.abspath(params_file), "tensors": len(tensors),
+              "rope_pairing": pairing, "rope_frequencies": "released", "notes": notes}
+    write_converted_run(dst, run, cfg, tensors, os.path.abspath(weights), suffix="continued",
+                        what="(tools/convert_checkpoint.py from-yoco-released)", report_name=YOCO_REPORT,
+                        report=report)
+    return os.path.join(dst, "config.yaml")
+
+
 # ====================================================================== CLI
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -618,6 +713,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     d.add_argument("dst")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty DST")
     add_plugin_option(d)
+    e = sub.add_parser("from-yoco-released", help="released YOCO checkpoint (microsoft/unilm YOCO/: params.json "
+                                                  "+ checkpoint.pth or safetensors) -> polytron checkpoint + "
+                                                  "config.yaml")
+    e.add_argument("src", help="directory with params.json and checkpoint.pth (or safetensors), or the weights file")
+    e.add_argument("dst")
+    e.add_argument("--params", help="the released YOCOArgs JSON (default: params.json beside the weights)")
+    e.add_argument("--rope-pairing", choices=("interleaved", "rotate_half"), default="interleaved",
+                   help="interleaved: weights as saved (default); rotate_half: q/k rows permuted into our "
+                        "default pairing (same logits)")
+    e.add_argument("--seq-len", type=int, default=0, help="data.seq_len of the written config "
+                                                            "(default min(2048, model.max_seq_len))")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace checkpoint/, config.yaml and the report in a non-empty DST")
     return p.parse_args(argv)
 
 
@@ -631,6 +739,9 @@ def main(argv: list[str]) -> int:
     elif args.cmd == "from-megatron":
         from polytron.tools.megatron_ckpt import from_megatron
         out = from_megatron(args.src, args.dst, args.overwrite)
+        print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
+    elif args.cmd == "from-yoco-released":
+        out = from_yoco_released(args.src, args.dst, args.params, args.rope_pairing, args.seq_len, args.overwrite)
         print(f"wrote checkpoint {os.path.join(args.dst, 'checkpoint')} and run config {out}")
     elif args.cmd == "to-megatron":
         from polytron.tools.megatron_ckpt import MEGATRON_CONFIG, to_megatron
