@@ -284,6 +284,20 @@ def test_from_hf_into_its_source_refused(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: destination") and _snapshot(hf) == before
 
 
+def test_from_hf_into_an_alias_of_its_source_refused(tmp_path, capsys):
+    """DST given through a symlinked parent directory that resolves to SRC (another path
+    string, the same directory): refused by file identity, SRC untouched."""
+    hf = tmp_path / "models" / "hf"
+    hf_llama(str(hf))
+    os.symlink(tmp_path / "models", tmp_path / "alias")
+    before = _snapshot(hf)
+    capsys.readouterr()
+    assert main(["from-hf", str(hf), str(tmp_path / "alias" / "hf"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: destination") and "is the source" in err and err.count("\n") == 1, err
+    assert _snapshot(hf) == before
+
+
 def test_from_hf_tie_flag_with_a_distinct_head(tmp_path, capsys):
     """config.json says tie_word_embeddings but the weights hold their own lm_head.weight:
     transformers keeps both (untied); from-hf does the same, so the logits agree."""

@@ -8,6 +8,7 @@ real megatron-core loader.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -140,6 +141,36 @@ def test_mixture_refuses_a_raw_prefix_of_another_tokenizer(corpus, toks, tmp_pat
         assert json.load(f)["tokenizer_fingerprint"] == load_tokenizer(corpus.tokenizer).fingerprint
 
 
+def test_tokenizer_directory_with_custom_code_is_refused_unrun(corpus, tmp_path, capsys, monkeypatch):
+    """A Hugging Face tokenizer directory whose auto_map names a module of its own (which
+    writes a marker when imported), with "y" on stdin: preprocess_data.py --tokenizer DIR and
+    a run's data.tokenizer=DIR stop with one line; nothing prompts, stdin stays unread, no
+    marker."""
+    from polytron.tools.convert_checkpoint import write_tokenizer
+    custom, marker = tmp_path / "custom_tok", str(tmp_path / "MARKER")
+    custom.mkdir()
+    write_tokenizer(corpus.tokenizer, str(custom))
+    (custom / "tokenization_custom.py").write_text(
+        f"open({marker!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((custom / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="CustomTokenizer",
+               auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+    (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
+    stdin = io.StringIO("y\ny\n")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    src = write_jsonl(str(tmp_path / "x.jsonl"), corpus.docs[:2])
+    rc = preprocess_data.main(["--input", src, "--output-prefix", str(tmp_path / "d"), "--tokenizer", str(custom),
+                               "--no-progress", "--workers", "1"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(custom) in line and "custom code" in line, line
+    with pytest.raises(DataError, match="custom code"):
+        _build(_cfg(corpus.a, str(custom), tmp_path / "cache"), 512)
+    assert not os.path.exists(marker) and stdin.read() == "y\ny\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("d.")]
+
+
 # ----------------------------------------------------------------------------- index cache
 
 
@@ -177,6 +208,23 @@ def test_merge_output_through_a_symlinked_directory_is_refused(corpus, tmp_path,
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "is also an input" in line
     assert _files(real) == before
+
+
+def test_merge_output_hard_linked_to_an_input_is_refused(corpus, tmp_path, capsys):
+    """--output-prefix out/m where out/m.bin and out/m.idx are hard links of input a's files
+    (another name, another directory, the same files): refused, nothing written or removed."""
+    real, out = tmp_path / "real", tmp_path / "out"
+    real.mkdir(), out.mkdir()
+    for ext in (".bin", ".idx", ".summary.json"):
+        with open(corpus.a + ext, "rb") as src, open(real / ("a" + ext), "wb") as dst:
+            dst.write(src.read())
+    for ext in (".bin", ".idx"):
+        os.link(real / ("a" + ext), out / ("m" + ext))
+    before, before_out = _files(real), _files(out)
+    rc = merge_datasets.main(["--input", str(real / "a"), corpus.b, "--output-prefix", str(out / "m")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "is also an input" in line and str(real / "a") in line
+    assert _files(real) == before and _files(out) == before_out
 
 
 def test_mixture_source_reading_another_sources_output_is_refused(corpus, tmp_path, capsys):

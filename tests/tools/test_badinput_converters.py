@@ -111,6 +111,28 @@ def test_sparse_upcycling_of_a_hugging_face_directory_needs_no_data(inputs, tmp_
     assert cfg.model.moe.num_experts == 2 and cfg.data.tokenizer == inputs["hf"]
 
 
+def test_sparse_overwrite_sets_aside_the_earlier_run_under_dst(inputs, tmp_path, capsys):
+    """``upcycle.py sparse ... --overwrite`` into a DST whose earlier conversion was trained
+    on (DST/run holds its checkpoint): DST/run, which ``training.resume=auto`` would resume
+    instead of the new DST/checkpoint, is renamed aside (kept, named on stdout and in the
+    report); the new config's output directory is empty."""
+    dst = str(tmp_path / "moe")
+    argv = ["sparse", inputs["hf"], dst, "--experts", "2", "--top-k", "1"]
+    assert upcycle.main(argv) == 0
+    trained = os.path.join(dst, "run", "checkpoints", "iter_0000003")
+    first = ckpt.read_trainer_state(os.path.join(dst, "checkpoint"))
+    ckpt.save_tensors(trained, ckpt.load_tensors(os.path.join(dst, "checkpoint")), dict(first, iteration=3))
+    capsys.readouterr()
+    assert upcycle.main([*argv, "--noise", "0.5", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    superseded = json.load(open(os.path.join(dst, "upcycle_report.json")))["superseded_run"]
+    assert superseded.startswith(os.path.join(dst, "run.superseded-")) and superseded in out
+    assert os.path.isdir(os.path.join(superseded, "checkpoints", "iter_0000003"))
+    assert not os.path.exists(os.path.join(dst, "run"))
+    cfg = load_config(os.path.join(dst, "config.yaml"), [f"data.paths=[{inputs['prefix']}]"])
+    assert cfg.training.output_dir == os.path.join(dst, "run")
+
+
 def test_relative_paths_on_the_command_line_are_stored_absolute(inputs, tmp_path, monkeypatch):
     """``data.paths=[corpus]`` given from the corpus's directory is written as its absolute
     path: the config and checkpoint mean the same files to whoever reads them, from wherever."""

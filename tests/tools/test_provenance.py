@@ -315,6 +315,39 @@ def test_checkpoint_removed_while_reading_falls_back(tmp_path, weights):
     assert torch.equal(tensors["tok_embeddings.weight"], weights["tok_embeddings.weight"])
 
 
+@pytest.mark.parametrize("tool", ["generate", "to-hf"])
+def test_tools_on_a_live_run_read_the_newest_remaining_checkpoint(tool, tmp_path, toks, weights, plain_run,
+                                                                   monkeypatch, capsys):
+    """The tools themselves on a run directory whose retention deletes the newest checkpoint
+    right after the tool resolved it (done at the tool's first read of its trainer state):
+    exit 0 with the older checkpoint's weights, where they once said 'has no manifest.json:
+    unfinished save'."""
+    run_dir = str(tmp_path / "run")
+    older = save_run(run_dir, weights, toks["run"], iteration=2)                # = plain_run's weights
+    other = {k: v.detach().clone() for k, v in build_model(tiny_model_config(), seed=11).state_dict().items()}
+    newest = save_run(run_dir, other, toks["run"], iteration=4)
+    real_read, seen = ckpt.read_trainer_state, []
+
+    def read_trainer_state(path: str) -> dict:
+        seen.append(os.path.abspath(path))
+        if seen[-1] == newest:
+            discovery.remove(newest)                                           # retention, mid-read
+        return real_read(path)
+
+    monkeypatch.setattr(ckpt, "read_trainer_state", read_trainer_state)
+    if tool == "generate":
+        args = ["--prompt", PROMPT, "--max-new-tokens", "8"]
+        code, out, err = run_main(capsys, generate_main, run_dir, *args)
+        assert (code, err) == (0, "") and out == run_main(capsys, generate_main, plain_run, *args)[1]
+    else:
+        from safetensors.torch import load_file
+        code, out, err = run_main(capsys, convert_main, "to-hf", run_dir, str(tmp_path / "hf"))
+        assert code == 0 and "Traceback" not in err, err
+        hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+        assert torch.equal(hf["model.embed_tokens.weight"], weights["tok_embeddings.weight"])
+    assert seen[0] == newest and older in seen and not os.path.exists(newest)
+
+
 def test_named_checkpoint_removed_while_reading_says_so(tmp_path, weights):
     newest = save_run(str(tmp_path / "run"), weights, "tok.model", iteration=4)
 
