@@ -7,7 +7,8 @@ from polytron.model.configlib import bad, doc
 
 #: Projection roles quantized by default: every one but the output head and MoE routers.
 DEFAULT_QUANTIZED = ["q", "k", "v", "o", "gate", "up", "down", "proj"]
-#: Roles whose projections read a block's input: without pre-norms their BitLinear norm is the only one.
+#: Roles whose projections read a block's input: without pre-norms their BitLinear norm is the only one
+#: (``proj`` too where the slot kinds use it on the input: :func:`input_roles`).
 INPUT_ROLES = ("q", "k", "v", "gate", "up")
 
 
@@ -29,7 +30,9 @@ class BitNetConfig:
         "false: the training-tips FAQ's b1.58 block, x + attn(x) then + mlp(x), whose BitLinear inner "
         "norm (linear_norm: true) is the only normalization of the block input; saves 2 x "
         "hidden_size gains per layer. Needs the projections reading the block input (q k v gate up) "
-        "quantized. true: the 2B4T model's block and our default for the paper's variant."))
+        "quantized (and proj for mlp mh_moe / attention retention). mlp moe (and mh_moe with one head) "
+        "is refused: its router reads the block input unnormalized. true: the 2B4T model's block and "
+        "our default for the paper's variant."))
 
     def validate(self, model) -> None:
         """Reject settings that cannot work with the rest of ``model``."""
@@ -53,7 +56,21 @@ class BitNetConfig:
         if model.linear != "bitlinear" or not self.linear_norm:
             raise bad("model.bitnet.block_prenorm", False, "true unless model.linear=bitlinear with "
                       "model.bitnet.linear_norm=true (BitLinear's inner RMSNorm replaces the pre-norms)")
-        missing = [r for r in INPUT_ROLES if r not in self.quantize]
+        heads = getattr(getattr(model, "moe", None), "heads", 1)
+        if model.mlp == "moe" or (model.mlp == "mh_moe" and heads == 1):
+            raise bad("model.bitnet.block_prenorm", False, f"true while model.mlp={model.mlp} routes the "
+                      "block input itself (its fp32 router would read the un-normalized residual; the FAQ "
+                      "block has no MoE form): use model.mlp=mh_moe with model.moe.heads > 1, whose router "
+                      "reads the BitLinear split projection")
+        missing = [r for r in input_roles(model) if r not in self.quantize]
         if missing:
             raise bad("model.bitnet.block_prenorm", False, f"true while model.bitnet.quantize lacks "
                       f"{', '.join(missing)} (those projections would read the un-normalized residual)")
+
+
+def input_roles(model) -> tuple[str, ...]:
+    """Roles of the projections that read a block's input under ``model``'s slot kinds: q k v
+    gate up, plus ``proj`` for retention's decay gate and MH-MoE's split projection."""
+    heads = getattr(getattr(model, "moe", None), "heads", 1)
+    extra = model.attention == "retention" or (model.mlp == "mh_moe" and heads > 1)
+    return INPUT_ROLES + (("proj",) if extra else ())

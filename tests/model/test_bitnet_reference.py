@@ -157,3 +157,48 @@ def test_faq_block_matches_the_faqs_equations(scale):
     params = [x, block.attention.wq.weight, block.attention.wo.weight, block.mlp.w1.weight, block.mlp.w2.weight]
     for a, b in zip(grads(got, params), grads(want, params)):
         close(a, b, atol=1e-5 * max(scale, 1.0))
+
+
+# ---------------------------------------------------------------- the FAQ block with an MoE MLP
+
+def faq_moe_config(mlp: str, heads: int = 1, quantize=None, validate: bool = True) -> ModelConfig:
+    bitnet = dict(linear_norm=True, block_prenorm=False, **({"quantize": quantize} if quantize else {}))
+    cfg = from_dict(ModelConfig, dict(arch="bitnet", linear="bitlinear", mlp=mlp, vocab_size=64, hidden_size=32,
+                                      num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48, max_seq_len=32,
+                                      norm_eps=EPS, init_std=0.05, moe=dict(num_experts=4, top_k=2, heads=heads),
+                                      bitnet=bitnet), prefix="model.")
+    if validate:
+        cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("mlp,heads,quantize,expect", [
+    ("moe", 1, None, "model.mlp=moe routes the block input itself"),
+    ("mh_moe", 1, None, "model.mlp=mh_moe routes the block input itself"),
+    ("mh_moe", 2, ["q", "k", "v", "o", "gate", "up", "down"], "model.bitnet.quantize lacks proj"),
+], ids=["moe", "mh_moe-one_head", "mh_moe-plain_split"])
+def test_faq_block_refuses_an_mlp_reading_the_raw_residual(mlp, heads, quantize, expect):
+    """Without pre-norms an MoE router (fp32, never a BitLinear) would read the residual
+    stream unnormalized: refused at validation, one line naming the key."""
+    from polytron.model.configlib import ConfigError
+    with pytest.raises(ConfigError) as e:
+        faq_moe_config(mlp, heads, quantize)
+    assert "model.bitnet.block_prenorm" in str(e.value) and expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_faq_block_mh_moe_reads_its_input_only_through_bitlinear_norms():
+    """The allowed MoE form, mh_moe with heads > 1: the router reads the BitLinear split
+    projection, so the MLP's output does not depend on the residual's scale (every read
+    RMS-normalizes; only eps / scale^2 moves it). The same MLP with a plain split (what the
+    refusal above prevents) routes scaled inputs differently."""
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    for quantized_split in (True, False):
+        cfg = faq_moe_config("mh_moe", 2)
+        if not quantized_split:                       # bypasses the refusal to show what it prevents
+            cfg.bitnet.quantize = [r for r in cfg.bitnet.quantize if r != "proj"]
+        block = build_model(cfg, seed=6).layers["0"]
+        assert isinstance(block, NoPreNormBlock)
+        with torch.no_grad():
+            outs = [block.mlp(x * c) for c in (1.0, 0.5, 8.0)]
+        same = all(torch.allclose(o, outs[0], rtol=1e-4, atol=1e-5) for o in outs[1:])
+        assert same == quantized_split
