@@ -95,6 +95,10 @@ def model_config(params: Any, file: str, pairing: str = "interleaved"):
                            f"or null for gated retention)")
     if not isinstance(opt["max_seq_len"], int) or isinstance(opt["max_seq_len"], bool):
         raise ConvertError(f"{file}: max_seq_len={opt['max_seq_len']!r} is not an integer")
+    for key in ("rope_theta", "norm_eps"):
+        value = opt[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ConvertError(f"{file}: {key}={value!r} is not a positive number")
     yoco = dict(self_layers=n // 2, gate_logit_normalizer=RELEASED_TAU, rope_pairing=pairing,
                 rope_frequencies="released")
     if window is None:

@@ -175,6 +175,7 @@ def _hostile(folder) -> str:
     ("unknown_field", "YOCOArgs field(s) gate_bias not known"),
     ("missing_field", "missing hidden_dim"),
     ("bool_window", "sliding_window=True is not a window length"),
+    ("text_theta", "rope_theta='1e4' is not a positive number"),
     ("kv_heads", "model.num_kv_heads"),
     ("not_tensor", "entry 'self_decoder.layers.0.mixer.q_proj.weight' is not a tensor"),
     ("hostile", "not loadable as data only (torch.load weights_only=True"),
@@ -196,6 +197,8 @@ def test_refusals_are_one_line(tmp_path, case, expect):
         del params["hidden_dim"]
     elif case == "bool_window":
         params["sliding_window"] = True
+    elif case == "text_theta":
+        params["rope_theta"] = "1e4"
     elif case == "kv_heads":
         params["n_attn_kv_heads"] = 3
     elif case == "not_tensor":
