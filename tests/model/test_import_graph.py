@@ -98,6 +98,43 @@ def test_parallel_imports_no_architecture():
     assert found == [], found
 
 
+#: What an architecture folder may import from the packages above model/: the registries
+#: it extends (tensor-parallel styles and their helpers, context-parallel mixers, schedule
+#: kinds). Type-only imports (under ``if TYPE_CHECKING:``) are not counted.
+UPWARD_REGISTRIES = {"polytron.parallel.roles", "polytron.parallel.tensor_parallel",
+                     "polytron.parallel.context", "polytron.pretrain.schedule"}
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports outside ``if TYPE_CHECKING:`` blocks (any depth)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_model_imports_upward_only_the_registries_it_extends():
+    """The model core imports nothing of the packages above it at run time; an architecture
+    folder only the registries it extends (docs/design.md, "Layering")."""
+    above = tuple(f"polytron.{t}" for t in TOPS if t != "model")
+    found = []
+    for name, path in sorted(modules("model").items()):
+        core = path.parent == ROOT / "model"
+        for target in sorted(runtime_imports(path)):
+            if target.startswith(above) and (core or target not in UPWARD_REGISTRIES):
+                found.append(f"{name} imports {target}")
+    assert found == [], found
+
+
 def test_every_module_imports_under_polytron_only(tmp_path):
     """One module under two names (``model.layers`` and ``polytron.model.layers``) would hold
     two registries; importing everything must leave no bare top-level name in sys.modules."""
