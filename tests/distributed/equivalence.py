@@ -9,8 +9,9 @@ micro-batches of the same size, so both average the same per-micro-batch losses.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -149,9 +150,23 @@ def train(pcfg: ParallelConfig, mcfg: ModelConfig, variant: str, world_size: int
             "stats": engine.reduce_stats(), "params": engine.full_parameters()}
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body on one intra-op thread, as every rank of a spawn does: the tiny model's
+    ops gain nothing from more, and on a loaded 2-core machine the idle threads' spinning
+    made a reference run cost 6-20 CPU seconds instead of ~0.2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference(model_overrides: dict, variant: str) -> dict:
-    """The single-process run of the same global batches."""
-    return train(ParallelConfig(), model_config(**model_overrides), variant, 1)
+    """The single-process run of the same global batches (on one thread)."""
+    with one_thread():
+        return train(ParallelConfig(), model_config(**model_overrides), variant, 1)
 
 
 class LayoutFault(RuntimeError):
