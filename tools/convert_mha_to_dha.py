@@ -11,7 +11,10 @@ from the data of the run config: the checkpoint's own run config, or for a Huggi
 directory a fresh one with the directory's tokenizer (``training.global_batch_size`` 0:
 auto, the micro-batch size), so ``data.paths=[PREFIX]`` (data tokenized with it) must be
 given. Trailing ``section.key=value`` overrides change that run config, and with it the
-written continued pre-training config.
+written continued pre-training config. A checkpoint whose recorded tokenizer fingerprint
+is not that of the ``data.tokenizer`` its config now names is refused (the written
+checkpoint records the config's tokenizer); ``data.tokenizer=PATH`` given here is used as
+asked, with a note.
 
 Steps (model/dha/fusion.py; docs/dha.md): per layer, separately for keys and values,
 the similarity of the source heads on ``--calib-samples`` calibration sequences; groups
@@ -69,7 +72,8 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         origin, path = os.path.abspath(src), None
     else:
         path = ckpt.resolve_checkpoint(src)
-        stored = ckpt.read_trainer_state(path).get("config")
+        state = ckpt.read_trainer_state(path)
+        stored = state.get("config")
         if not isinstance(stored, dict):
             raise ConvertError(f"{path}: the checkpoint records no run config")
         run_dict = stored
@@ -77,12 +81,41 @@ def load_source(src: str, overrides: list[str], needs_data: bool = True, plugins
         check_plugins(run_dict.get("model"), plugins, f"checkpoint {path}")
         tensors = ckpt.load_tensors(path)
         origin = path
+    given = set()
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(run_dict, keys, absolute_override(keys, value))
+        given.add(tuple(keys))
     if path:
         anchor_stored_paths(run_dict, path)
+        check_trained_tokenizer(run_dict, state.get("tokenizer_fingerprint"), path, ("data", "tokenizer") in given)
     return validated(run_dict, needs_data), tensors, origin
+
+
+def check_trained_tokenizer(run_dict: dict, recorded, ckpt_path: str, explicit: bool) -> None:
+    """The converted checkpoint records the fingerprint of ``data.tokenizer`` (and training
+    checks against it), so that tokenizer must be the one checkpoint ``ckpt_path`` was
+    trained with (``recorded``): a stored one that is not is refused naming both; one given
+    on this command line (``explicit``) is used as asked, with a note. Nothing to compare
+    when the checkpoint records no fingerprint or the tokenizer does not load."""
+    from polytron.data.errors import DataError
+    from polytron.data.tokenizer import fingerprint_of
+    data = run_dict.get("data")
+    tok = data.get("tokenizer") if isinstance(data, dict) else None
+    if not isinstance(recorded, str) or not recorded or not isinstance(tok, str) or not tok:
+        return
+    try:
+        now = fingerprint_of(tok)
+    except (DataError, OSError):
+        return                                   # validation or training names the unreadable file
+    if now == recorded:
+        return
+    line = (f"tokenizer mismatch: checkpoint {ckpt_path} was trained with tokenizer {recorded}, "
+            f"data.tokenizer {tok} is {now}")
+    if not explicit:
+        raise ConvertError(f"{line}; give data.tokenizer=PATH on the command line (the tokenizer it was trained "
+                           "with, or another one deliberately)")
+    print(f"note: {line}; using it as data.tokenizer= asks", file=sys.stderr)
 
 
 def anchor_stored_paths(run_dict: dict, ckpt_path: str) -> None:

@@ -34,6 +34,9 @@ tokenizer its run config names (relative paths looked up under its run directory
 still loads, for a Hugging Face directory its own tokenizer's. Two known fingerprints that
 differ are refused with one line naming both (``--allow-tokenizer-change`` merges them
 anyway, with a note); sources whose tokenizer is unknown are compared by vocabulary size.
+A checkpoint whose recorded fingerprint is not that of the ``data.tokenizer`` its config
+now names is refused (both modes): the written checkpoint records the config's tokenizer;
+``data.tokenizer=PATH`` on the command line is used as asked, with a note.
 
 DST receives ``checkpoint/`` (weights-only), ``config.yaml`` (continued training:
 ``python launch/pretrain.py --config DST/config.yaml``) and ``upcycle_report.json``. DST must

@@ -262,6 +262,31 @@ def test_upit_refuses_checkpoints_of_different_tokenizers(tokenizers, tmp_path, 
     assert "note: tokenizer mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool", ["sparse", "dha"])
+def test_source_trained_with_another_tokenizer_than_its_config_names(tokenizers, tmp_path, capsys, tool):
+    """A checkpoint records the fingerprint of tokenizer A but its run config now names B (the
+    same size: the file was replaced, or data re-tokenized): converting would write a checkpoint
+    recording B, which training with B then accepts. Refused naming both; a data.tokenizer
+    given on the command line is used with a note and recorded."""
+    from polytron.data.tokenizer import fingerprint_of
+    fp_a, fp_b = fingerprint_of(tokenizers[0]), fingerprint_of(tokenizers[1])
+    src = _checkpoint(str(tmp_path / "src"), tokenizers[1], fp_a, 0)
+    dst = str(tmp_path / "out")
+    argv = ["sparse", src, dst, "--experts", "2", "--top-k", "1"] if tool == "sparse" else [src, dst, "--budget", "0.5"]
+    main = upcycle.main if tool == "sparse" else dha.main
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "tokenizer mismatch" in line and src in line and fp_a in line and fp_b in line, line
+    assert "data.tokenizer=" in line and not os.path.exists(dst)
+    if tool == "dha":
+        return
+    for tok, fp in ((tokenizers[0], fp_a), (tokenizers[1], fp_b)):
+        assert main([*argv, f"data.tokenizer={tok}", "--overwrite"]) == 0
+        err = capsys.readouterr().err
+        assert (fp_a in err and fp_b in err and err.startswith("note: ")) == (fp == fp_b), err
+        assert ckpt.read_trainer_state(os.path.join(dst, "checkpoint"))["tokenizer_fingerprint"] == fp
+
+
 def test_upit_merges_checkpoints_of_one_tokenizer(tokenizers, tmp_path):
     """One checkpoint records the fingerprint, the other (older) only names the same tokenizer."""
     from polytron.data.tokenizer import fingerprint_of
