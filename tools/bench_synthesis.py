@@ -84,8 +84,8 @@ def reference(model_dir: str, texts: list[str], max_new: int) -> dict:
 
     from polytron.data.instruct import parse_pairs, render_prompt, synthesis_prompt
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
     new_tokens = pairs = 0
     t0 = time.perf_counter()
     for text in texts:
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     load_after = os.getloadavg()[0]
     rows = mixture(tok, os.path.join(args.workdir, "syn.jsonl"), raw, args)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True).parameters())
+        model_dir, local_files_only=True, trust_remote_code=False).parameters())
     print(f"model: random Llama, {params / 1e6:.1f}M parameters; {len(texts)} documents of {args.chars} chars, "
           f"{args.max_new_tokens} new tokens each, greedy")
     print(f"reference (per document): {ref['docs_per_s']:.3f} docs/s ({ref['seconds']:.1f} s)")
