@@ -40,7 +40,7 @@ from polytron.pretrain.config import OptimizerConfig, ScheduleConfig
 from polytron.pretrain.optim import build_optimizer
 from polytron.pretrain.step import TrainStep
 from tests.distributed import equivalence as eq
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import BatchResult, Call, run_batch
 
 REL = 1e-5
 #: later steps and final parameters (see the module docstring)
@@ -64,6 +64,10 @@ LAYOUTS = {
     "cp2_pp2": ({"context": 2, "pipeline": 2}, {}, POW2),
     "cp2_tp2_sp": ({"context": 2, "tensor": 2}, {}, POW2),
 }
+#: a layout's time limit inside its spawn (three FP8 steps take a few seconds; this bounds a
+#: hang), and the spawn's process start and rendezvous
+BUDGET_S = 120.0
+BASE_S = 120.0
 #: processes of a layout's spawn (default 2)
 WORLD = {"cp2_fsdp2": 4, "cp2_pp2": 4, "cp2_tp2_sp": 4}
 
@@ -92,22 +96,24 @@ def train(par: dict, model: dict, fp8: dict, world: int) -> dict:
 REFERENCE_FP8 = {"tp2_kv1_no_sp_rowwise": {**ROWWISE, "keep_roles": ["head", "k", "v"]}}
 
 
-def run_layouts(names: list[str]) -> dict[str, dict]:
-    world = dist.get_world_size()
-    return {name: train(*LAYOUTS[name], world) for name in names}
+def run_layout(name: str) -> dict:
+    """Worker body (every rank): train the FP8 layout ``name`` on the current world."""
+    return train(*LAYOUTS[name], dist.get_world_size())
 
 
 @functools.lru_cache(maxsize=None)
-def _results(world: int) -> dict[str, list[dict]]:
-    names = [n for n in LAYOUTS if WORLD.get(n, 2) == world]
-    per_rank = run_distributed(run_layouts, world, names, backend="gloo", timeout=900)
-    return {n: [r[n] for r in per_rank] for n in names}
+def _results(world: int) -> BatchResult:
+    """Per-layout outcomes of every layout of ``world`` ranks: one spawn, each layout its own
+    call (a failing layout fails alone; the ones after it run in a fresh spawn)."""
+    calls = [Call(n, run_layout, (n,), BUDGET_S) for n in LAYOUTS if WORLD.get(n, 2) == world]
+    return run_batch(calls, world, base_s=BASE_S)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(model_key: tuple, fp8_key: tuple) -> dict:
     fp8 = {k: list(v) if isinstance(v, tuple) else v for k, v in fp8_key}
-    return train({}, dict(model_key), fp8, 1)
+    with eq.one_thread():
+        return train({}, dict(model_key), fp8, 1)
 
 
 def _rel(a: float, b: float) -> float:
@@ -121,7 +127,7 @@ def test_fp8_layout_matches_single_process_fp8(name):
     ref_fp8 = REFERENCE_FP8.get(name, fp8)
     ref = _reference(tuple(sorted(model.items())), tuple((k, tuple(v) if isinstance(v, list) else v)
                                                          for k, v in sorted(ref_fp8.items())))
-    ranks = _results(WORLD.get(name, 2))[name]
+    ranks = _results(WORLD.get(name, 2)).get(name)      # raises this layout's own failure
     assert ref["converted"] == (20 if name in REFERENCE_FP8 else 28)
     if name in REFERENCE_FP8:               # kept because replicated, not by role
         assert all(res["converted"] == 20 for res in ranks)
