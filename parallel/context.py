@@ -80,10 +80,10 @@ def cp_mixer(kind: str) -> Optional[CPMixerEntry]:
     return CP_MIXERS.get(kind)
 
 
-# attention kinds whose forward attends through model.layers.attend (checked by the
-# equivalence layouts in tests/distributed/layouts_cp.py)
-for _kind in ("gqa", "dha", "gqa_subnorm"):
-    register_cp_mixer(_kind)
+# The core GQA attends through model.layers.attend, so its CP form is the native forward
+# (tests/distributed/layouts_cp.py); an architecture folder registers its own kinds (DHA
+# and BitNet's gqa_subnorm in their tp_styles.py, YOCO's in model/yoco/context_parallel.py).
+register_cp_mixer("gqa")
 
 
 # ---------------------------------------------------------------- layout

@@ -1,4 +1,6 @@
-"""BitNet's tensor-parallel role ``sharded_norm`` (registered in :mod:`polytron.parallel.roles`).
+"""BitNet's parallel registrations: the tensor-parallel role ``sharded_norm`` (in
+:mod:`polytron.parallel.roles`) and the context-parallel form of ``gqa_subnorm`` (in
+:mod:`polytron.parallel.context`: native, it attends through ``model.layers.attend``).
 
 A norm over a column-sharded last dimension, between a colwise and a rowwise projection
 (the sub-norms of model/bitnet/layers.py): its input is taken as ``Shard(-1)``, so the
@@ -7,7 +9,10 @@ local tensor. Imported by model/bitnet/layers.py.
 """
 from __future__ import annotations
 
+from polytron.parallel.context import register_cp_mixer
 from polytron.parallel.roles import register_tp_style
+
+register_cp_mixer("gqa_subnorm")
 
 
 @register_tp_style("sharded_norm")

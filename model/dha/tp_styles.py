@@ -1,4 +1,6 @@
-"""DHA's tensor-parallel role ``tp_local`` (registered in :mod:`polytron.parallel.roles`).
+"""DHA's parallel registrations: the tensor-parallel role ``tp_local`` (in
+:mod:`polytron.parallel.roles`) and the context-parallel form of ``dha`` (in
+:mod:`polytron.parallel.context`: native, its forward attends through ``model.layers.attend``).
 
 A module with plain (non-parameter) state indexed by heads (the query -> key/value head
 maps, :class:`~polytron.model.dha.layers.HeadMaps`, a
@@ -8,7 +10,10 @@ maps, :class:`~polytron.model.dha.layers.HeadMaps`, a
 from __future__ import annotations
 
 from polytron.model.protocols import TPLocal
+from polytron.parallel.context import register_cp_mixer
 from polytron.parallel.roles import register_tp_style
+
+register_cp_mixer("dha")
 
 
 def _localize(module, mesh) -> None:
