@@ -69,6 +69,23 @@ def make_linear(cfg, in_features: int, out_features: int, bias: bool, role: str)
     return module
 
 
+def projection_saved(projections: list[nn.Module], n: float, input_saved: bool = False) -> float:
+    """Elements per token that ``projections``, all reading one input of ``n`` elements per token
+    on this rank, save for backward (docs/scaling.md). A plain linear saves the input itself, one
+    storage shared by all of them (not counted when ``input_saved``: another op keeps it); a
+    projection declaring ``own_saved(n) -> (elements, keeps the input)`` (BitLinear: its quantized
+    input and scales) adds its own terms, and may hold the shared input too."""
+    own, shared = 0.0, False
+    for p in projections:
+        declared = getattr(type(p), "own_saved", None)
+        if declared is None:
+            shared = True
+        else:
+            elements, keeps_input = declared(p, n)
+            own, shared = own + elements, shared or keeps_input
+    return own + (n if shared and not input_saved else 0.0)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32."""
 
@@ -240,10 +257,17 @@ class GroupedQueryAttention(nn.Module):
         """Saved for backward per token (docs/scaling.md): the gathered input ``d`` (the q, k, v
         projections share it), RoPE'd queries, keys and values, the attention output (also
         ``wo``'s input) and one log-sum-exp per query head; heads split over ``tp`` (KV heads
-        replicated when ``tp`` exceeds their count)."""
+        replicated when ``tp`` exceeds their count). Quantized projections (BitLinear) save
+        their own input copies instead (:func:`projection_saved`)."""
         kv = self.num_kv_heads / tp if self.num_kv_heads % tp == 0 else self.num_kv_heads
         q = self.num_heads * self.head_dim / tp
-        return cast(nn.Linear, self.wq).in_features + 2 * q + 2 * kv * self.head_dim + self.num_heads / tp
+        d = cast(nn.Linear, self.wq).in_features
+        return (projection_saved([self.wq, self.wk, self.wv], d) + 2 * q + 2 * kv * self.head_dim
+                + self.num_heads / tp + self.output_saved(tp, sp))
+
+    def output_saved(self, tp: int, sp: bool) -> float:
+        """What ``wo`` saves per token beyond the attention output (already counted)."""
+        return projection_saved([self.wo], self.num_heads * self.head_dim / tp, input_saved=True)
 
 
 # ---------------------------------------------------------------- MLPs
@@ -264,9 +288,10 @@ class SwiGLU(nn.Module):
 
     def saved_elements(self, tp: int, sp: bool) -> float:
         """Saved for backward per token: the gathered input ``d``; w1 x, silu(w1 x), w3 x and
-        their product (``w2``'s input), ``4 f / tp``."""
+        their product (``w2``'s input), ``4 f / tp`` (quantized projections: :func:`projection_saved`)."""
         w1 = cast(nn.Linear, self.w1)
-        return w1.in_features + 4 * w1.out_features / tp
+        f = w1.out_features / tp
+        return projection_saved([self.w1, self.w3], w1.in_features) + 3 * f + projection_saved([self.w2], f)
 
     def tp_roles(self) -> dict:
         return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}

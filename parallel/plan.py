@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from polytron.model.configlib import ConfigError
 from polytron.model.transformer import Transformer
@@ -69,6 +70,9 @@ class Assumptions:
     overlap_fsdp: bool = True           # FSDP gathers and reduce-scatters hidden behind compute
     overlap_ring: bool = True           # ring attention's K/V passes hidden behind the attention
     #                                     score work (only as much of it as that work lasts)
+    expert_load: float = 1.0            # rows a rank's experts receive / the uniform share k s b / cp
+    #                                     (1: uniform routing; a run's measured balance otherwise)
+    expert_kept: float = 1.0            # routed rows kept after capacity (1 - the dropped share)
 
 
 # ---------------------------------------------------------------- activations
@@ -82,6 +86,16 @@ def saved_elements(module: nn.Module, tp: int, sp: bool) -> float:
     if isinstance(module, nn.Linear):
         return float(module.in_features)
     return sum(saved_elements(c, tp, sp) for c in module.children())
+
+
+def saved_fixed(module: nn.Module, tp: int) -> float:
+    """Elements saved once per forward of ``module`` whatever the tokens (BitLinear's quantized
+    weight copies): the sum of every submodule's ``saved_fixed_elements(tp)``."""
+    total = 0.0
+    for m in module.modules():
+        declared = getattr(type(m), "saved_fixed_elements", None)
+        total += float(declared(m, tp)) if declared is not None else 0.0
+    return total
 
 
 # ---------------------------------------------------------------- parameters
@@ -117,6 +131,8 @@ class StagePlan:
     moe_layers: int = 0
     attn_layers: int = 0
     vocab_units: int = 0          # embedding and head units on this rank (vocab-parallel under TP)
+    embedding: bool = False       # the rank holds the embedding unit
+    head: bool = False            # the rank holds the head unit
 
 
 @dataclass
@@ -135,6 +151,7 @@ class Plan:
     total_bytes: float
     comm: dict[tuple[str, str], float]       # (kind, mesh dim) -> bytes per rank per step (payload)
     comm_by_stage: list[dict[tuple[str, str], float]]   # the same for each pipeline rank
+    warmup_by_stage: list[dict[tuple[str, str], float]]  # once per run, on top of the first step
     step_s: float
     compute_s: float
     exposed_comm_s: float
@@ -234,13 +251,15 @@ def plan(cfg, world: int, hw: Hardware, assume: Assumptions = Assumptions()) -> 
             st.params += local
             st.params_unsharded += gathered
             st.expert_params += expert
-            act = saved_elements(module, tp, sp) * tokens * width
+            act = (saved_elements(module, tp, sp) * tokens + saved_fixed(module, tp)) * width
             if unit.kind == "embedding":
                 act = tokens * 8.0                                  # the int64 token ids
             if unit.kind == "head":                                 # + fp32 logits the loss saves
                 act += tokens * mc.vocab_size / tp * 4
             st.act_bytes_per_mb += act
             st.vocab_units += unit.kind in ("embedding", "head")
+            st.embedding = st.embedding or unit.kind == "embedding"
+            st.head = st.head or unit.kind == "head"
             if unit.kind == "block":
                 st.blocks += 1
                 st.block_act_bytes.append(act)
@@ -270,13 +289,16 @@ def plan(cfg, world: int, hw: Hardware, assume: Assumptions = Assumptions()) -> 
     total, worst = max(totals, key=lambda t: t[0])
     wi = stages.index(worst)
     weights = worst.params * 4.0
-    by_stage = [communication(cfg, dims, st, m, tokens, width, model) for st in stages]
+    by_stage = [communication(cfg, dims, st, m, tokens, width, assume) for st in stages]
+    warmup = [pipeline_warmup(cfg, dims, st, tokens, width, assume) for st in stages]
     comm = by_stage[wi]
-    compute_s, exposed, step_s, mfu = step_time(cfg, dims, hw, assume, m, comm, flops_per_token(mc, seq))
+    with _NoFills():                 # model/accounting.py builds its own meta model once
+        fpt = flops_per_token(mc, seq)
+    compute_s, exposed, step_s, mfu = step_time(cfg, dims, hw, assume, m, comm, fpt)
     fits = total <= hw.memory_gb * 1e9
     reason = "" if fits else f"needs {total / 1e9:.1f} GB on pipeline rank {wi} > {hw.memory_gb:.0f} GB"
     return Plan(layout_name(dims, p), dims, stages, m, flights, weights, weights, 2 * weights, opt_fp8,
-                acts[wi], total, comm, by_stage, step_s, compute_s, exposed, mfu, fits, reason)
+                acts[wi], total, comm, by_stage, warmup, step_s, compute_s, exposed, mfu, fits, reason)
 
 
 _MODELS: dict[str, Transformer] = {}
@@ -289,9 +311,48 @@ def _meta_model(mc) -> Transformer:
 
     key = json.dumps(dataclasses.asdict(mc), sort_keys=True, default=str)
     if key not in _MODELS:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoFills():
             _MODELS[key] = Transformer(mc)
     return _MODELS[key]
+
+
+#: in-place random fills of parameter initialization (``nn.init``)
+_FILLS = frozenset({"normal_", "uniform_", "trunc_normal_", "erfinv_", "bernoulli_", "exponential_"})
+#: factories and element-wise math of buffer tables (RoPE) whose meta kernels are Python references
+_RANGES = frozenset({"arange", "linspace", "logspace"})
+_MATH = frozenset({"__truediv__", "__rtruediv__", "__rdiv__", "div", "true_divide", "__pow__", "__rpow__", "pow",
+                   "__mul__", "__rmul__", "mul", "outer", "cos", "sin", "exp", "log", "reciprocal", "where",
+                   "__add__", "__radd__", "add", "__sub__", "__rsub__", "sub", "cat", "stack"})
+#: largest table (elements) computed on the CPU in place of the meta device
+_CPU_TABLE = 1 << 24
+
+
+class _NoFills(TorchFunctionMode):
+    """Skips initialization's random fills of meta tensors (they have no values) and computes
+    ranges and the element-wise math of buffer tables on the CPU from zeros: the meta kernels of
+    these are Python references that import torch._dynamo, more than a second of a fresh
+    planner process. Parameters are never touched; large tables stay on the meta device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _FILLS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))    # nn.init passes tensor=
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        if name in _RANGES and kwargs.get("device") in (None, "meta", torch.device("meta")):
+            return func(*args, **{**kwargs, "device": "cpu"}).to("meta")
+        if name in _MATH and not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
+            metas = [a for a in flat if isinstance(a, torch.Tensor) and a.is_meta]
+            if metas and not any(isinstance(a, nn.Parameter) for a in flat) \
+                    and sum(a.numel() for a in metas) <= _CPU_TABLE:
+                def cpu(x):
+                    if isinstance(x, (list, tuple)):
+                        return type(x)(cpu(a) for a in x)
+                    return torch.zeros(x.shape, dtype=x.dtype, device="cpu") if isinstance(x, torch.Tensor) else x
+                return func(*(cpu(a) for a in args), **kwargs).to("meta")
+        return func(*args, **kwargs)
 
 
 def _compute_dtype(cfg) -> torch.dtype:
@@ -320,7 +381,7 @@ def layout_name(dims: ParallelDims, p) -> str:
 # ---------------------------------------------------------------- communication
 
 def communication(cfg, dims: ParallelDims, st: StagePlan, m: int, tokens: int, width: int,
-                  model: nn.Module) -> dict[tuple[str, str], float]:
+                  assume: Assumptions = Assumptions()) -> dict[tuple[str, str], float]:
     """Payload bytes per step on rank ``st`` (the full tensor each collective produces or
     consumes: an all-gather's output, a reduce-scatter's input, an all-to-all's input, a
     send's tensor), by (kind, mesh dimension)."""
@@ -336,10 +397,9 @@ def communication(cfg, dims: ParallelDims, st: StagePlan, m: int, tokens: int, w
     sp = p.sequence_parallel
     if dims.tp > 1:
         # per block: attention and MLP inputs gathered and outputs reduce-scattered forward, the
-        # mirror backward; the embedding's output, the head's input and each pipeline border's
-        # hidden state once each way
-        borders = 2 * dims.virtual_stages - (st.rank == 0) - (st.rank == dims.pp - 1) if dims.pp > 1 else 0
-        n = (4 * st.blocks + st.vocab_units + borders) * m * act
+        # mirror backward; the embedding's output and the head's input once each way (a pipeline
+        # border sends the sequence shard as it is: no TP collective)
+        n = (4 * st.blocks + st.vocab_units) * m * act
         if sp:
             add("all_gather", "tp", n)
             add("reduce_scatter", "tp", n)
@@ -364,9 +424,9 @@ def communication(cfg, dims: ParallelDims, st: StagePlan, m: int, tokens: int, w
             add("reduce_scatter", "efsdp", st.expert_params * rd)
     if dims.dp_replicate > 1:
         add("all_reduce", "dp_replicate", st.params * 4.0)
-    if dims.ep > 1 and st.moe_layers:  # dispatch + combine forward, both again backward (uniform routing)
-        k = getattr(getattr(mc, "moe", None), "top_k", 1)
-        add("all_to_all", "ep", 4 * st.moe_layers * m * tokens * k * h * width)
+    if dims.ep > 1 and st.moe_layers:
+        counts, rows = _expert_exchange(mc, tokens, width, assume)
+        add("all_to_all", "ep", st.moe_layers * m * (counts + 2 * rows))
     if dims.cp > 1:
         kv = 2 * mc.num_kv_heads * mc.head_dim * tokens * width
         if p.context_kind == "ring":     # cp-1 K/V passes forward; K/V and dK/dV passes backward
@@ -374,6 +434,47 @@ def communication(cfg, dims: ParallelDims, st: StagePlan, m: int, tokens: int, w
         else:
             add("all_gather", "cp", st.attn_layers * m * kv * dims.cp)
             add("reduce_scatter", "cp", st.attn_layers * m * kv * dims.cp)
+    return out
+
+
+def _expert_exchange(mc, tokens: int, width: int, a: Assumptions) -> tuple[float, float]:
+    """All-to-all payloads of one MoE layer's forward on one micro-batch (parallel/expert_parallel.py):
+    (the int64 per-expert counts, the rows: the kept rows sent to the experts' ranks, ``kept k s b h``,
+    plus the outputs of the rows this rank's experts received, ``load k s b h``, sent back).
+    Backward exchanges the rows' gradients the same way reversed (no counts)."""
+    moe = getattr(mc, "moe", None)
+    k, experts = getattr(moe, "top_k", 1), getattr(moe, "num_experts", 0)
+    return experts * 8.0, (a.expert_kept + a.expert_load) * k * tokens * mc.hidden_size * width
+
+
+def pipeline_warmup(cfg, dims: ParallelDims, st: StagePlan, tokens: int, width: int,
+                    assume: Assumptions = Assumptions()) -> dict[tuple[str, str], float]:
+    """Bytes a pipeline run moves once, in its first step: the schedule learns the shapes each
+    stage sends by running every stage forward once on a real micro-batch, and the last stage
+    backward once (torch.distributed.pipelining's metadata inference); their TP and EP
+    collectives are real. (FSDP's gathers in it are not modelled.)"""
+    if dims.pp == 1:
+        return {}
+    out: dict[tuple[str, str], float] = {}
+
+    def add(kind: str, dim: str, n: float) -> None:
+        if n:
+            out[(kind, dim)] = out.get((kind, dim), 0.0) + n
+    last = st.rank == dims.pp - 1
+    back_blocks = st.blocks / dims.virtual_stages if last else 0     # the last stage's blocks
+    if dims.tp > 1:
+        act = tokens * cfg.model.hidden_size * width
+        b = 2 * st.blocks                       # forward: attention and MLP, one of each kind
+        bb = 2 * back_blocks
+        if cfg.parallel.sequence_parallel:
+            add("all_gather", "tp", (b + st.head + bb + (st.embedding and last)) * act)
+            add("reduce_scatter", "tp", (b + st.embedding + bb + (st.head and last)) * act)
+        else:
+            add("all_reduce", "tp", (b + st.embedding + bb + (st.head and last)) * act)
+    if dims.ep > 1 and st.moe_layers:
+        counts, rows = _expert_exchange(cfg.model, tokens, width, assume)
+        back_moe = st.moe_layers / dims.virtual_stages if last else 0
+        add("all_to_all", "ep", st.moe_layers * (counts + rows) + back_moe * rows)
     return out
 
 

@@ -5,7 +5,8 @@
     python tools/plan.py launch/configs/tiny.yaml parallel.tensor=2 --world 8
     python tools/plan.py launch/configs/moe-tiny.yaml --world 16 --search
 
-The config loads as launch/pretrain.py loads it (trailing ``section.key=value`` overrides).
+The config loads as launch/pretrain.py loads it (trailing ``section.key=value`` overrides);
+a data-mixture config (tools/build_mixture.py) plans the run config it names (``run_config``).
 One layout: its table. ``--search``: every layout of ``--world`` ranks (tensor x context x
 pipeline x expert, the rest FSDP), fastest first, and the refused ones with their reason.
 The model, formulas and assumptions: parallel/plan.py, docs/scaling.md. Bad input is one
@@ -28,6 +29,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--search", action="store_true", help="rank every valid layout of --world ranks")
     p.add_argument("--top", type=int, default=10, help="with --search: fitting layouts shown")
     p.add_argument("--efficiency", type=float, default=None, help="achieved/peak matmul rate (0.75)")
+    p.add_argument("--expert-load", type=float, default=1.0,
+                   help="rows the busiest rank's experts receive / the uniform share (1: uniform routing)")
+    p.add_argument("--expert-kept", type=float, default=1.0,
+                   help="share of routed rows kept after capacity (1 - the dropped share)")
     p.add_argument("--memory-gb", type=float, default=None, help="override the profile's memory")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak")
     p.add_argument("--nvlink-gbs", type=float, default=None, help="override NVLink GB/s per GPU")
@@ -59,8 +64,29 @@ def show(pl, hw) -> None:
         print(f"    {kind:15s} over {dim:12s} {_gb(n)}")
     if not pl.comm:
         print("    none")
+    rank = next(i for i, c in enumerate(pl.comm_by_stage) if c is pl.comm)       # the rank shown
+    warmup = pl.warmup_by_stage[rank]
+    if warmup:
+        print("  once more in the first step (the pipeline schedule's shape inference):")
+    for (kind, dim), n in sorted(warmup.items()):
+        print(f"    {kind:15s} over {dim:12s} {_gb(n)}")
     print(f"  step {pl.step_s * 1e3:.1f} ms (compute {pl.compute_s * 1e3:.1f} ms, exposed comm "
           f"{pl.exposed_comm_s * 1e3:.1f} ms), MFU {pl.mfu * 100:.1f}%")
+
+
+def fit_global_batch(cfg, world: int) -> None:
+    """A config's global batch is set for its own world size: when ``micro_batch_size x dp``
+    of this layout does not divide it, plan the nearest multiple above (said in one line)."""
+    from polytron.parallel.mesh import ParallelDims
+    tr = cfg.training
+    dims = ParallelDims.resolve(cfg.parallel, cfg.model, world, cfg.data.seq_len)
+    unit = tr.micro_batch_size * dims.dp
+    if tr.global_batch_size and tr.global_batch_size % unit:
+        fitted = -(-tr.global_batch_size // unit) * unit
+        print(f"note: training.global_batch_size={tr.global_batch_size} is not a multiple of micro_batch_size="
+              f"{tr.micro_batch_size} x data-parallel size {dims.dp}: planning {fitted} "
+              "(set training.global_batch_size to choose)")
+        tr.global_batch_size = fitted
 
 
 @command()
@@ -74,12 +100,23 @@ def run(argv: list[str]) -> int:
     hw = hardware(args.gpu, memory_gb=args.memory_gb, bf16_tflops=args.peak_tflops,
                   nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
     from polytron.model.configlib import load_yaml
-    data = load_yaml(args.config).get("data") or {}
+    path = args.config
+    raw = load_yaml(path)
+    if "sources" in raw and raw.get("run_config"):          # a mixture config: plan its run config
+        path = raw["run_config"]
+        print(f"{args.config} is a data mixture: planning its run_config {path}")
+        raw = load_yaml(path)
+    data = raw.get("data") or {}
     # the plan reads no data: a config whose dataset paths come at launch time plans as is
     no_data = [] if data.get("paths") or data.get("builtin_corpus") else ["data.builtin_corpus=true"]
-    cfg = load_config(args.config, [f"training.device={args.device}", *no_data, *args.overrides])
-    assume = Assumptions() if args.efficiency is None else Assumptions(matmul_efficiency=args.efficiency)
+    cfg = load_config(path, [f"training.device={args.device}", *no_data, *args.overrides])
+    if args.expert_load < 0 or not 0 <= args.expert_kept <= 1:
+        raise ConfigError(f"--expert-load {args.expert_load} / --expert-kept {args.expert_kept}: shares "
+                          "of the uniform routing (load >= 0, kept between 0 and 1)")
+    assume = Assumptions(expert_load=args.expert_load, expert_kept=args.expert_kept,
+                         **({} if args.efficiency is None else {"matmul_efficiency": args.efficiency}))
     if not args.search:
+        fit_global_batch(cfg, args.world)
         show(plan(cfg, args.world, hw, assume), hw)
         return 0
     rows = search(cfg, args.world, hw, assume)

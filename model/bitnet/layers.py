@@ -19,7 +19,7 @@ the whole vector under TP.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from polytron.model.layers import (
     attend,
     make_linear,
     project_qkv,
+    projection_saved,
     register,
 )
 
@@ -62,6 +63,24 @@ class BitLinear(nn.Linear):
         if self.norm_eps is not None:
             x = quant.rms_normalize(x, self.norm_eps)            # (..., in)
         return quant.bitlinear(x, self.weight, self.bias)        # (..., out)
+
+    def own_saved(self, n: float) -> tuple[float, bool]:
+        """(Elements per token saved for backward beyond the input it shares with the projections
+        reading the same tensor, whether it keeps that input too), for ``n`` input elements per
+        token on this rank (docs/scaling.md): the 8-bit integer input ``n``, the fp32 scale ``s``
+        and ``beta / s``; with the inner norm also its float64 mean square (2) and fp32 reciprocal
+        RMS (1), and it keeps ``x.float()`` (the input itself in fp32; an fp32 copy under bf16)."""
+        norm = self.norm_eps is not None
+        return n + 2 + (3 if norm else 0), norm
+
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Alone (a quantized head): its own terms on its whole input."""
+        return projection_saved([self], self.in_features)
+
+    def saved_fixed_elements(self, tp: int) -> float:
+        """Saved once per forward whatever the tokens: the ternary weight T (this rank's shard,
+        at the compute width) and the fp32 scalar beta."""
+        return self.weight.numel() / tp + 1
 
     def extra_repr(self) -> str:
         norm = f", input_norm_eps={self.norm_eps}" if self.norm_eps is not None else ""
@@ -88,6 +107,11 @@ class SubNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * quant.rms_normalize(x, self.eps)         # (..., n)
 
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Per token: its input and the normalized input (``n / tp`` each, the vector is a tensor-
+        parallel shard), the float64 mean square (2) and the fp32 reciprocal RMS (1)."""
+        return 2 * self.weight.shape[0] / tp + 3
+
 
 @register(ATTENTIONS, "gqa_subnorm")
 class SubNormAttention(GroupedQueryAttention):
@@ -108,6 +132,12 @@ class SubNormAttention(GroupedQueryAttention):
     def tp_roles(self) -> dict:
         return {**super().tp_roles(), "sub_norm": "sharded_norm"}
 
+    def output_saved(self, tp: int, sp: bool) -> float:
+        """The sub-norm's terms less its input (the attention output, already counted), then
+        what ``wo`` saves of the normalized output."""
+        q = self.num_heads * self.head_dim / tp
+        return self.sub_norm.saved_elements(tp, sp) - q + projection_saved([self.wo], q)
+
 
 @register(MLPS, "relu2_subnorm")
 class SubNormReLU2(nn.Module):
@@ -127,6 +157,14 @@ class SubNormReLU2(nn.Module):
 
     def tp_roles(self) -> dict:
         return {"w1": "colwise", "w3": "colwise", "sub_norm": "sharded_norm", "w2": "rowwise"}
+
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Per token: what ``w1`` and ``w3`` save of the gathered input, relu(w1 x), its square and
+        w3 x (``3 f / tp``), the sub-norm's terms, what ``w2`` saves of the normalized product."""
+        w1 = cast(nn.Linear, self.w1)
+        f = w1.out_features / tp
+        return (projection_saved([self.w1, self.w3], w1.in_features) + 3 * f
+                + self.sub_norm.saved_elements(tp, sp) + projection_saved([self.w2], f))
 
     @classmethod
     def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:
