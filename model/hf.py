@@ -86,7 +86,7 @@ class NameMapAdapter(abc.ABC):
 
     def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
         """Rename to our names and check against the model's shapes, first mismatch named."""
-        from polytron.model.transformer import param_shapes
+        from polytron.model.transformer import check_param_shapes, param_shapes
         ours: dict[str, torch.Tensor] = {}
         for name, t in hf.items():
             if name.endswith("rotary_emb.inv_freq"):
@@ -97,12 +97,7 @@ class NameMapAdapter(abc.ABC):
         for name, source in self.tied(cfg):
             if source in ours:
                 ours[name] = ours[source]
-        for name, shape in expected.items():
-            if name not in ours:
-                raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, name)}' is missing")
-            if tuple(ours[name].shape) != tuple(shape):
-                raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, name)}' has shape "
-                                   f"{tuple(ours[name].shape)}, config.json implies {tuple(shape)}")
+        check_param_shapes(ours, expected, src, lambda name: f"'{self.to_hf_name(cfg, name)}'", "config.json")
         extra = [n for n in ours if n not in expected]
         if extra:
             raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, extra[0])}' does not fit the config "

@@ -370,7 +370,7 @@ def _moe_layers(a: dict, where: str) -> tuple[int, int]:
 
 def megatron_to_ours(cfg, meg: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """Megatron per-layer tensors -> ours (split qkv and gated fc1), every shape checked."""
-    from polytron.model.transformer import param_shapes
+    from polytron.model.transformer import check_param_shapes, param_shapes
     out: dict[str, torch.Tensor] = {}
     top = {"embedding.word_embeddings.weight": "tok_embeddings.weight", "decoder.final_layernorm.weight":
            "norm.weight", "output_layer.weight": "output.weight"}
@@ -403,12 +403,7 @@ def megatron_to_ours(cfg, meg: dict[str, torch.Tensor], where: str) -> dict[str,
     expected = param_shapes(cfg)
     if cfg.tie_embeddings:
         expected.pop("output.weight", None)
-    for name, shape in expected.items():
-        if name not in out:
-            raise ConvertError(f"{where}: no tensor for our '{name}'")
-        if tuple(out[name].shape) != tuple(shape):
-            raise ConvertError(f"{where}: our '{name}' would have shape {tuple(out[name].shape)}, "
-                               f"the stored args imply {tuple(shape)}")
+    check_param_shapes(out, expected, where, lambda name: f"for our '{name}'", "the stored args")
     if cfg.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
         expected["output.weight"] = expected["tok_embeddings.weight"]

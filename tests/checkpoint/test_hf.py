@@ -136,6 +136,7 @@ def test_shape_mismatch_names_tensor(tmp_path, capsys):
     assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model.layers.0.mlp.gate_proj.weight" in err
+    assert "has shape (96, 64), expected (128, 64) from config.json" in err, err
 
 
 def test_to_hf_of_incomplete_checkpoint_refused(tmp_path, capsys):

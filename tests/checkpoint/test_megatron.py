@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 
+import megatron.core  # noqa: F401  (a dev dependency: a missing install fails here, never skips)
 import pytest
 import torch
 import yaml
@@ -24,8 +25,6 @@ from polytron.pretrain.config import config_from_dict
 from polytron.tools.convert_checkpoint import main
 from polytron.tools.megatron_ckpt import from_megatron, load_pickle
 from tests.distributed.harness import Call, run_batch
-
-pytest.importorskip("megatron.core")
 
 TOL = 1e-5
 B, T = 2, 8
@@ -261,16 +260,37 @@ def test_unsupported_settings_refused_in_one_line(saved, tmp_path, key, value, n
     assert not (tmp_path / "ours").exists()
 
 
-def test_to_megatron_loads_into_megatron_core(saved, tmp_path):
-    """Our export of the converted TP1 checkpoints (dense, MoE) loads into megatron-core's model
-    under TP2 (one spawn of 2 ranks) with megatron-core's original logits."""
-    root, ref, _ = saved
-    calls = []
+def test_tensor_that_does_not_fit_the_args_refused_naming_it(saved, tmp_path):
+    root, _, _ = saved
+    with pytest.raises(ConvertError) as e:
+        from_megatron(_edited_legacy(root, tmp_path, ffn_hidden_size=64), str(tmp_path / "ours"))
+    assert str(e.value).endswith("tensor for our 'layers.0.mlp.w1.weight' has shape (48, 32), expected (64, 32) "
+                                 "from the stored args"), str(e.value)
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.fixture(scope="module")
+def converted(saved, tmp_path_factory):
+    """One spawn of 4 gloo ranks over converted checkpoints: the TP2 dense case (from-megatron)
+    continued under our TP2 x PP2 (call ``train``, :func:`first_step_loss_tp2_pp2`), then our
+    to-megatron exports of the converted TP1 dense and MoE cases loaded into megatron-core's
+    model under TP2 (x DP2), :func:`load_megatron` (calls named by case)."""
+    root, _, _ = saved
+    tmp = tmp_path_factory.mktemp("converted")
+    from_megatron(str(root / "tp2_dense" / "dist"), str(tmp / "ours"))
+    calls = [Call("train", first_step_loss_tp2_pp2, (str(tmp / "ours"),))]
     for case in ("tp1_dense", "tp1_moe"):
-        from_megatron(str(root / case / "dist"), str(tmp_path / case))
-        main(["to-megatron", str(tmp_path / case), str(tmp_path / f"{case}-back")])   # the from-megatron DST
-        calls.append(Call(case, load_megatron, (CASES[case][0], 2, str(tmp_path / f"{case}-back" / "iter_0000000"))))
-    batch = run_batch(calls, 2, base_s=120)
+        from_megatron(str(root / case / "dist"), str(tmp / case))
+        main(["to-megatron", str(tmp / case), str(tmp / f"{case}-back")])   # the from-megatron DST
+        calls.append(Call(case, load_megatron, (CASES[case][0], 2, str(tmp / f"{case}-back" / "iter_0000000"))))
+    return run_batch(calls, 4, base_s=120)
+
+
+def test_to_megatron_loads_into_megatron_core(saved, converted):
+    """Our export of the converted TP1 checkpoints (dense, MoE) loads into megatron-core's model
+    under TP2 with megatron-core's original logits."""
+    _, ref, _ = saved
+    batch = converted
     for case in ("tp1_dense", "tp1_moe"):
         diff = max_diff(batch.get(case)[0], ref[case])
         print(f"{case} to-megatron, loaded under TP2: max |dlogit| {diff:.3g}")
@@ -298,13 +318,11 @@ def first_step_loss_tp2_pp2(dst: str) -> float:
     return float(step([{"tokens": tokens[i:i + 1], "labels": labels[i:i + 1]} for i in range(B)], 0).loss)
 
 
-def test_held_out_tp2_checkpoint_continues_under_tp2_pp2(saved, tmp_path):
+def test_held_out_tp2_checkpoint_continues_under_tp2_pp2(saved, converted):
     """A checkpoint megatron-core saved under TP2 imports and trains under our TP2 x PP2: the
     first step's loss equals megatron-core's loss on the same batch."""
-    root, _, losses = saved
-    from_megatron(str(root / "tp2_dense" / "dist"), str(tmp_path / "ours"))
-    ours = run_batch([Call("train", first_step_loss_tp2_pp2, (str(tmp_path / "ours"),))], 4,
-                     base_s=120).get("train")
+    _, _, losses = saved
+    ours = converted.get("train")
     print(f"first-step loss: ours (TP2 x PP2) {ours[0]:.7f}, megatron-core (TP2) {losses['tp2_dense']:.7f}")
     assert abs(ours[0] - losses["tp2_dense"]) < TOL
 
