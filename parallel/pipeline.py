@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from polytron.model.spec import Unit
 from polytron.parallel.mesh import LayoutError, ParallelDims
@@ -146,6 +145,7 @@ def _tied_tensors(parts: Sequence[nn.Module], grads: bool) -> list[tuple[str, bo
     """(name in the unsplit model, is the copy, local tensor) of each split tied parameter
     this rank holds, ordered by name so both ends of the pair issue the same collectives;
     the local shard of a DTensor (both copies are sharded alike: same shape and placements)."""
+    from torch.distributed.tensor import DTensor  # here: the planner imports this module, not DTensor
     out = []
     for part in parts:
         for local, source in tied_copies(part).items():
@@ -158,6 +158,7 @@ def _tied_tensors(parts: Sequence[nn.Module], grads: bool) -> list[tuple[str, bo
 def _grad_like_param(p: nn.Parameter) -> torch.Tensor:
     """``p.grad``, made to exist and to share ``p``'s sharding: a vocab-parallel embedding's
     weight gradient comes back replicated (full rows on each tp rank), the head's sharded."""
+    from torch.distributed.tensor import DTensor
     if p.grad is None:
         p.grad = torch.zeros_like(p)
     elif isinstance(p.grad, DTensor) and isinstance(p, DTensor) and p.grad.placements != p.placements:
