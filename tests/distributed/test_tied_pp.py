@@ -80,7 +80,8 @@ def _close(got: dict, want: dict, what: str) -> None:
 
 
 def test_tied_checkpoint_moves_between_pp2_and_one_process(tmp_path) -> None:
-    single = _run(ParallelConfig(), 1, str(tmp_path / "single"))
+    with eq.one_thread():                    # as each rank of the spawn
+        single = _run(ParallelConfig(), 1, str(tmp_path / "single"))
     ranks = run_distributed(_pp2_worker, 2, single["saved"], str(tmp_path / "pp2"), backend="gloo", timeout=300)
     for run, what in (("run", "PP2 uninterrupted"), ("resumed", "PP2 resumed from one process")):
         params = {k: v for res in ranks for k, v in res[run]["params"].items()}
@@ -89,5 +90,6 @@ def test_tied_checkpoint_moves_between_pp2_and_one_process(tmp_path) -> None:
         # each rank holds a copy of the tied weight; they never drift apart
         copies = [res[run]["params"]["tok_embeddings.weight"] for res in ranks]
         assert torch.equal(copies[0], copies[1]), f"{what}: the two copies of the tied weight differ"
-    resumed = _run(ParallelConfig(), 1, "", resume=ranks[0]["run"]["saved"])
+    with eq.one_thread():
+        resumed = _run(ParallelConfig(), 1, "", resume=ranks[0]["run"]["saved"])
     _close(resumed, single, "one process resumed from PP2")
