@@ -69,20 +69,31 @@ def make_linear(cfg, in_features: int, out_features: int, bias: bool, role: str)
     return module
 
 
-def projection_saved(projections: list[nn.Module], n: float, input_saved: bool = False) -> float:
+def projection_saved(projections: list[nn.Module], n: float, input_saved: bool = False,
+                     fp32: bool = False) -> float:
     """Elements per token that ``projections``, all reading one input of ``n`` elements per token
     on this rank, save for backward (docs/scaling.md). A plain linear saves the input itself, one
     storage shared by all of them (not counted when ``input_saved``: another op keeps it); a
     projection declaring ``own_saved(n) -> (elements, keeps the input)`` (BitLinear: its quantized
-    input and scales) adds its own terms, and may hold the shared input too."""
-    own, shared = 0.0, False
+    input and scales) adds its own terms, and may hold the shared input too.
+
+    With ``fp32`` the same projections' ``saved_fp32_elements`` (model/protocols.py): each one's
+    ``own_saved_fp32(n)``, and a projection keeping the input holds its own fp32 copy under a
+    16-bit dtype (``2 n``), one of which replaces the counted shared input if no plain linear
+    reads it."""
+    own, shared, keepers, plain = 0.0, False, 0, False
     for p in projections:
         declared = getattr(type(p), "own_saved", None)
         if declared is None:
-            shared = True
+            shared = plain = True
         else:
             elements, keeps_input = declared(p, n)
+            if fp32:
+                elements = p.own_saved_fp32(n)    # type: ignore[operator]  # declared beside own_saved
             own, shared = own + elements, shared or keeps_input
+            keepers += keeps_input
+    if fp32:
+        return own + 2 * n * keepers - (n if keepers and not plain and not input_saved else 0.0)
     return own + (n if shared and not input_saved else 0.0)
 
 
@@ -107,6 +118,11 @@ class RMSNorm(nn.Module):
         """Saved for backward per token: the input and the normalized input (``d`` each) and the
         fp32 reciprocal RMS (1); the residual stream is sequence-sharded under SP."""
         return (2 * self.weight.shape[0] + 1) / (tp if sp else 1)
+
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Under a 16-bit dtype the input it saves is the fp32 copy ``x.float()`` and the
+        reciprocal RMS is fp32: ``d + 1`` widened (the normalized input is 16-bit)."""
+        return (self.weight.shape[0] + 1) / (tp if sp else 1)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -265,9 +281,17 @@ class GroupedQueryAttention(nn.Module):
         return (projection_saved([self.wq, self.wk, self.wv], d) + 2 * q + 2 * kv * self.head_dim
                 + self.num_heads / tp + self.output_saved(tp, sp))
 
-    def output_saved(self, tp: int, sp: bool) -> float:
-        """What ``wo`` saves per token beyond the attention output (already counted)."""
-        return projection_saved([self.wo], self.num_heads * self.head_dim / tp, input_saved=True)
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Under a 16-bit dtype: the fp32 log-sum-exp per query head, the quantized projections'
+        fp32 terms (:func:`projection_saved`)."""
+        d = cast(nn.Linear, self.wq).in_features
+        return (projection_saved([self.wq, self.wk, self.wv], d, fp32=True) + self.num_heads / tp
+                + self.output_saved(tp, sp, fp32=True))
+
+    def output_saved(self, tp: int, sp: bool, fp32: bool = False) -> float:
+        """What ``wo`` saves per token beyond the attention output (already counted); with
+        ``fp32`` its ``saved_fp32_elements`` share."""
+        return projection_saved([self.wo], self.num_heads * self.head_dim / tp, input_saved=True, fp32=fp32)
 
 
 # ---------------------------------------------------------------- MLPs
@@ -292,6 +316,13 @@ class SwiGLU(nn.Module):
         w1 = cast(nn.Linear, self.w1)
         f = w1.out_features / tp
         return projection_saved([self.w1, self.w3], w1.in_features) + 3 * f + projection_saved([self.w2], f)
+
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Only the quantized projections' fp32 terms (:func:`projection_saved`)."""
+        w1 = cast(nn.Linear, self.w1)
+        f = w1.out_features / tp
+        return (projection_saved([self.w1, self.w3], w1.in_features, fp32=True)
+                + projection_saved([self.w2], f, fp32=True))
 
     def tp_roles(self) -> dict:
         return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}

@@ -25,6 +25,8 @@ protocol                   what the module offers                            rea
                            token activates (a sparse module)
 :class:`AttentionFlops`    ``attention_flops(seq_len)``: score and           model/accounting.py
                            weighted-sum FLOPs per token
+:class:`SavedActivations`  ``saved_elements(tp, sp)``, ``saved_fp32_``        parallel/plan.py
+                           ``elements(tp, sp)``: what backward keeps per token
 :class:`ExpertLayer`       ``routed_experts()``, ``set_dispatch(d)``         parallel/expert_parallel.py
 :class:`ExpertGroups`      rows sorted by expert; ``regrouped(...)``         an expert dispatch
 :class:`LoadReducing`      ``load_reducer``: a hook summing observed load    parallel/expert_parallel.py,
@@ -117,6 +119,23 @@ class ActiveParams(Protocol):
 
     def active_params(self) -> int:
         """Matmul parameters one token activates (for MFU)."""
+        ...
+
+
+@runtime_checkable
+class SavedActivations(Protocol):
+    """A module that states what it saves for backward per token of a micro-batch on one rank
+    (docs/scaling.md); a module without it is walked into by the planner."""
+
+    def saved_elements(self, tp: int, sp: bool) -> float:
+        """Elements saved per token, each at the compute width (a float64 counts as two)."""
+        ...
+
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Under a 16-bit compute dtype, the extra 2-byte units per token beyond
+        ``saved_elements`` at 2 bytes: one for each of those elements kept in fp32 (two for a
+        float64), two for each fp32 element a 16-bit run copies where an fp32 run shares the
+        input (``x.float()``). Bytes: ``width * saved + (4 - width) * fp32``."""
         ...
 
 

@@ -6,9 +6,11 @@ Everything is read from the model built on the meta device (so a 70B plans insta
   engine cuts them (pipeline stages by units, tensor parallel by the modules' ``tp_roles``,
   experts over ``ep``, FSDP over the data-parallel shard ranks with dim-0 padding);
 * saved activations: every module that declares ``saved_elements(tp, sp)`` (elements saved
-  for backward per token of the micro-batch, at the compute width) reports its own terms;
-  modules that declare none are walked into, and a bare projection counts its input
-  (docs/scaling.md derives the per-block formulas and checks them against measurement);
+  for backward per token of the micro-batch, at the compute width) reports its own terms, and
+  ``saved_fp32_elements(tp, sp)`` what a 16-bit run keeps wider (norms' and routers' fp32
+  copies, log-sum-exps; model/protocols.py ``SavedActivations``); modules that declare none
+  are walked into, and a bare projection counts its input (docs/scaling.md derives the
+  per-block formulas and checks them against measurement in fp32 and bf16);
 * collectives per step, per kind and mesh dimension, from the same shapes;
 * step time from the spec's own FLOP accounting (model/accounting.py) and bytes over a
   hardware profile (:data:`PROFILES`), with the stated efficiency and overlap assumptions.
@@ -86,6 +88,18 @@ def saved_elements(module: nn.Module, tp: int, sp: bool) -> float:
     if isinstance(module, nn.Linear):
         return float(module.in_features)
     return sum(saved_elements(c, tp, sp) for c in module.children())
+
+
+def saved_fp32_elements(module: nn.Module, tp: int, sp: bool) -> float:
+    """What ``module`` saves per token wider than a 16-bit compute dtype, in the 2-byte units of
+    model/protocols.py ``SavedActivations`` (its declaration; 0 for a module declaring only
+    ``saved_elements`` or a bare projection; else the sum of its children's)."""
+    declared = getattr(type(module), "saved_fp32_elements", None)
+    if declared is not None:
+        return float(declared(module, tp, sp))
+    if isinstance(module, nn.Linear) or getattr(type(module), "saved_elements", None) is not None:
+        return 0.0
+    return sum(saved_fp32_elements(c, tp, sp) for c in module.children())
 
 
 def saved_fixed(module: nn.Module, tp: int) -> float:
@@ -251,7 +265,8 @@ def plan(cfg, world: int, hw: Hardware, assume: Assumptions = Assumptions()) -> 
             st.params += local
             st.params_unsharded += gathered
             st.expert_params += expert
-            act = (saved_elements(module, tp, sp) * tokens + saved_fixed(module, tp)) * width
+            act = (saved_elements(module, tp, sp) * tokens + saved_fixed(module, tp)) * width \
+                + saved_fp32_elements(module, tp, sp) * tokens * (4 - width)
             if unit.kind == "embedding":
                 act = tokens * 8.0                                  # the int64 token ids
             if unit.kind == "head":                                 # + fp32 logits the loss saves

@@ -73,9 +73,18 @@ class BitLinear(nn.Linear):
         norm = self.norm_eps is not None
         return n + 2 + (3 if norm else 0), norm
 
+    def own_saved_fp32(self, n: float) -> float:
+        """Of :meth:`own_saved`, kept in fp32 under a 16-bit dtype (model/protocols.py units): the
+        scale ``s`` (1); with the inner norm the float64 mean square (2) and reciprocal RMS (1).
+        (Its fp32 copy of the input: :func:`~model.layers.projection_saved`.)"""
+        return 1 + (3 if self.norm_eps is not None else 0)
+
     def saved_elements(self, tp: int, sp: bool) -> float:
         """Alone (a quantized head): its own terms on its whole input."""
         return projection_saved([self], self.in_features)
+
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        return projection_saved([self], self.in_features, fp32=True)
 
     def saved_fixed_elements(self, tp: int) -> float:
         """Saved once per forward whatever the tokens: the ternary weight T (this rank's shard,
@@ -112,6 +121,11 @@ class SubNorm(RMSNorm):
         parallel shard), the float64 mean square (2) and the fp32 reciprocal RMS (1)."""
         return 2 * self.weight.shape[0] / tp + 3
 
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Under a 16-bit dtype: the input it saves is the fp32 copy ``x.float()`` (``n / tp``), the
+        float64 mean square (2), the fp32 reciprocal RMS (1)."""
+        return self.weight.shape[0] / tp + 3
+
 
 @register(ATTENTIONS, "gqa_subnorm")
 class SubNormAttention(GroupedQueryAttention):
@@ -132,10 +146,13 @@ class SubNormAttention(GroupedQueryAttention):
     def tp_roles(self) -> dict:
         return {**super().tp_roles(), "sub_norm": "sharded_norm"}
 
-    def output_saved(self, tp: int, sp: bool) -> float:
+    def output_saved(self, tp: int, sp: bool, fp32: bool = False) -> float:
         """The sub-norm's terms less its input (the attention output, already counted), then
-        what ``wo`` saves of the normalized output."""
+        what ``wo`` saves of the normalized output. With ``fp32``: the sub-norm's fp32 copy of
+        the attention output is its own storage under a 16-bit dtype (``2 q``)."""
         q = self.num_heads * self.head_dim / tp
+        if fp32:
+            return self.sub_norm.saved_fp32_elements(tp, sp) + q + projection_saved([self.wo], q, fp32=True)
         return self.sub_norm.saved_elements(tp, sp) - q + projection_saved([self.wo], q)
 
 
@@ -165,6 +182,13 @@ class SubNormReLU2(nn.Module):
         f = w1.out_features / tp
         return (projection_saved([self.w1, self.w3], w1.in_features) + 3 * f
                 + self.sub_norm.saved_elements(tp, sp) + projection_saved([self.w2], f))
+
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """The projections' and the sub-norm's fp32 terms (its fp32 copy replaces the product)."""
+        w1 = cast(nn.Linear, self.w1)
+        f = w1.out_features / tp
+        return (projection_saved([self.w1, self.w3], w1.in_features, fp32=True)
+                + self.sub_norm.saved_fp32_elements(tp, sp) + projection_saved([self.w2], f, fp32=True))
 
     @classmethod
     def tp_requirements(cls, cfg, layer_idx: int, tp: int) -> Optional[str]:

@@ -139,6 +139,11 @@ class MoE(nn.Module):
         shared = 4 * next(self.shared.parameters()).shape[0] if self.shared is not None else 0  # w1: (inner, w)
         return self.rows_per_token * (w + 2 * self.num_experts + k * (2 * w + 4 * f) + 2 * k + shared)
 
+    def saved_fp32_elements(self, tp: int, sp: bool) -> float:
+        """Under a 16-bit dtype the router runs in fp32: its copy of the row ``x.float()``
+        (its own storage, ``2 w``), logits and scores ``2 E`` and combine weights ``2 k``."""
+        return self.rows_per_token * (2 * self.width + 2 * self.num_experts + 2 * self.top_k)
+
     def capacity(self, rows: int) -> Optional[int]:
         """Most rows an expert keeps of a micro-batch of ``rows`` (None: dropless)."""
         if not self.training and self.eval_capacity != "train":
