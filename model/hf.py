@@ -31,6 +31,20 @@ class ConvertError(PolytronError, ValueError):
     """Unconvertible input; the message names the file, field or tensor."""
 
 
+def check_param_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str,
+                       label: Callable[[str], str], source: str) -> None:
+    """Converted ``tensors`` against ``expected`` (``param_shapes(cfg)`` of
+    model/transformer.py): ConvertError in one line for the first one missing or of another
+    shape, the tensor named as ``label(name)`` and the expected shape attributed to
+    ``source`` (e.g. config.json)."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ConvertError(f"{where}: tensor {label(name)} is missing")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ConvertError(f"{where}: tensor {label(name)} has shape {tuple(tensors[name].shape)}, "
+                               f"expected {tuple(shape)} from {source}")
+
+
 class NameMapAdapter(abc.ABC):
     """Tensor renaming by two tables: whole names, and per-layer suffixes.
 
@@ -86,7 +100,7 @@ class NameMapAdapter(abc.ABC):
 
     def from_hf_tensors(self, cfg, hf: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
         """Rename to our names and check against the model's shapes, first mismatch named."""
-        from polytron.model.transformer import check_param_shapes, param_shapes
+        from polytron.model.transformer import param_shapes
         ours: dict[str, torch.Tensor] = {}
         for name, t in hf.items():
             if name.endswith("rotary_emb.inv_freq"):

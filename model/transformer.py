@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -225,20 +225,6 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Transformer(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_param_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str,
-                       label: Callable[[str], str], source: str) -> None:
-    """Converted ``tensors`` against ``expected`` (:func:`param_shapes`): ConvertError in one line
-    for the first one missing or of another shape, the tensor named as ``label(name)`` and the
-    expected shape attributed to ``source`` (e.g. config.json)."""
-    from polytron.model.hf import ConvertError
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise ConvertError(f"{where}: tensor {label(name)} is missing")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise ConvertError(f"{where}: tensor {label(name)} has shape {tuple(tensors[name].shape)}, "
-                               f"expected {tuple(shape)} from {source}")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

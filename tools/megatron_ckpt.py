@@ -370,7 +370,8 @@ def _moe_layers(a: dict, where: str) -> tuple[int, int]:
 
 def megatron_to_ours(cfg, meg: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """Megatron per-layer tensors -> ours (split qkv and gated fc1), every shape checked."""
-    from polytron.model.transformer import check_param_shapes, param_shapes
+    from polytron.model.hf import check_param_shapes
+    from polytron.model.transformer import param_shapes
     out: dict[str, torch.Tensor] = {}
     top = {"embedding.word_embeddings.weight": "tok_embeddings.weight", "decoder.final_layernorm.weight":
            "norm.weight", "output_layer.weight": "output.weight"}

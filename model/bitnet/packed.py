@@ -30,7 +30,7 @@ from polytron.model.bitnet.quant import (
     unpack_ternary,
     weight_scale,
 )
-from polytron.model.hf import ConvertError
+from polytron.model.hf import ConvertError, check_param_shapes
 
 
 class PackedBitLinear(nn.Module):
@@ -195,12 +195,7 @@ def _our_tensors(adapter, cfg, hf: dict[str, torch.Tensor], linear_class: str, m
     for name, source in adapter.tied(cfg):
         if source in ours:
             ours[name] = ours[source]
-    for name, shape in expected.items():
-        if name not in ours:
-            raise ConvertError(f"{src}: tensor for '{name}' is missing")
-        if tuple(ours[name].shape) != shape:
-            raise ConvertError(f"{src}: tensor for '{name}' has shape {tuple(ours[name].shape)}, "
-                               f"config.json implies {shape}")
+    check_param_shapes(ours, expected, src, lambda name: f"for '{name}'", "config.json")
     extra = sorted(set(ours) - set(expected))
     if extra:
         raise ConvertError(f"{src}: tensor for '{extra[0]}' does not fit the config")

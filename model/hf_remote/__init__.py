@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from polytron.model.hf import ConvertError
+from polytron.model.hf import ConvertError, check_param_shapes
 
 BASE = "polytron.model.hf_remote.pieces"
 #: (slot, kind) -> the pieces ("module:section") that kind needs, in order.
@@ -287,11 +287,7 @@ class RemoteAdapter:
         for name, shape in expected.items():
             if name.endswith(TRAINING_ONLY):
                 ours[name] = torch.zeros(shape)
-            if name not in ours:
-                raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, name)}' is missing")
-            if tuple(ours[name].shape) != tuple(shape):
-                raise ConvertError(f"{src}: tensor '{self.to_hf_name(cfg, name)}' has shape "
-                                   f"{tuple(ours[name].shape)}, config.json implies {tuple(shape)}")
+        check_param_shapes(ours, expected, src, lambda name: f"'{self.to_hf_name(cfg, name)}'", "config.json")
         return {k: ours[k].float().contiguous() for k in expected}
 
 

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from polytron.model.hf import ConvertError, require_fields
+from polytron.model.hf import ConvertError, check_param_shapes, require_fields
 from polytron.model.hf_remote import Family, RemoteAdapter, register_fields, register_piece
 from polytron.model.llama.hf import llama_config_fields, llama_model_fields
 
@@ -343,12 +343,7 @@ def _int(hf: dict, key: str, file: str) -> int:
 
 
 def _checked(ours: dict, expected: dict, src: str) -> dict[str, torch.Tensor]:
-    for name, shape in expected.items():
-        if name not in ours:
-            raise ConvertError(f"{src}: tensor for '{name}' is missing")
-        if tuple(ours[name].shape) != tuple(shape):
-            raise ConvertError(f"{src}: tensor for '{name}' has shape {tuple(ours[name].shape)}, "
-                               f"config.json implies {tuple(shape)}")
+    check_param_shapes(ours, expected, src, lambda name: f"for '{name}'", "config.json")
     extra = [n for n in ours if n not in expected]
     if extra:
         raise ConvertError(f"{src}: tensor for '{extra[0]}' does not fit the config")
