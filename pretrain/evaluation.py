@@ -105,9 +105,21 @@ def split_tasks(entries: list[str], include: list[str]) -> tuple[list[str], list
 
 def load_tasks(entries: list[str], include: list[str], builtin: bool = True) -> dict:
     """The harness's task dict for ``entries`` (names, YAML files, directories); ``builtin``
-    also indexes the harness's own tasks (slow, and they download). TaskError in one line."""
-    from lm_eval.tasks import TaskManager
+    allows the harness's own tasks, which are indexed (about 14 CPU seconds, and they
+    download) only when the local files and include paths do not load the entries by
+    themselves. TaskError in one line."""
     names, files, dirs = split_tasks(entries, include)
+    if builtin:
+        try:
+            return _load_tasks(entries, names, files, dirs, builtin=False)
+        except TaskError:
+            pass       # a built-in name, or a local file that refers to one: index them too
+    return _load_tasks(entries, names, files, dirs, builtin=builtin)
+
+
+def _load_tasks(entries: list[str], names: list[str], files: list[str], dirs: list[str], builtin: bool) -> dict:
+    from lm_eval.tasks import TaskManager
+    names = list(names)
     try:
         manager = TaskManager(include_path=dirs or None, include_defaults=builtin)
         for d in dirs:

@@ -174,3 +174,15 @@ def test_moe_checkpoint_equals_hf_backend(tmp_path, tasks, spm_model, capsys):
                       ffn_hidden_size=96, max_seq_len=64, rope_theta=500.0, mlp="moe",
                       moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=48))
     assert_same_as_hf(saved_checkpoint(str(tmp_path), spm_model, cfg), tasks, str(tmp_path), False, capsys)
+
+
+def test_task_names_resolve_locally_first_then_among_the_harness_tasks(tasks):
+    """A local name loads without the harness's index; a name only the harness defines is
+    found there (offline, its dataset then fails to load: one line); an unknown name is
+    'not found' after both."""
+    from polytron.pretrain.evaluation import TaskError
+    assert set(load_tasks(["local_mc"], [tasks])) == {"local_mc"}
+    with pytest.raises(TaskError, match=r"task lambada_openai: does not load"):
+        load_tasks(["lambada_openai"], [tasks])
+    with pytest.raises(TaskError, match=r"task 'no_such_task_xyz': not found"):
+        load_tasks(["no_such_task_xyz"], [tasks])
