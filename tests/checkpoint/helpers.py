@@ -39,6 +39,28 @@ def hf_llama(dst: str, *, vocab: int = 384, tied: bool = False, kv_heads: int = 
     return model.eval()
 
 
+def plant_custom_tokenizer(tokenizer: str, directory: str, marker: str) -> None:
+    """``tokenizer`` written as a Hugging Face directory whose ``auto_map`` names a module of
+    its own, which writes ``marker`` when imported (the code-execution tests assert it never
+    appears)."""
+    import json
+
+    from polytron.tools.convert_checkpoint import write_tokenizer
+    os.makedirs(directory, exist_ok=True)
+    write_tokenizer(tokenizer, directory)
+    with open(os.path.join(directory, "tokenization_custom.py"), "w") as f:
+        f.write(f"open({marker!r}, 'w').write('ran')\n"
+                "from transformers import PreTrainedTokenizerFast\n"
+                "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path) as f:
+        cfg = json.load(f)
+    cfg.update(tokenizer_class="CustomTokenizer",
+               auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+    with open(config_path, "w") as f:
+        json.dump(cfg, f)
+
+
 def tiny_model_config(**kw) -> ModelConfig:
     base = dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 ffn_hidden_size=96, max_seq_len=64)

@@ -146,18 +146,9 @@ def test_tokenizer_directory_with_custom_code_is_refused_unrun(corpus, tmp_path,
     writes a marker when imported), with "y" on stdin: preprocess_data.py --tokenizer DIR and
     a run's data.tokenizer=DIR stop with one line; nothing prompts, stdin stays unread, no
     marker."""
-    from polytron.tools.convert_checkpoint import write_tokenizer
+    from tests.checkpoint.helpers import plant_custom_tokenizer
     custom, marker = tmp_path / "custom_tok", str(tmp_path / "MARKER")
-    custom.mkdir()
-    write_tokenizer(corpus.tokenizer, str(custom))
-    (custom / "tokenization_custom.py").write_text(
-        f"open({marker!r}, 'w').write('ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    cfg = json.loads((custom / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="CustomTokenizer",
-               auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
-    (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plant_custom_tokenizer(corpus.tokenizer, str(custom), marker)
     stdin = io.StringIO("y\ny\n")
     monkeypatch.setattr(sys, "stdin", stdin)
     src = write_jsonl(str(tmp_path / "x.jsonl"), corpus.docs[:2])

@@ -22,7 +22,7 @@ import torch
 from polytron.pretrain import checkpoint as ckpt
 from polytron.pretrain.checkpoint import discovery
 from polytron.pretrain.config import RunConfig
-from tests.checkpoint.helpers import build_model, tiny_model_config, train_spm
+from tests.checkpoint.helpers import build_model, plant_custom_tokenizer, tiny_model_config, train_spm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "The function returns"
@@ -153,17 +153,7 @@ def test_no_prompt_no_code_with_yes_on_stdin(tmp_path, toks, weights, plugin, pl
     save_run(run_dir, weights, toks["run"], plugins=[name])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
     custom = tmp_path / "custom_tok"
-    from polytron.tools.convert_checkpoint import write_tokenizer
-    custom.mkdir()
-    write_tokenizer(toks["run"], str(custom))
-    (custom / "tokenization_custom.py").write_text(
-        f"open({marker!r}, 'w').write('ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    cfg = json.loads((custom / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="CustomTokenizer",
-               auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
-    (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plant_custom_tokenizer(toks["run"], str(custom), marker)
     runs = [[os.path.join(ROOT, "tools", "generate.py"), run_dir, "--prompt", "x"],
             [os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf", plain_run, str(tmp_path / "hf"),
              "--tokenizer", str(custom)]]
