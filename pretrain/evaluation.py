@@ -10,8 +10,8 @@ gives every rank all of them. Multiple choice (ranked classification: ``acc``, `
 and perplexity tasks (``loglikelihood_rolling``: ``bits_per_byte``, ...) are supported; a task
 that generates text is refused in one line (run it with ``tools/evaluate.py``).
 
-A task that fails (a broken task file, a missing data file, a generation task) is reported in
-one line and skipped; training continues. The harness (``pip install -e '.[eval]'``) is imported
+A task that fails (a broken task file, a missing data file) is reported in one line and
+skipped, and so is a generation task, before it runs; training continues. The harness (``pip install -e '.[eval]'``) is imported
 only when ``evaluation.tasks`` is set. See docs/evaluation.md.
 """
 from __future__ import annotations
@@ -191,6 +191,10 @@ class InLoopEvaluator:
                     self.tasks.update(load_tasks([entry], self.cfg.include_path, builtin=False))
                 except TaskError as e:
                     say(f"evaluation: skipped: {e}")
+            for name in [n for n, t in self.tasks.items() if getattr(t, "OUTPUT_TYPE", "") == "generate_until"]:
+                del self.tasks[name]
+                say(f"evaluation: skipped: task {name} generates text; in-loop evaluation scores "
+                    "log-likelihoods only (run it with tools/evaluate.py)")
             for task in self.tasks.values():
                 if self.cfg.num_fewshot >= 0:
                     task.set_config(key="num_fewshot", value=self.cfg.num_fewshot)

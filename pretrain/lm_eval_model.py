@@ -6,9 +6,11 @@ requests, this class answers them with our tokenizer and one of two scorers:
 * :class:`ModelScorer`: a whole model in this process (``tools/evaluate.py``: any registered
   architecture, any layout the checkpoint was saved with, BitNet latent or packed). Requests
   are sorted by length, longest first, and batched (right padding: the model is causal, so a
-  row's real positions never see its padding); ``generate_until`` decodes greedily through the
-  spec's own inference cache (``ModelSpec.make_cache``: dense, YOCO's shared key/value, DHA's
-  per-layer heads), batching prompts of equal length.
+  row's real positions never see its padding); ``generate_until`` decodes through the spec's
+  own inference cache (``ModelSpec.make_cache``: dense, YOCO's shared key/value, DHA's
+  per-layer heads), batching prompts of equal length and settings: greedily, or with
+  ``do_sample: true`` by temperature and nucleus (``top_p``) sampling from torch's global
+  generator (the harness seeds it).
 * :class:`EngineScorer`: the training job's engine (in-loop evaluation,
   :mod:`pretrain.evaluation`): each row is scored through the engine's evaluation forward,
   so every layout's ranks cooperate as in validation.
@@ -32,6 +34,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
+from polytron.model.generate import GenerationError
 from polytron.parallel.loss import TokenLoss, plain
 
 #: One scored row: the tokens (context + continuation, at most max_length + 1 of them) and how
@@ -124,9 +127,9 @@ class PolytronLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         generate = getattr(self.scorer, "generate", None)
-        if generate is None:
-            raise NotImplementedError("generate_until: in-loop evaluation scores log-likelihoods only; "
-                                      "run generation tasks with tools/evaluate.py")
+        if generate is None:       # pretrain.evaluation skips generation tasks before they run
+            raise GenerationError("generate_until: in-loop evaluation scores log-likelihoods only; "
+                                  "run generation tasks with tools/evaluate.py")
         prepared = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -206,23 +209,22 @@ class ModelScorer:
 
     @torch.no_grad()
     def generate(self, prepared: list, tok, progress: Optional[tqdm]) -> list[str]:
-        """Greedy continuations of (prompt ids, max new tokens, stop strings, kwargs) requests;
-        prompts of equal length and settings decode together through the model's cache."""
+        """Continuations of (prompt ids, max new tokens, stop strings, kwargs) requests; prompts
+        of equal length and sampling settings (:func:`sampling`) decode together through the
+        model's cache."""
         from polytron.model.generate import stream
         out = [""] * len(prepared)
         groups: dict[tuple, list[int]] = {}
         for i, (ids, max_new, _, kw) in enumerate(prepared):
-            if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0:
-                raise NotImplementedError("generate_until: only greedy decoding (do_sample false) is served")
-            groups.setdefault((len(ids), max_new), []).append(i)
-        for (_, max_new), members in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+            groups.setdefault((len(ids), max_new, *sampling(kw)), []).append(i)
+        for (_, max_new, temperature, top_p), members in sorted(groups.items(), key=lambda kv: -kv[0][0]):
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 prompt = torch.tensor([prepared[i][0] for i in chunk], device=self.device)   # (B, T0)
                 new: list[list[int]] = [[] for _ in chunk]
                 done = [False] * len(chunk)
                 use_cache = getattr(self.model.spec, "make_cache", None) is not None
-                for _, nxt in stream(self.model, prompt, max_new, use_cache=use_cache):
+                for _, nxt in stream(self.model, prompt, max_new, temperature, top_p, use_cache=use_cache):
                     for j, t in enumerate(nxt.tolist()):
                         if not done[j]:
                             new[j].append(t)
@@ -234,6 +236,32 @@ class ModelScorer:
                 if progress is not None:
                     progress.update(len(chunk))
         return out
+
+
+#: generate_until settings served besides ``until`` and ``max_gen_toks`` (taken earlier).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p")
+
+
+def sampling(kw: dict) -> tuple[float, float]:
+    """(temperature, top_p) of a request's generation kwargs, as the harness's Hugging Face
+    backend reads them: greedy (0.0, 1.0) unless ``do_sample`` is true (a temperature alone
+    does not sample); sampling at ``temperature`` (1.0 when unset or 0) and ``top_p`` (1.0).
+    Other settings (``top_k``, ``num_beams``, ...) are refused in one line, never ignored."""
+    other = sorted(k for k in kw if k not in SAMPLING_KEYS)
+    if other:
+        raise GenerationError(f"generate_until: setting {', '.join(other)} is not served (only "
+                              f"{', '.join(SAMPLING_KEYS)}, until and max_gen_toks)")
+    if not kw.get("do_sample"):
+        return 0.0, 1.0
+    try:
+        temperature, top_p = float(kw.get("temperature") or 1.0), float(kw.get("top_p", 1.0))
+    except (TypeError, ValueError):
+        raise GenerationError(f"generate_until: temperature {kw.get('temperature')!r} and top_p "
+                              f"{kw.get('top_p')!r} must be numbers") from None
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise GenerationError(f"generate_until: need temperature > 0 and 0 < top_p <= 1 when sampling "
+                              f"(got {temperature}, {top_p})")
+    return temperature, top_p
 
 
 def _stops(text: str, until: list[str]) -> bool:

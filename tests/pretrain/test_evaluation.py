@@ -1,6 +1,7 @@
 """In-loop downstream evaluation (evaluation.tasks): local multiple-choice and perplexity tasks
 scored inside the training job give the same metrics under TP2, PP2 and DP2 as in one process;
-a broken task file is one line and the run goes on; the config section is validated."""
+a broken task file and a generation task are one line each and the run goes on; the config
+section is validated."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import pytest
 from polytron.model.configlib import ConfigError
 from polytron.pretrain.config import load_config
 from tests.checkpoint import runs
-from tests.tools.test_evaluate import write_tasks
+from tests.tools.test_evaluate import write_generation_task, write_tasks
 
 METRICS = ("downstream/local_mc/acc", "downstream/local_mc/acc_norm", "downstream/local_ppl/bits_per_byte",
            "downstream/local_ppl/word_perplexity")
@@ -51,12 +52,13 @@ def write_broken(root) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tasks) -> tuple[dict[int, dict], str]:
     """The one-process run (records by iteration, console output), its task list led by the two
-    broken files of :func:`write_broken`: one run serves as the layouts' reference and as the
-    broken-file test."""
+    broken files of :func:`write_broken` and a generation task: one run serves as the layouts'
+    reference and as the refused-task test."""
     root = tmp_path_factory.mktemp("one")
     broken, bad_yaml = write_broken(root)
+    gen = os.path.join(write_generation_task(str(root)), "local_gen.yaml")
     out = str(root / "run")
-    got = run_with_tasks(out, f"[{broken},{bad_yaml},{tasks}/local_mc.yaml,{tasks}/local_ppl.yaml]")
+    got = run_with_tasks(out, f"[{broken},{bad_yaml},{gen},{tasks}/local_mc.yaml,{tasks}/local_ppl.yaml]")
     text = runs.output(out)
     assert "downstream at iter 2 | local_mc acc " in text and "bits_per_byte" in text, text
     return got, text
@@ -75,13 +77,14 @@ def test_layout_gives_the_one_process_metrics(tmp_path, tasks, one_process, layo
     print({k: got[2][k] for k in METRICS})
 
 
-def test_broken_task_file_is_one_line_and_the_run_goes_on(one_process):
-    got, text = one_process                     # its first two entries are broken
+def test_broken_task_file_and_generation_task_are_one_line_and_the_run_goes_on(one_process):
+    got, text = one_process                     # its first two entries are broken, the third generates
     assert "Traceback" not in text, text
     lines = [line for line in text.splitlines() if line.startswith("evaluation: ")]
-    assert len(lines) == 2 and all("broken" in line or "bad_yaml" in line for line in lines), lines
+    assert len(lines) == 3 and all("broken" in line or "bad_yaml" in line for line in lines[:2]), lines
+    assert "task local_gen generates text" in lines[2] and "tools/evaluate.py" in lines[2], lines
     assert all(k in got[it] for it in (1, 2) for k in METRICS)
-    assert not any("broken" in k or "bad_yaml" in k for it in (1, 2) for k in got[it])
+    assert not any("broken" in k or "bad_yaml" in k or "local_gen" in k for it in (1, 2) for k in got[it])
 
 
 def test_config_section(tmp_path, tasks):

@@ -186,3 +186,32 @@ def test_task_names_resolve_locally_first_then_among_the_harness_tasks(tasks):
         load_tasks(["lambada_openai"], [tasks])
     with pytest.raises(TaskError, match=r"task 'no_such_task_xyz': not found"):
         load_tasks(["no_such_task_xyz"], [tasks])
+
+
+def test_generate_until_samples_as_the_hf_backend_reads_its_settings(spm_model):
+    """do_sample picks sampling (a temperature alone stays greedy, as in the harness's HF
+    backend); temperature and top_p reach the sampler (top_p near 0 keeps only the top token:
+    greedy; a hot temperature differs from greedy and repeats under the same torch seed); any
+    other setting is one GenerationError line."""
+    from polytron.data.tokenizer import load_tokenizer
+    from polytron.model.generate import GenerationError
+    from polytron.pretrain.lm_eval_model import ModelScorer
+    from tests.checkpoint.helpers import tiny_model_config
+    tok = load_tokenizer(spm_model)
+    scorer = ModelScorer(build_model(tiny_model_config(vocab_size=tok.vocab_size), seed=5), batch_size=4)
+    prompts = [tok.encode(t) for t in ("The list", "A tuple is", "Python is a")]
+
+    def gen(**kw) -> list[str]:
+        return scorer.generate([(ids, 6, [], dict(kw)) for ids in prompts], tok, None)
+
+    greedy = gen()
+    assert gen(do_sample=False, temperature=0.8) == greedy
+    assert gen(do_sample=True, temperature=1.0, top_p=1e-9) == greedy
+    torch.manual_seed(0)
+    hot = gen(do_sample=True, temperature=5.0)
+    torch.manual_seed(0)
+    assert gen(do_sample=True, temperature=5.0) == hot != greedy
+    with pytest.raises(GenerationError, match=r"setting top_k is not served"):
+        gen(do_sample=True, top_k=5)
+    with pytest.raises(GenerationError, match=r"must be numbers"):
+        gen(do_sample=True, temperature="hot")
