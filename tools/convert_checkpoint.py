@@ -74,7 +74,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -142,6 +142,25 @@ def write_safetensors(tensors: dict[str, torch.Tensor], dst: str, max_shard_byte
     with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names
+
+
+def load_data_pickle(file: str, allowed: Sequence = (), hint: str = "") -> Any:
+    """A ``torch.save`` file unpickled as data only: ``torch.load(weights_only=True)`` with
+    nothing beyond tensors, dtypes and containers but the ``allowed`` classes. A pickle that
+    asks for any other global is refused and its payload never runs; ConvertError in one
+    line (``hint`` appended to the refusal)."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((line.strip() for line in lines if "GLOBAL" in line or "global" in line), lines[0])
+        raise ConvertError(f"{file}: refused, not loadable as data only (torch.load weights_only=True: "
+                           f"{why[:160]}){hint}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{file}: unreadable ({text[:160]})") from None
 
 
 def read_safetensors(src: str) -> dict[str, torch.Tensor]:
@@ -629,13 +648,7 @@ def _read_released_weights(weights: str) -> dict:
             return load_file(weights)
         except (SafetensorError, OSError, ValueError) as e:
             raise ConvertError(f"{weights}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    import pickle
-    try:
-        loaded = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{weights}: not loadable as data only (torch.load weights_only=True: {text}); "
-                           f"save the YOCO module's state_dict() alone, or as safetensors") from None
+    loaded = load_data_pickle(weights, hint="; save the YOCO module's state_dict() alone, or as safetensors")
     if not isinstance(loaded, dict):
         raise ConvertError(f"{weights}: holds a {type(loaded).__name__}, not a state dict")
     return loaded

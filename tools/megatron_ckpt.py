@@ -75,16 +75,8 @@ def safe_globals() -> list:
 
 def load_pickle(file: str) -> Any:
     """A Megatron ``.pt`` file, unpickled without running code (weights-only + allow-list)."""
-    import pickle
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
-                   str(e).splitlines()[0])
-        raise ConvertError(f"{file}: refused, it is not a plain weights pickle ({why[:160]})") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise ConvertError(f"{file}: unreadable ({str(e).splitlines()[0][:160]})") from None
+    from polytron.tools.convert_checkpoint import load_data_pickle
+    return load_data_pickle(file, safe_globals())
 
 
 def _args_dict(args: Any, file: str) -> dict:
