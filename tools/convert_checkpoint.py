@@ -144,6 +144,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], dst: str, max_shard_byte
     return names
 
 
+def written_seq_len(seq_len: int, max_seq_len: int) -> int:
+    """``--seq-len`` of a conversion: data.seq_len of the written config (0: min(2048,
+    max_seq_len)); outside 1..max_seq_len is one ConvertError line, before anything is written."""
+    if seq_len == 0:
+        return min(2048, max_seq_len)
+    if not 0 < seq_len <= max_seq_len:
+        raise ConvertError(f"--seq-len {seq_len}: must be between 1 and the model's max_seq_len "
+                           f"({max_seq_len}), or 0 for min(2048, max_seq_len)")
+    return seq_len
+
+
 def load_data_pickle(file: str, allowed: Sequence = (), hint: str = "") -> Any:
     """A ``torch.save`` file unpickled as data only: ``torch.load(weights_only=True)`` with
     nothing beyond tensors, dtypes and containers but the ``allowed`` classes. A pickle that
@@ -589,7 +600,7 @@ def from_hf(src: str, dst: str, seq_len: int = 0, overwrite: bool = False) -> st
     run = RunConfig(model=mcfg)
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     run.data.tokenizer = src_abs
-    run.data.seq_len = seq_len or min(2048, mcfg.max_seq_len)
+    run.data.seq_len = written_seq_len(seq_len, mcfg.max_seq_len)
     run.checkpoint.load = os.path.join(dst_abs, "checkpoint")
     run.training.name = os.path.basename(src_abs.rstrip("/")) + "-continued"
     run.training.output_dir = os.path.join(dst_abs, "run")
@@ -681,7 +692,7 @@ def from_yoco_released(src: str, dst: str, params: Optional[str] = None, pairing
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     run = RunConfig(model=cfg)
-    run.data.seq_len = seq_len or min(2048, cfg.max_seq_len)
+    run.data.seq_len = written_seq_len(seq_len, cfg.max_seq_len)
     run.training.name = os.path.basename(os.path.abspath(src).rstrip("/"))
     report = {"source": os.path.abspath(weights), "params": os.path.abspath(params_file), "tensors": len(tensors),
               "rope_pairing": pairing, "rope_frequencies": "released", "notes": notes}

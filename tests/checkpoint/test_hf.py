@@ -139,6 +139,16 @@ def test_shape_mismatch_names_tensor(tmp_path, capsys):
     assert "has shape (96, 64), expected (128, 64) from config.json" in err, err
 
 
+@pytest.mark.parametrize("seq_len", ["-5", "129"])
+def test_seq_len_outside_the_model_is_one_line_and_writes_nothing(tmp_path, capsys, seq_len):
+    hf_llama(str(tmp_path / "hf"))                      # max_position_embeddings 128
+    capsys.readouterr()
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--seq-len", seq_len]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --seq-len {seq_len}: must be between 1 and"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_to_hf_of_incomplete_checkpoint_refused(tmp_path, capsys):
     os.makedirs(tmp_path / "checkpoints" / "iter_0000004.tmp")
     assert main(["to-hf", str(tmp_path), str(tmp_path / "hf")]) == 2

@@ -179,6 +179,7 @@ def _hostile(folder) -> str:
     ("kv_heads", "model.num_kv_heads"),
     ("not_tensor", "entry 'self_decoder.layers.0.mixer.q_proj.weight' is not a tensor"),
     ("hostile", "not loadable as data only (torch.load weights_only=True"),
+    ("seq_len", "--seq-len 100000: must be between 1 and the model's max_seq_len"),
 ])
 def test_refusals_are_one_line(tmp_path, case, expect):
     folder = tmp_path / "r"
@@ -208,7 +209,7 @@ def test_refusals_are_one_line(tmp_path, case, expect):
     else:
         write_released(folder, state, params)
     with pytest.raises(ConvertError) as e:
-        from_yoco_released(str(folder), str(tmp_path / "ours"))
+        from_yoco_released(str(folder), str(tmp_path / "ours"), seq_len=100000 if case == "seq_len" else 0)
     assert expect in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "ours").exists()
     if case == "hostile":
