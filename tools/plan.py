@@ -89,14 +89,33 @@ def fit_global_batch(cfg, world: int) -> None:
         tr.global_batch_size = fitted
 
 
+#: The numeric options and the open/closed range each must lie in (finite, checked before planning).
+RANGES = {"efficiency": (0.0, 1.0), "expert_load": (0.0, None), "expert_kept": (0.0, 1.0), "memory_gb": (0.0, None),
+          "peak_tflops": (0.0, None), "nvlink_gbs": (0.0, None), "ib_gbs": (0.0, None)}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """One ConfigError line for the first numeric option that is not a finite number in its
+    range (``low < x <= high``, :data:`RANGES`), before anything is built."""
+    import math
+
+    from polytron.model.configlib import ConfigError
+    if args.world < 1 or args.top < 1:
+        raise ConfigError(f"--world {args.world} / --top {args.top}: need positive numbers")
+    for key, (low, high) in RANGES.items():
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and value > low and (high is None or value <= high)):
+            span = f"in ({low:g}, {high:g}]" if high is not None else f"above {low:g}"
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be a finite number {span}")
+
+
 @command()
 def run(argv: list[str]) -> int:
     from polytron.model.configlib import ConfigError
     from polytron.parallel.plan import Assumptions, hardware, plan, search
     from polytron.pretrain.config import load_config
     args = parse_args(argv)
-    if args.world < 1:
-        raise ConfigError(f"--world {args.world}: need a positive number of ranks")
+    check_numbers(args)
     hw = hardware(args.gpu, memory_gb=args.memory_gb, bf16_tflops=args.peak_tflops,
                   nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
     from polytron.model.configlib import load_yaml
@@ -110,9 +129,6 @@ def run(argv: list[str]) -> int:
     # the plan reads no data: a config whose dataset paths come at launch time plans as is
     no_data = [] if data.get("paths") or data.get("builtin_corpus") else ["data.builtin_corpus=true"]
     cfg = load_config(path, [f"training.device={args.device}", *no_data, *args.overrides])
-    if args.expert_load < 0 or not 0 <= args.expert_kept <= 1:
-        raise ConfigError(f"--expert-load {args.expert_load} / --expert-kept {args.expert_kept}: shares "
-                          "of the uniform routing (load >= 0, kept between 0 and 1)")
     assume = Assumptions(expert_load=args.expert_load, expert_kept=args.expert_kept,
                          **({} if args.efficiency is None else {"matmul_efficiency": args.efficiency}))
     if not args.search:

@@ -280,3 +280,5 @@ def test_cli_bad_input_one_line():
     assert "unknown hardware profile" in fails("--world", "8", "--gpu", "a100")
     assert "no layout" in fails("--world", "7", "--search")
     assert "does not divide the world size 7" in fails("--world", "7", "parallel.tensor=2")
+    assert "--efficiency nan: must be a finite number in (0, 1]" in fails("--world", "8", "--efficiency", "nan")
+    assert "--world 0 / --top 10: need positive numbers" in fails("--world", "0")
