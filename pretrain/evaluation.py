@@ -11,8 +11,9 @@ and perplexity tasks (``loglikelihood_rolling``: ``bits_per_byte``, ...) are sup
 that generates text is refused in one line (run it with ``tools/evaluate.py``).
 
 A task that fails (a broken task file, a missing data file) is reported in one line and
-skipped, and so is a generation task, before it runs; training continues. The harness (``pip install -e '.[eval]'``) is imported
-only when ``evaluation.tasks`` is set. See docs/evaluation.md.
+skipped, and so is a generation task, before it runs; training continues. The harness
+(``pip install -e '.[eval]'``) is imported only when ``evaluation.tasks`` is set. See
+docs/evaluation.md.
 """
 from __future__ import annotations
 
